@@ -1,0 +1,85 @@
+"""
+Make the bundled Fashion-MNIST subset in data/fashion-mnist-subset/ from the full dataset.
+
+Fashion-MNIST (Xiao, Rasul, Vollgraf 2017; MIT licence) comes from the Debian package
+`dataset-fashion-mnist` (apt-get install -y dataset-fashion-mnist), which puts the four idx files in
+/usr/share/datasets/fashion-mnist/. This script draws a stratified sample -- the same number of images of
+every class, chosen with a fixed seed -- and writes it in the same gzipped idx format, so train.py reads the
+subset and the full set with one reader. gzip's timestamp is zeroed, so a rerun writes identical bytes.
+
+    python prepare_data.py                      # 1000 train + 200 test images per class (~4 MB)
+    python prepare_data.py --src DIR --out DIR --train-per-class 600 --test-per-class 100
+"""
+
+import argparse
+import gzip
+import os
+import struct
+
+import numpy as np
+
+DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
+FILES = {  # split -> (images, labels), the names Fashion-MNIST and MNIST ship with
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def find_idx(folder, name):
+    """Path of an idx file, gzipped or not, or None."""
+    for path in (os.path.join(folder, name + ".gz"), os.path.join(folder, name)):
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def read_idx(path):
+    """An idx file (LeCun's MNIST format: big-endian magic, dims, then uint8 data) as a numpy array."""
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        data = f.read()
+    zero, dtype, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype != 0x08:
+        raise ValueError(f"{path} is not a uint8 idx file")
+    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(shape)):
+        raise ValueError(f"{path} is truncated: expected {int(np.prod(shape))} values, found {arr.size}")
+    return arr.reshape(shape)
+
+
+def write_idx(path, arr):
+    header = struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as f:
+        f.write(header + np.ascontiguousarray(arr, dtype=np.uint8).tobytes())
+
+
+def stratified(labels, per_class, rng):
+    """Indices of per_class images of every class, in a random order."""
+    idx = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)])
+    return rng.permutation(idx)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--src", default=DEBIAN_DIR, help="folder with the four Fashion-MNIST idx files")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "fashion-mnist-subset"))
+    p.add_argument("--train-per-class", type=int, default=1000)
+    p.add_argument("--test-per-class", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    rng = np.random.default_rng(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    for split, per_class in (("train", args.train_per_class), ("test", args.test_per_class)):
+        paths = [find_idx(args.src, name) for name in FILES[split]]
+        if None in paths:
+            raise SystemExit(f"error: no Fashion-MNIST idx files in {args.src}; "
+                             "install them with: apt-get install -y dataset-fashion-mnist")
+        images, labels = (read_idx(path) for path in paths)
+        keep = stratified(labels, per_class, rng)
+        for name, arr in zip(FILES[split], (images[keep], labels[keep])):
+            write_idx(os.path.join(args.out, name + ".gz"), arr)
+        print(f"{split}: {len(keep)} images ({per_class} per class) -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

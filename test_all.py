@@ -1,0 +1,397 @@
+"""
+Tests for nanoDeiT, on the CPU: python -m pytest -q test_all.py (a few minutes on 2 cores).
+
+They check against references, not against the code's own output: the official checkpoints' key names,
+shapes and parameter counts (REFERENCE.md §1), attention written out by hand, the DeiT formulas for the
+schedule and the loss, a 2-process torchrun run against a 1-process run, and a killed-then-resumed run
+against an uninterrupted one.
+"""
+
+import json
+import math
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model as M
+import train as T
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+# a small, fast run on the bundled data (the nano model, 512 images, 8 steps an epoch)
+QUICK = ["--train-subset", "512", "--batch-size", "64", "--log-interval", "1000"]
+
+
+def run_cli(args, cmd=(sys.executable, "train.py"), **kw):
+    return subprocess.run([*cmd, *args], cwd=HERE, env=ENV, capture_output=True, text=True, timeout=300, **kw)
+
+
+def final_weights(out_dir):
+    return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["model"]
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(l) for l in f]
+
+
+# ---------------------------------------------------------------------------------------------- model.py
+
+PARAM_COUNTS = {  # REFERENCE.md §1, 1000 classes
+    "deit_tiny_patch16_224": 5_717_416, "deit_tiny_distilled_patch16_224": 5_910_800,
+    "deit_small_patch16_224": 22_050_664, "deit_small_distilled_patch16_224": 22_436_432,
+    "deit_base_patch16_224": 86_567_656, "deit_base_distilled_patch16_224": 87_338_192,
+    "deit_base_patch16_384": 86_859_496, "deit_base_distilled_patch16_384": 87_630_032,
+}
+
+
+def official_keys(D, depth, tokens, distilled, num_classes=1000, patch=16):
+    """The official checkpoints' state_dict, key -> shape, in file order (REFERENCE.md §1)."""
+    keys = {"cls_token": (1, 1, D), "pos_embed": (1, tokens, D)}
+    if distilled:
+        keys["dist_token"] = (1, 1, D)
+    keys.update({"patch_embed.proj.weight": (D, 3, patch, patch), "patch_embed.proj.bias": (D,)})
+    for i in range(depth):
+        b = f"blocks.{i}."
+        keys.update({b + "norm1.weight": (D,), b + "norm1.bias": (D,), b + "attn.qkv.weight": (3 * D, D),
+                     b + "attn.qkv.bias": (3 * D,), b + "attn.proj.weight": (D, D), b + "attn.proj.bias": (D,),
+                     b + "norm2.weight": (D,), b + "norm2.bias": (D,), b + "mlp.fc1.weight": (4 * D, D),
+                     b + "mlp.fc1.bias": (4 * D,), b + "mlp.fc2.weight": (D, 4 * D), b + "mlp.fc2.bias": (D,)})
+    keys.update({"norm.weight": (D,), "norm.bias": (D,), "head.weight": (num_classes, D), "head.bias": (num_classes,)})
+    if distilled:
+        keys.update({"head_dist.weight": (num_classes, D), "head_dist.bias": (num_classes,)})
+    return keys
+
+
+@pytest.mark.parametrize("name", list(PARAM_COUNTS))
+def test_official_variants_keys_shapes_counts(name):
+    m = M.create_model(name)
+    D = {"tiny": 192, "small": 384, "base": 768}[name.split("_")[1]]
+    img = 384 if name.endswith("384") else 224
+    distilled = "distilled" in name
+    expected = official_keys(D, 12, (img // 16) ** 2 + 1 + distilled, distilled)
+    got = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    assert list(got) == list(expected)  # names and file order
+    assert got == expected
+    assert sum(p.numel() for p in m.parameters()) == PARAM_COUNTS[name]
+
+
+def test_official_format_checkpoint_loads_strict(tmp_path):
+    # a release file is {"model": state_dict}; make one with the reference's keys and shapes
+    state = {k: torch.randn(s) for k, s in official_keys(192, 12, 198, True).items()}
+    torch.save({"model": state}, tmp_path / "deit_tiny_distilled.pth")
+    m = M.create_model("deit_tiny_distilled_patch16_224")
+    m.load_state_dict(torch.load(tmp_path / "deit_tiny_distilled.pth", weights_only=True)["model"], strict=True)
+    assert torch.equal(m.blocks[11].mlp.fc2.weight, state["blocks.11.mlp.fc2.weight"])
+
+
+def small(distilled=False, **kw):
+    cfg = dict(embed_dim=32, depth=2, num_heads=2, num_classes=10, img_size=28, in_chans=1)
+    cfg.update(kw)
+    return M.create_model("deit_nano_distilled_patch4_28" if distilled else "deit_nano_patch4_28", **cfg)
+
+
+def test_unknown_model_lists_known_ones():
+    with pytest.raises(ValueError, match="deit_base_distilled_patch16_384"):
+        M.create_model("deit_huge_patch14_224")
+
+
+def test_attention_matches_handwritten_softmax_attention():
+    torch.manual_seed(0)
+    cfg = M.DeiTConfig(embed_dim=12, num_heads=3)
+    attn = M.Attention(cfg)
+    x = torch.randn(2, 5, 12)
+    # by hand: qkv rows are [q; k; v], each split into heads of 4 consecutive features
+    qkv = x @ attn.qkv.weight.T + attn.qkv.bias
+    q, k, v = qkv[..., :12], qkv[..., 12:24], qkv[..., 24:]
+    outs = []
+    for h in range(3):
+        s = slice(4 * h, 4 * h + 4)
+        w = torch.softmax(q[..., s] @ k[..., s].transpose(1, 2) / math.sqrt(4), dim=-1)
+        outs.append(w @ v[..., s])
+    expected = torch.cat(outs, -1) @ attn.proj.weight.T + attn.proj.bias
+    torch.testing.assert_close(attn(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_distilled_model_train_and_eval_outputs():
+    torch.manual_seed(0)
+    m = small(distilled=True)
+    x = torch.randn(4, 1, 28, 28)
+    m.train()
+    out = m(x)
+    assert isinstance(out, tuple) and len(out) == 2 and out[0].shape == out[1].shape == (4, 10)
+    m.eval()
+    feats = m.forward_features(x)  # token 0 -> head, token 1 -> head_dist
+    assert feats.shape == (4, 2 + 49, 32)
+    expected = (m.head(feats[:, 0]) + m.head_dist(feats[:, 1])) / 2
+    torch.testing.assert_close(m(x), expected)
+    # the plain model returns one tensor in both modes
+    plain = small().train()
+    assert plain(x).shape == (4, 10) and plain.eval()(x).shape == (4, 10)
+
+
+def test_init_and_stochastic_depth_schedule():
+    torch.manual_seed(0)
+    m = M.create_model("deit_small_distilled_patch16_224", drop_path_rate=0.1)
+    fc = m.blocks[0].mlp.fc1.weight
+    assert abs(fc.std().item() - 0.02) < 1e-3 and fc.abs().max() < 2  # trunc normal std 0.02
+    assert abs(m.pos_embed.std().item() - 0.02) < 2e-3 and abs(m.dist_token.std().item() - 0.02) < 5e-3
+    assert torch.all(m.blocks[3].attn.qkv.bias == 0) and torch.all(m.norm.weight == 1)
+    rates = [b.drop_path_rate for b in m.blocks]
+    assert rates[0] == 0 and abs(rates[-1] - 0.1) < 1e-9 and np.allclose(np.diff(rates), 0.1 / 11)
+    # per sample: each image's branch is either dropped or scaled by 1/keep
+    x = torch.ones(1000, 3, 4)
+    y = M.drop_path(x, 0.25, training=True)
+    per_sample = y[:, 0, 0]
+    vals = per_sample.unique()
+    assert len(vals) == 2 and vals[0] == 0 and abs(vals[1] - 1 / 0.75) < 1e-6
+    assert torch.all(y == per_sample[:, None, None])
+    assert 0.2 < (per_sample == 0).float().mean() < 0.3
+    assert torch.equal(M.drop_path(x, 0.25, training=False), x)
+
+
+def test_resize_pos_embed():
+    torch.manual_seed(0)
+    pe = torch.randn(1, 2 + 14 * 14, 8)
+    assert torch.equal(M.resize_pos_embed(pe, 14, 2), pe)  # identity at the same size
+    out = M.resize_pos_embed(pe, 24, 2)
+    assert out.shape == (1, 2 + 24 * 24, 8)
+    assert torch.equal(out[:, :2], pe[:, :2])  # class and distillation rows kept
+    grid = pe[:, 2:].reshape(1, 14, 14, 8).permute(0, 3, 1, 2)
+    direct = F.interpolate(grid, size=(24, 24), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(out[:, 2:], direct.permute(0, 2, 3, 1).reshape(1, 576, 8))
+    # row-major patch order survives: an embedding that varies only along x still does after resizing
+    xs = torch.arange(14.0).repeat(14)  # value = column index
+    pe_x = torch.cat([torch.zeros(1, 1, 1), xs.view(1, -1, 1)], 1)
+    res = M.resize_pos_embed(pe_x, 20, 1)[0, 1:, 0].view(20, 20)
+    assert torch.allclose(res, res[0:1].expand(20, 20)) and res[0, -1] > res[0, 0]
+
+
+def test_overfits_one_batch():
+    torch.manual_seed(0)
+    x, y = T.load_idx_folder(T.BUNDLED)[0]
+    x, y = (x[:32].float() / 255 - 0.286) / 0.353, y[:32]
+    m = small(embed_dim=64)
+    opt = torch.optim.AdamW(m.parameters(), lr=2e-3)
+    for _ in range(150):
+        loss = F.cross_entropy(m(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.eval()
+    assert loss.item() < 0.05 and (m(x).argmax(1) == y).all()
+
+
+# --------------------------------------------------------------------------------------- recipe in train.py
+
+def test_lr_schedule_matches_deit_formula():
+    args = T.get_parser().parse_args(["--epochs", "300"])
+    peak = 5e-4 * 1024 / 512
+    assert T.lr_at(0, args, peak) == pytest.approx(1e-6)
+    assert T.lr_at(2.5, args, peak) == pytest.approx(1e-6 + (peak - 1e-6) / 2)  # linear warm-up over 5 epochs
+    # then timm's cosine over all 300 epochs: min + (peak - min)/2 * (1 + cos(pi t / 300))
+    for t in (5, 100, 150, 299.5):
+        assert T.lr_at(t, args, peak) == pytest.approx(1e-5 + (peak - 1e-5) / 2 * (1 + math.cos(math.pi * t / 300)))
+    assert T.lr_at(300, args, peak) == pytest.approx(1e-5)
+
+
+def test_weight_decay_groups():
+    m = small(distilled=True)
+    decay, no_decay = T.param_groups(m, 0.05)
+    names = {id(p): n for n, p in m.named_parameters()}
+    nd = {names[id(p)] for p in no_decay["params"]}
+    assert {"cls_token", "pos_embed", "norm.weight", "blocks.0.attn.qkv.bias", "head_dist.bias"} <= nd
+    assert all(n.endswith(("bias", "norm.weight", "norm1.weight", "norm2.weight")) or n in ("cls_token", "pos_embed") for n in nd)
+    d = {names[id(p)] for p in decay["params"]}
+    assert "dist_token" in d and "blocks.1.mlp.fc1.weight" in d and "patch_embed.proj.weight" in d
+    assert len(nd) + len(d) == len(names) and decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0
+
+
+def test_label_smoothing_loss_formula():
+    torch.manual_seed(0)
+    logits, y = torch.randn(6, 10), torch.randint(0, 10, (6,))
+    args = T.get_parser().parse_args([])
+    logp = logits.log_softmax(1)
+    expected = (0.9 * -logp[torch.arange(6), y] + 0.1 * -logp.mean(1)).mean()
+    torch.testing.assert_close(T.compute_loss(logits, y, args), expected)
+    # a distilled model without distillation trains its class head only
+    torch.testing.assert_close(T.compute_loss((logits, torch.randn(6, 10)), y, args), expected)
+
+
+def test_random_crop_flip_is_a_padded_crop_per_image():
+    x = torch.randint(0, 256, (16, 1, 28, 28), dtype=torch.uint8)
+    out = T.random_crop_flip(x, torch.Generator().manual_seed(1))
+    assert torch.equal(out, T.random_crop_flip(x, torch.Generator().manual_seed(1)))  # seeded: same batch twice
+    xp = F.pad(x, (4, 4, 4, 4))
+    found = []
+    for i in range(16):  # each output is one crop of its zero-padded input, possibly mirrored
+        cands = [(t, l, f) for t in range(9) for l in range(9) for f in (0, 1)
+                 if torch.equal(out[i], (lambda c: c.flip(-1) if f else c)(xp[i, :, t:t + 28, l:l + 28]))]
+        assert cands, f"image {i} is not a padded crop"
+        found.append(cands[0])
+    assert len(set(found)) > 8  # images draw their own offsets and flips
+
+
+# ------------------------------------------------------------------------------------- data and bad input
+
+def test_bundled_subset_is_stratified():
+    (xtr, ytr), (xte, yte) = T.load_idx_folder(T.BUNDLED)
+    assert xtr.shape == (10000, 1, 28, 28) and xte.shape == (2000, 1, 28, 28) and xtr.dtype == torch.uint8
+    assert torch.equal(torch.bincount(ytr), torch.full((10,), 1000)) and torch.equal(torch.bincount(yte), torch.full((10,), 200))
+
+
+def test_train_subset_is_stratified():
+    y = torch.arange(10).repeat(100)
+    keep = T.stratified_subset(y, 0.1, seed=0)
+    assert torch.equal(torch.bincount(y[keep]), torch.full((10,), 10))
+    assert len(T.stratified_subset(y, 50, seed=0)) == 50
+
+
+def cli_error(args, match):
+    """A bad input gives one 'error: ...' line on stderr, exit code 2, and no traceback."""
+    r = run_cli(args)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], r.stderr
+    return lines[0]
+
+
+def test_cli_errors_unknown_model_and_missing_data(tmp_path):
+    line = cli_error(["--model", "deit_huge", "--out-dir", str(tmp_path)], "unknown model 'deit_huge'")
+    assert "deit_small_distilled_patch16_224" in line
+    cli_error(["--data", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path)], "does not exist")
+
+
+def parse(*argv):
+    return T.get_parser().parse_args(list(argv))
+
+
+def test_cifar_reads_python_batches_and_fails_clearly_offline(tmp_path, monkeypatch):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 256, (20, 3072), dtype=np.uint8), "labels": list(range(10)) * 2}, f)
+    ctx = T.setup_distributed()
+    data = T.load_data(parse("--data", "cifar10", "--data-dir", str(tmp_path)), ctx, 32)
+    assert data.train[0].shape == (100, 3, 32, 32) and data.val[0].shape == (20, 3, 32, 32) and data.num_classes == 10
+    with open(folder / "test_batch", "rb") as f:  # the first pixel is channel 0 of row 0, col 0
+        assert data.val[0][0, 0, 0, 0] == pickle.load(f)["data"][0, 0]
+    # absent and offline: torchvision's download fails, and the user gets one clear sentence
+    import torchvision
+    monkeypatch.setattr(torchvision.datasets.CIFAR100, "url", "http://127.0.0.1:9/cifar-100-python.tar.gz")
+    with pytest.raises(T.UserError, match="could not download cifar100 .*offline"):
+        T.load_data(parse("--data", "cifar100", "--data-dir", str(tmp_path)), ctx, 32)
+
+
+def test_image_folder_skips_undecodable_files(tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.png")
+    (tmp_path / "train" / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    out = tmp_path / "out"
+    r = run_cli(["--data", str(tmp_path), "--img-size", "32", "--model", "deit_nano_patch4_28", "--epochs", "1",
+                 "--batch-size", "3", "--workers", "0", "--out-dir", str(out)])
+    assert r.returncode == 0, r.stderr
+    assert "skipped an image that cannot be decoded" in r.stdout and "broken.png" in r.stdout
+    log = read_log(out)
+    assert log[0]["skipped_images"] == 1
+    # the ImageNet layout needs both splits
+    with pytest.raises(T.UserError, match="no val/ subfolder"):
+        os.rename(tmp_path / "val", tmp_path / "valid")
+        T.load_data(parse("--data", str(tmp_path)), T.setup_distributed(), 32)
+
+
+def test_checkpoint_mismatch_names_keys_and_shapes(tmp_path):
+    wrong = M.create_model("deit_nano_distilled_patch4_28", num_classes=7, in_chans=1).state_dict()
+    torch.save({"model": wrong}, tmp_path / "w.pth")
+    with pytest.raises(T.UserError) as e:
+        T.main(["--eval-only", "--ckpt", str(tmp_path / "w.pth")])
+    msg = str(e.value)
+    assert "unexpected keys: dist_token, head_dist.weight, head_dist.bias" in msg
+    assert "head.weight (7, 96) vs (10, 96)" in msg and "pos_embed (1, 51, 96) vs (1, 50, 96)" in msg
+    with pytest.raises(T.UserError, match="does not exist"):
+        T.main(["--eval-only", "--ckpt", str(tmp_path / "nothing.pt")])
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(T.UserError, match="cannot read checkpoint"):
+        T.main(["--eval-only", "--ckpt", str(tmp_path / "junk.pt")])
+
+
+# ----------------------------------------------------------------------------- runs: DDP, resume, NaN, eval
+
+def test_two_process_ddp_equals_one_process(tmp_path):
+    common = QUICK + ["--epochs", "2", "--drop-path", "0"]  # drop path draws per process, so it is off here
+    one = run_cli(common + ["--out-dir", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr
+    two = run_cli(common + ["--out-dir", str(tmp_path / "two")],
+                  cmd=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "train.py"))
+    assert two.returncode == 0, two.stderr
+    assert "global batch 64 on 2 process(es)" in two.stdout
+    w1, w2 = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], atol=2e-5, rtol=1e-4, msg=k)
+    l1, l2 = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    assert [r["step"] for r in l1] == [r["step"] for r in l2] == [8, 16]
+    for a, b in zip(l1, l2):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4) and a["top1"] == pytest.approx(b["top1"], abs=0.1)
+    assert torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)["rng"].__len__() == 2
+
+
+def test_kill_then_resume_equals_uninterrupted(tmp_path):
+    args = QUICK + ["--epochs", "4"]
+    full = run_cli(args + ["--out-dir", str(tmp_path / "full")])
+    assert full.returncode == 0, full.stderr
+    out = tmp_path / "killed"
+    p = subprocess.Popen([sys.executable, "train.py", *args, "--out-dir", str(out)], cwd=HERE, env=ENV,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = out / "log.jsonl"
+    while p.poll() is None and not (log.exists() and log.read_text().count("\n") >= 1):
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert len(read_log(out)) < 4, "the run finished before it could be killed"
+    r = run_cli(args + ["--out-dir", str(out)])  # without --resume it refuses to overwrite the run
+    assert r.returncode == 2 and "--resume" in r.stderr
+    r = run_cli(args + ["--out-dir", str(out), "--resume"])
+    assert r.returncode == 0, r.stderr
+    assert "resumed from" in r.stdout
+    a, b = read_log(tmp_path / "full"), read_log(out)
+    assert [r["epoch"] for r in b] == [0, 1, 2, 3]
+    for ra, rb in zip(a, b):
+        for k in ("train_loss", "val_loss", "top1", "lr"):
+            assert ra[k] == pytest.approx(rb[k], rel=1e-6, abs=1e-7), (k, ra, rb)
+    wa, wb = final_weights(tmp_path / "full"), final_weights(out)
+    ca, cb = (torch.load(d / "ckpt.pt", weights_only=True) for d in (tmp_path / "full", out))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(ca["ema"][k], cb["ema"][k], atol=1e-6, rtol=1e-6)
+    # the checkpoint holds plain types and evaluates to the logged numbers
+    assert ca["config"]["model"] == "deit_nano_patch4_28" and ca["epoch"] == 3 and ca["step"] == 32
+    metrics = T.main(["--eval-only", "--out-dir", str(tmp_path / "full")])
+    assert metrics["top1"] == pytest.approx(a[-1]["top1"]) and metrics["val_loss"] == pytest.approx(a[-1]["val_loss"], rel=1e-5)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    assert run_cli(QUICK + ["--epochs", "1", "--out-dir", str(out)]).returncode == 0
+    before = (out / "ckpt.pt").read_bytes()
+    # an absurd learning rate sends the weights, then the loss, to inf/nan within a few steps
+    line = cli_error(QUICK + ["--epochs", "3", "--resume", "--lr", "1e35", "--warmup-epochs", "0", "--out-dir", str(out)],
+                     "loss became nan/inf at step")
+    step = int(line.split("at step ")[1].split()[0])
+    assert 8 <= step < 16 and "last good checkpoint" in line
+    assert (out / "ckpt.pt").read_bytes() == before

@@ -1,0 +1,597 @@
+"""
+Train DeiT (Touvron et al. 2021) with the reference recipe, on one CPU, one GPU, or many through torchrun.
+
+    python train.py                                     # small DeiT on the bundled Fashion-MNIST subset
+    torchrun --nproc_per_node=8 train.py --data /imagenet --model deit_small_patch16_224 \
+        --epochs 300 --batch-size 1024                  # the paper's DeiT-S recipe (paper §5, REFERENCE §2)
+
+The optimisation recipe defaults to DeiT's (REFERENCE.md §2); only the model, epochs, batch size and
+learning rate default to values that fit the bundled dataset on a laptop CPU (see README). The dataset
+sizes below are global: --batch-size is the batch of all processes together, so the learning rate
+(lr = base_lr * global_batch / 512, paper §5), the logs and the checkpoints mean the same for any number
+of processes. Measured: see README.md ("Results").
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import pickle
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from model import MODELS, create_model, resize_pos_embed
+from prepare_data import FILES, find_idx, read_idx
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BUNDLED = os.path.join(HERE, "data", "fashion-mnist-subset")
+DEBIAN_FMNIST = "/usr/share/datasets/fashion-mnist"
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class UserError(Exception):
+    """A problem with the user's input: reported as one line, without a traceback."""
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="Train DeiT.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    # what to train on
+    a("--data", default="bundled", help="bundled | fashion-mnist | cifar10 | cifar100 | synthetic | PATH "
+      "(a folder of Fashion-MNIST idx files, or an ImageFolder root with train/ and val/)")
+    a("--data-dir", default=os.path.join(HERE, "data"), help="where cifar10/cifar100 are kept or downloaded")
+    a("--train-subset", type=float, default=None, help="train on a stratified part: a fraction (0.1) or a count (600)")
+    a("--workers", type=int, default=8, help="DataLoader workers per process (ImageFolder only)")
+    # model (defaults: the bundled-data demo; the paper's models are deit_{tiny,small,base}_patch16_224)
+    a("--model", default="deit_nano_patch4_28", help="one of: " + ", ".join(MODELS))
+    a("--img-size", type=int, default=None, help="input size (default: the model's); pos_embed is resized")
+    a("--drop-path", type=float, default=0.1, help="stochastic depth rate of the last block (DeiT: 0.1)")
+    # optimisation (DeiT defaults, REFERENCE §2, except epochs and batch size)
+    a("--epochs", type=int, default=24, help="DeiT: 300")
+    a("--batch-size", type=int, default=128, help="global batch over all processes (DeiT: 1024)")
+    a("--lr", type=float, default=5e-4, help="base lr per 512 images; scaled by global batch / 512")
+    a("--min-lr", type=float, default=1e-5)
+    a("--warmup-lr", type=float, default=1e-6)
+    a("--warmup-epochs", type=float, default=5)
+    a("--weight-decay", type=float, default=0.05)
+    a("--smoothing", type=float, default=0.1, help="label smoothing")
+    a("--clip-grad", type=float, default=None, help="max gradient norm (DeiT: off)")
+    a("--model-ema", action=argparse.BooleanOptionalAction, default=True, help="keep an EMA of the weights")
+    a("--model-ema-decay", type=float, default=0.99996)
+    a("--eval-ema", action="store_true", help="also evaluate the EMA weights each epoch (with --eval-only: only them)")
+    # running
+    a("--seed", type=int, default=0)
+    a("--out-dir", default="out")
+    a("--resume", action="store_true", help="continue the run in --out-dir from its ckpt.pt")
+    a("--eval-only", action="store_true", help="evaluate a checkpoint (--ckpt, default out-dir/ckpt.pt) and exit")
+    a("--ckpt", default=None, help="checkpoint for --eval-only: ours, an official DeiT .pth, or a state dict")
+    a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on with CUDA)")
+    a("--log-interval", type=int, default=100, help="steps between progress lines within an epoch")
+    return p
+
+
+def die(msg):
+    raise UserError(msg)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Processes and devices. torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without it this is a single process.
+
+def setup_distributed():
+    ddp = "RANK" in os.environ
+    cuda = torch.cuda.is_available()
+    if ddp:
+        rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    else:
+        rank, world, local_rank = 0, 1, 0
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if cuda:  # TF32 for any fp32 matmul left outside autocast
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return argparse.Namespace(ddp=ddp, rank=rank, world=world, device=device, master=rank == 0,
+                              autocast=torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext())
+
+
+def all_sum(values, ctx):
+    """Sum a list of numbers over all processes."""
+    t = torch.tensor(values, dtype=torch.float64, device=ctx.device)
+    if ctx.ddp:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data. Small datasets live on the device as uint8 (N, C, H, W) tensors and are batched there, as in
+# airbench: no DataLoader, no workers. ImageFolder (ImageNet layout) decodes files in DataLoader workers.
+
+def load_idx_folder(folder):
+    def split(name):
+        paths = [find_idx(folder, f) for f in FILES[name]]
+        if None in paths:
+            die(f"{folder} lacks the idx files {FILES[name]} (.gz or not)")
+        x, y = (torch.from_numpy(read_idx(p).copy()) for p in paths)
+        return x.unsqueeze(1), y.long()  # (N, 1, 28, 28)
+    return split("train"), split("test")
+
+
+def load_cifar(name, root):
+    """CIFAR-10/100 from the python-format batches under root, downloaded by torchvision when absent."""
+    folder, files = {"cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]),
+                     "cifar100": ("cifar-100-python", ["train", "test"])}[name]
+    path = os.path.join(root, folder)
+    if not os.path.isdir(path):
+        import torchvision
+        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+        try:
+            cls(root, train=True, download=True)
+        except Exception as e:
+            die(f"could not download {name} to {root} ({type(e).__name__}: {e}); offline? "
+                f"put the extracted {folder}/ folder in --data-dir {root}")
+    key = "labels" if name == "cifar10" else "fine_labels"
+
+    def read(batch_files):
+        xs, ys = [], []
+        for f in batch_files:
+            with open(os.path.join(path, f), "rb") as fh:
+                d = pickle.load(fh, encoding="latin1")  # the dataset's own format: dicts of numpy arrays
+            xs.append(torch.from_numpy(d["data"]).view(-1, 3, 32, 32))
+            ys.append(torch.tensor(d[key]))
+        return torch.cat(xs), torch.cat(ys).long()
+    return read(files[:-1]), read(files[-1:])
+
+
+def stratified_subset(y, amount, seed):
+    """Indices of a class-balanced part of the labels y: a fraction (<= 1) or a count of images."""
+    classes = y.unique()
+    per_class = round(amount * len(y) / len(classes)) if amount <= 1 else int(amount) // len(classes)
+    if per_class < 1:
+        die(f"--train-subset {amount} leaves no image per class")
+    g = torch.Generator().manual_seed(seed)
+    return torch.cat([(y == c).nonzero()[:, 0][torch.randperm(int((y == c).sum()), generator=g)[:per_class]]
+                      for c in classes]).sort().values
+
+
+def load_data(args, ctx, img_size):
+    """Returns a namespace: train/val as (x, y) uint8 tensors on the device or as Datasets, num_classes,
+    in_chans and the normalisation mean/std."""
+    name = args.data
+    if name in ("cifar10", "cifar100"):
+        (train, val), C, stats = load_cifar(name, args.data_dir), (10 if name == "cifar10" else 100), \
+            ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+    elif name == "synthetic":  # random images, for benchmarks: 1000 classes like ImageNet
+        g = torch.Generator().manual_seed(0)
+        train, val = [(torch.randint(0, 256, (n, 3, img_size, img_size), dtype=torch.uint8, generator=g),
+                       torch.randint(0, 1000, (n,), generator=g)) for n in (2560, 512)]
+        C, stats = 1000, (IMAGENET_MEAN, IMAGENET_STD)
+    else:
+        folder = {"bundled": BUNDLED, "fashion-mnist": DEBIAN_FMNIST}.get(name, name)
+        if not os.path.isdir(folder):
+            hint = " (apt-get install -y dataset-fashion-mnist)" if name == "fashion-mnist" else ""
+            die(f"dataset path {folder} does not exist{hint}")
+        if os.path.isdir(os.path.join(folder, "train")) or os.path.isdir(os.path.join(folder, "val")):
+            return load_image_folder(folder, args, ctx, img_size)
+        train, val = load_idx_folder(folder)
+        C, stats = 10, ((0.2860,), (0.3530,))  # Fashion-MNIST's mean/std
+    if args.train_subset is not None:
+        keep = stratified_subset(train[1], args.train_subset, args.seed)
+        train = (train[0][keep], train[1][keep])
+
+    def to_device(x, y):  # resize once if the model wants another size (e.g. 28 -> 32 px)
+        if x.shape[-1] != img_size:
+            x = F.interpolate(x.float(), size=(img_size, img_size), mode="bicubic", antialias=True)
+            x = x.round().clamp(0, 255).to(torch.uint8)
+        return x.to(ctx.device), y.to(ctx.device)
+    return argparse.Namespace(train=to_device(*train), val=to_device(*val), num_classes=C, in_chans=train[0].shape[1],
+                              mean=stats[0], std=stats[1], tensors=True)
+
+
+class SafeImageFolder:
+    """torchvision's ImageFolder, except that a file that cannot be decoded is skipped with a warning
+    instead of killing the run."""
+
+    def __init__(self, root, transform):
+        import torchvision
+        try:
+            self.inner = torchvision.datasets.ImageFolder(root, transform=transform)
+        except (FileNotFoundError, OSError) as e:
+            die(f"cannot read image folder {root}: {e}")
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        path, target = self.inner.samples[i]
+        try:
+            return self.inner.transform(self.inner.loader(path)), target, None
+        except Exception as e:  # PIL raises several kinds for corrupt or truncated files
+            return None, target, f"{path} ({type(e).__name__}: {e})"
+
+
+def collate_skipping(batch):
+    good = [b for b in batch if b[2] is None]
+    x = torch.stack([b[0] for b in good]) if good else None
+    return x, torch.tensor([b[1] for b in good], dtype=torch.long), [b[2] for b in batch if b[2] is not None]
+
+
+def load_image_folder(root, args, ctx, img_size):
+    import torchvision.transforms as T
+    for split in ("train", "val"):
+        if not os.path.isdir(os.path.join(root, split)):
+            die(f"image folder {root} has no {split}/ subfolder (expected DeiT's ImageNet layout: train/ and val/)")
+    bicubic = T.InterpolationMode.BICUBIC
+    train_tf = T.Compose([T.RandomResizedCrop(img_size, interpolation=bicubic), T.RandomHorizontalFlip(), T.PILToTensor()])
+    # eval: resize to size/0.875 (256 for 224), centre crop (REFERENCE §2)
+    val_tf = T.Compose([T.Resize(int(img_size / 0.875), interpolation=bicubic), T.CenterCrop(img_size), T.PILToTensor()])
+    train, val = SafeImageFolder(os.path.join(root, "train"), train_tf), SafeImageFolder(os.path.join(root, "val"), val_tf)
+    if train.inner.classes != val.inner.classes:
+        die(f"train/ and val/ of {root} have different class folders")
+    if args.train_subset is not None:
+        keep = stratified_subset(torch.tensor(train.inner.targets), args.train_subset, args.seed)
+        train.inner.samples = [train.inner.samples[i] for i in keep.tolist()]
+    return argparse.Namespace(train=train, val=val, num_classes=len(train.inner.classes), in_chans=3,
+                              mean=IMAGENET_MEAN, std=IMAGENET_STD, tensors=False)
+
+
+def random_crop_flip(x, gen, pad=4):
+    """Batched RandomCrop(size, padding=pad) + horizontal flip, DeiT's crop for inputs of 32 px or less
+    (REFERENCE §3): every image draws its own offset and flip. x: (B, C, H, W) uint8."""
+    B, C, H, W = x.shape
+    top, left = (torch.randint(0, 2 * pad + 1, (B,), generator=gen) for _ in range(2))
+    flip = torch.rand(B, generator=gen) < 0.5
+    top, left, flip = top.to(x.device), left.to(x.device), flip.to(x.device)
+    xp = F.pad(x, (pad, pad, pad, pad))  # zero padding, as torchvision's RandomCrop
+    rows = (top[:, None] + torch.arange(H, device=x.device))[:, :, None]  # (B, H, 1)
+    cols = left[:, None] + torch.arange(W, device=x.device)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, :]  # (B, 1, W)
+    return xp[torch.arange(B, device=x.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
+
+
+def train_batches(data, args, ctx, epoch):
+    """Yields (uint8 images, labels, skipped files) of this process's share of each global batch."""
+    local = args.batch_size // ctx.world
+    if data.tensors:
+        x, y = data.train
+        # the order is a function of (seed, epoch) alone, the same in every process; process r takes the
+        # r-th slice of each global batch, so N processes see exactly what one process would (drop_last)
+        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
+        for i in range(len(y) // args.batch_size):
+            step = epoch * (len(y) // args.batch_size) + i
+            gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # augmentation draws of this step
+            idx = perm[i * args.batch_size:(i + 1) * args.batch_size].to(ctx.device)
+            xb, yb = x[idx], y[idx]
+            if xb.shape[-1] <= 32:  # the draws are made for the global batch, then sliced, for the same reason
+                xb = random_crop_flip(xb, gen)
+            sl = slice(ctx.rank * local, (ctx.rank + 1) * local)
+            yield xb[sl], yb[sl], []
+    else:
+        yield from data.train_loader
+
+
+def val_batches(data, ctx, batch_size):
+    if data.tensors:
+        x, y = data.val
+        idx = torch.arange(ctx.rank, len(y), ctx.world, device=ctx.device)  # disjoint shards, no padding
+        for i in range(0, len(idx), batch_size):
+            yield x[idx[i:i + batch_size]], y[idx[i:i + batch_size]], []
+    else:
+        yield from data.val_loader
+
+
+def steps_per_epoch(data, args):
+    n = len(data.train[1]) if data.tensors else len(data.train)
+    if n < args.batch_size:
+        die(f"--batch-size {args.batch_size} is larger than the training set ({n} images)")
+    return n // args.batch_size
+
+
+def make_loaders(data, args, ctx):
+    from torch.utils.data import DataLoader, Subset
+    from torch.utils.data.distributed import DistributedSampler
+    sampler = DistributedSampler(data.train, ctx.world, ctx.rank, shuffle=True, seed=args.seed, drop_last=True)
+    kw = dict(num_workers=args.workers, collate_fn=collate_skipping, pin_memory=ctx.device.type == "cuda",
+              persistent_workers=args.workers > 0)
+    data.train_loader = DataLoader(data.train, args.batch_size // ctx.world, sampler=sampler, drop_last=True, **kw)
+    data.val_loader = DataLoader(Subset(data.val, range(ctx.rank, len(data.val), ctx.world)), args.batch_size // ctx.world, **kw)
+    data.sampler = sampler
+
+
+def normalize(x, data):
+    """uint8 (B, C, H, W) on the device -> normalised float."""
+    mean = torch.tensor(data.mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(data.std, device=x.device).view(1, -1, 1, 1)
+    return (x.float() / 255 - mean) / std
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints: plain types and tensors only, so torch.load(weights_only=True) reads them.
+
+def load_checked(model, state, what):
+    """load_state_dict(strict=True), but a mismatch is named in one line instead of a long traceback."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        def some(xs):
+            return ", ".join(xs[:4]) + (f" (+{len(xs) - 4} more)" if len(xs) > 4 else "")
+        parts = [f"{n}: {some(xs)}" for n, xs in (("missing keys", missing), ("unexpected keys", unexpected),
+                                                   ("shape (checkpoint vs model)", shapes)) if xs]
+        die(f"{what} does not fit the model: " + "; ".join(parts))
+    model.load_state_dict(state)
+
+
+def read_checkpoint(path):
+    if not os.path.isfile(path):
+        die(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        die(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}")
+
+
+def model_weights(ckpt):
+    """The state dict in ours ({"model": ..., "ema": ...}), the official release ({"model": ...}) or a plain one."""
+    return ckpt["model"] if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) else ckpt
+
+
+def save_checkpoint(path, state):
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous checkpoint intact
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Optimisation
+
+def param_groups(model, weight_decay):
+    """AdamW groups: no weight decay on biases, norms (1-D), pos_embed and cls_token, as the reference.
+    The reference does decay dist_token (its timm 0.3.2 only exempts pos_embed and cls_token); we keep that."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name in ("pos_embed", "cls_token") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(epoch_float, args, peak):
+    """Linear warm-up from warmup_lr, then cosine to min_lr over the whole run (timm's CosineLRScheduler
+    without warmup_prefix, as DeiT uses it). Deliberate difference: the reference steps it once per epoch,
+    calling step(epoch) after the epoch, so it runs one epoch behind (epochs 0 and 1 both at 1e-6, the peak
+    never reached); we evaluate it at every step, at the fractional epoch, with no lag."""
+    if epoch_float < args.warmup_epochs:
+        return args.warmup_lr + (peak - args.warmup_lr) * epoch_float / args.warmup_epochs
+    return args.min_lr + 0.5 * (peak - args.min_lr) * (1 + math.cos(math.pi * epoch_float / args.epochs))
+
+
+def compute_loss(out, targets, args):
+    """Label-smoothing cross-entropy, (1-s)*nll + s*mean_c(-log p) (paper §5: smoothing 0.1). A distilled
+    model trained without distillation: only its class head is trained, as in the reference."""
+    logits = out[0] if isinstance(out, tuple) else out
+    return F.cross_entropy(logits.float(), targets, label_smoothing=args.smoothing)
+
+
+@torch.no_grad()
+def evaluate(model, data, ctx, batch_size):
+    """Top-1, top-5 and cross-entropy (no smoothing) on the held-out split, summed over all processes."""
+    model.eval()
+    loss = top1 = top5 = n = 0.0
+    for x, y, _ in val_batches(data, ctx, batch_size):
+        if x is None:
+            continue
+        x, y = normalize(x.to(ctx.device, non_blocking=True), data), y.to(ctx.device, non_blocking=True)
+        with ctx.autocast:
+            logits = model(x).float()
+        loss += F.cross_entropy(logits, y, reduction="sum").item()
+        topk = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        top1 += (topk[:, 0] == y).sum().item()
+        top5 += (topk == y[:, None]).any(1).sum().item()
+        n += len(y)
+    loss, top1, top5, n = all_sum([loss, top1, top5, n], ctx)
+    model.train()
+    return {"val_loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n}
+
+
+def build_model(args, data, ctx, img_size):
+    try:
+        return create_model(args.model, num_classes=data.num_classes, img_size=img_size,
+                            in_chans=data.in_chans, drop_path_rate=args.drop_path).to(ctx.device)
+    except (ValueError, AssertionError) as e:
+        die(str(e))
+
+
+def fmt_time(s):
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
+
+
+def train(args, ctx, model, data, log=print):
+    """The training loop; finetune.py calls it with a model it prepared."""
+    raw_model = model
+    os.makedirs(args.out_dir, exist_ok=True)
+    ckpt_path, log_path = os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "log.jsonl")
+    if not data.tensors:
+        make_loaders(data, args, ctx)
+    spe = steps_per_epoch(data, args)
+    peak = args.lr * args.batch_size / 512  # DeiT's linear scaling rule (paper §5)
+    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=peak, betas=(0.9, 0.999), eps=1e-8,
+                            fused=ctx.device.type == "cuda")
+    ema = copy.deepcopy(raw_model).eval().requires_grad_(False) if args.model_ema else None
+    start_epoch = 0
+    if args.resume:
+        ckpt = read_checkpoint(ckpt_path)
+        load_checked(raw_model, ckpt["model"], ckpt_path)
+        opt.load_state_dict(ckpt["optimizer"])
+        if ema is not None and ckpt.get("ema") is not None:
+            ema.load_state_dict(ckpt["ema"])
+        start_epoch = ckpt["epoch"] + 1
+        rng = ckpt["rng"][ctx.rank] if len(ckpt["rng"]) == ctx.world else None
+        if rng is not None:
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng and ctx.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], ctx.device)
+        elif ctx.master:
+            log(f"note: checkpoint was written by {len(ckpt['rng'])} processes, now {ctx.world}: fresh RNG streams")
+        if ctx.master:  # keep the log of the epochs the checkpoint holds, drop any written after it
+            lines = open(log_path).read().splitlines() if os.path.exists(log_path) else []
+            with open(log_path, "w") as f:
+                f.writelines(l + "\n" for l in lines if json.loads(l)["epoch"] < start_epoch)
+            log(f"resumed from {ckpt_path} at epoch {start_epoch}")
+    elif os.path.exists(ckpt_path):
+        die(f"{ckpt_path} exists: add --resume to continue that run, or choose another --out-dir")
+    elif ctx.master and os.path.exists(log_path):
+        os.remove(log_path)
+
+    compile_ = ctx.device.type == "cuda" if args.compile is None else args.compile
+    if compile_:
+        model = torch.compile(model)
+    if ctx.ddp:  # a distilled model trained without distillation leaves head_dist without gradient
+        model = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+                    find_unused_parameters=getattr(raw_model, "cfg", None) is not None and raw_model.cfg.distilled)
+    if ctx.master:
+        n_params = sum(p.numel() for p in raw_model.parameters())
+        log(f"{args.model}: {n_params / 1e6:.2f}M params | {spe} steps/epoch x {args.epochs} epochs | global batch "
+            f"{args.batch_size} on {ctx.world} process(es), {ctx.device.type} | peak lr {peak:.2e} | compile {compile_}")
+
+    # nonfinite_at: the first step whose loss was nan/inf, kept on the device so the check costs no sync
+    never = torch.tensor(2 ** 62, device=ctx.device)
+    nonfinite_at = never.clone()
+    t_start, done_steps = time.time(), 0
+    for epoch in range(start_epoch, args.epochs):
+        if not data.tensors:
+            data.sampler.set_epoch(epoch)
+        model.train()
+        t0, seen, skipped, loss_sum, loss_n, t_log, seen_log = time.time(), 0, [], torch.zeros((), device=ctx.device), 0, time.time(), 0
+        for i, (x, y, bad) in enumerate(train_batches(data, args, ctx, epoch)):
+            step = epoch * spe + i
+            skipped += bad
+            if ctx.master:
+                for b in bad:
+                    log(f"warning: skipped an image that cannot be decoded: {b}")
+            if x is None:
+                continue
+            x, y = normalize(x.to(ctx.device, non_blocking=True), data), y.to(ctx.device, non_blocking=True)
+            lr = lr_at(step / spe, args, peak)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            with ctx.autocast:
+                out = model(x)
+            loss = compute_loss(out, y, args)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.clip_grad is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            opt.step()
+            if ema is not None:
+                torch._foreach_lerp_(list(ema.parameters()), list(raw_model.parameters()), 1 - args.model_ema_decay)
+            loss = loss.detach()
+            nonfinite_at = torch.where(torch.isfinite(loss) | (nonfinite_at < never), nonfinite_at, step)
+            loss_sum += loss
+            loss_n += 1
+            seen += len(y) * ctx.world
+            done_steps += 1
+            if (i + 1) % args.log_interval == 0 or i + 1 == spe:
+                check_finite(nonfinite_at, never, ctx, spe, ckpt_path)
+                if ctx.master and (i + 1) % args.log_interval == 0 and i + 1 < spe:
+                    rate = (seen - seen_log) / (time.time() - t_log)
+                    eta = (time.time() - t_start) / done_steps * ((args.epochs - epoch) * spe - i - 1)
+                    log(f"epoch {epoch} step {i + 1}/{spe} | loss {loss.item():.4f} | lr {lr:.2e} | "
+                        f"{rate:.0f} img/s | eta {fmt_time(eta)}")
+                    t_log, seen_log = time.time(), seen
+        train_time = time.time() - t0
+        metrics = evaluate(model, data, ctx, max(256, args.batch_size // ctx.world))
+        if ema is not None and args.eval_ema:
+            metrics["ema_top1"] = evaluate(ema, data, ctx, max(256, args.batch_size // ctx.world))["top1"]
+        train_loss, = all_sum([loss_sum.item() / max(loss_n, 1)], ctx)
+        n_skipped, = all_sum([len(skipped)], ctx)
+        rng = {"cpu": torch.get_rng_state()}
+        if ctx.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(ctx.device)
+        rngs = [rng]
+        if ctx.ddp:  # every process's RNG state, so a resumed run draws what the uninterrupted one would
+            rngs = [None] * ctx.world
+            dist.all_gather_object(rngs, rng)
+        if ctx.master:
+            save_checkpoint(ckpt_path, {
+                "model": raw_model.state_dict(), "optimizer": opt.state_dict(),
+                "ema": ema.state_dict() if ema is not None else None,
+                "epoch": epoch, "step": (epoch + 1) * spe, "rng": rngs, "config": vars(args),
+                "model_config": vars(raw_model.cfg) if hasattr(raw_model, "cfg") else None,
+                "num_classes": data.num_classes, "mean": list(data.mean), "std": list(data.std)})
+            record = {"epoch": epoch, "step": (epoch + 1) * spe, "train_loss": train_loss / ctx.world, **metrics,
+                      "lr": lr, "img_per_s": seen / train_time, "epoch_time": train_time, "skipped_images": int(n_skipped)}
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            eta = (time.time() - t_start) / (epoch + 1 - start_epoch) * (args.epochs - epoch - 1)
+            log(f"epoch {epoch + 1}/{args.epochs} | loss {record['train_loss']:.4f} | lr {lr:.2e} | "
+                f"{record['img_per_s']:.0f} img/s | val loss {metrics['val_loss']:.4f} top1 {metrics['top1']:.2f} "
+                f"top5 {metrics['top5']:.2f}" + (f" ema top1 {metrics['ema_top1']:.2f}" if "ema_top1" in metrics else "")
+                + (f" | skipped {int(n_skipped)} images" if n_skipped else "") + f" | eta {fmt_time(eta)}")
+    return raw_model
+
+
+def check_finite(nonfinite_at, never, ctx, spe, ckpt_path):
+    """Stop at a nan/inf loss before anything is saved: the last checkpoint stays the last good one."""
+    bad = nonfinite_at.clone()
+    if ctx.ddp:
+        dist.all_reduce(bad, op=dist.ReduceOp.MIN)
+    if bad.item() < never.item():
+        s = int(bad.item())
+        kept = f"the last good checkpoint {ckpt_path} is kept" if os.path.exists(ckpt_path) else "no checkpoint was written"
+        die(f"loss became nan/inf at step {s} (epoch {s // spe}); stopped, {kept}. "
+            "Try a lower --lr or --clip-grad")
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    ctx = setup_distributed()
+    torch.manual_seed(args.seed + ctx.rank)  # seed + rank, as the reference (drop path differs per process)
+    log = print if ctx.master else (lambda *a, **k: None)
+    if args.batch_size % ctx.world:
+        die(f"--batch-size {args.batch_size} is not divisible by the {ctx.world} processes")
+    if args.model not in MODELS:
+        die(f"unknown model {args.model!r}; known models: {', '.join(MODELS)}")
+
+    if args.eval_only:  # the model's shape comes from the checkpoint when it is one of ours
+        path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
+        ckpt = read_checkpoint(path)
+        if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict):
+            args.model, args.img_size = ckpt["config"]["model"], ckpt["config"]["img_size"]
+            ckpt = ckpt["ema"] if args.eval_ema else ckpt["model"]
+        img_size = args.img_size or MODELS[args.model][2]
+        data = load_data(args, ctx, img_size)
+        model = build_model(args, data, ctx, img_size)
+        load_checked(model, model_weights(ckpt), path)
+        if not data.tensors:
+            make_loaders(data, args, ctx)
+        metrics = evaluate(model, data, ctx, max(256, args.batch_size // ctx.world))
+        log(f"{path}: val loss {metrics['val_loss']:.4f} | top1 {metrics['top1']:.2f} | top5 {metrics['top5']:.2f}")
+        return metrics
+
+    img_size = args.img_size or MODELS[args.model][2]
+    data = load_data(args, ctx, img_size)
+    model = build_model(args, data, ctx, img_size)
+    return train(args, ctx, model, data, log)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint is the last completed epoch", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
