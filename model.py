@@ -43,8 +43,8 @@ SIZES = {
     "base": (768, 12, 12),
 }
 
-# name -> (size, patch, img_size). The eight official variants, then patch-4 variants for small images:
-# a 16-px patch would leave a 28-px image with one token, patch 4 gives a 7x7 grid (8x8 at 32 px).
+# name -> (size, patch, img_size). The eight official variants, then variants for 28-64 px images: a 16-px
+# patch would leave a 28-px image with one token; patch 4 gives a 7x7 grid (8x8 at 32 px), patch 7 a 4x4 one.
 # Every variant also exists distilled: insert "_distilled" after the size, as in the official names.
 _BASE_NAMES = {
     "deit_tiny_patch16_224": ("tiny", 16, 224),
@@ -52,6 +52,7 @@ _BASE_NAMES = {
     "deit_base_patch16_224": ("base", 16, 224),
     "deit_base_patch16_384": ("base", 16, 384),
     "deit_nano_patch4_28": ("nano", 4, 28),
+    "deit_nano_patch7_28": ("nano", 7, 28),  # train.py's CPU default: 16 tokens, 3x the images/s of patch 4
     "deit_tiny_patch4_32": ("tiny", 4, 32),
     "deit_small_patch4_32": ("small", 4, 32),
 }

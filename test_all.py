@@ -26,8 +26,8 @@ import train as T
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-# a small, fast run on the bundled data (the nano model, 512 images, 8 steps an epoch)
-QUICK = ["--train-subset", "512", "--batch-size", "64", "--log-interval", "1000"]
+# a small, fast run on the bundled data (the default model, 64 images per class, 10 steps an epoch)
+QUICK = ["--train-subset", "640", "--batch-size", "64", "--log-interval", "1000"]
 
 
 def run_cli(args, cmd=(sys.executable, "train.py"), **kw):
@@ -193,7 +193,7 @@ def test_overfits_one_batch():
 # --------------------------------------------------------------------------------------- recipe in train.py
 
 def test_lr_schedule_matches_deit_formula():
-    args = T.get_parser().parse_args(["--epochs", "300"])
+    args = T.get_parser().parse_args(["--epochs", "300", "--warmup-epochs", "5", "--lr", "5e-4"])
     peak = 5e-4 * 1024 / 512
     assert T.lr_at(0, args, peak) == pytest.approx(1e-6)
     assert T.lr_at(2.5, args, peak) == pytest.approx(1e-6 + (peak - 1e-6) / 2)  # linear warm-up over 5 epochs
@@ -285,6 +285,8 @@ def test_cifar_reads_python_batches_and_fails_clearly_offline(tmp_path, monkeypa
     ctx = T.setup_distributed()
     data = T.load_data(parse("--data", "cifar10", "--data-dir", str(tmp_path)), ctx, 32)
     assert data.train[0].shape == (100, 3, 32, 32) and data.val[0].shape == (20, 3, 32, 32) and data.num_classes == 10
+    assert data.crop_pad == 4  # DeiT's padded crop for <= 32 px; Fashion-MNIST defaults to flips only
+    assert T.load_data(parse(), ctx, 28).crop_pad == 0 and T.load_data(parse("--crop-pad", "2"), ctx, 28).crop_pad == 2
     with open(folder / "test_batch", "rb") as f:  # the first pixel is channel 0 of row 0, col 0
         assert data.val[0][0, 0, 0, 0] == pickle.load(f)["data"][0, 0]
     # absent and offline: torchvision's download fails, and the user gets one clear sentence
@@ -320,7 +322,7 @@ def test_checkpoint_mismatch_names_keys_and_shapes(tmp_path):
     wrong = M.create_model("deit_nano_distilled_patch4_28", num_classes=7, in_chans=1).state_dict()
     torch.save({"model": wrong}, tmp_path / "w.pth")
     with pytest.raises(T.UserError) as e:
-        T.main(["--eval-only", "--ckpt", str(tmp_path / "w.pth")])
+        T.main(["--eval-only", "--ckpt", str(tmp_path / "w.pth"), "--model", "deit_nano_patch4_28"])
     msg = str(e.value)
     assert "unexpected keys: dist_token, head_dist.weight, head_dist.bias" in msg
     assert "head.weight (7, 96) vs (10, 96)" in msg and "pos_embed (1, 51, 96) vs (1, 50, 96)" in msg
@@ -338,14 +340,21 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     one = run_cli(common + ["--out-dir", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr
     two = run_cli(common + ["--out-dir", str(tmp_path / "two")],
-                  cmd=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "train.py"))
+                  cmd=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"))
     assert two.returncode == 0, two.stderr
     assert "global batch 64 on 2 process(es)" in two.stdout
     w1, w2 = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     for k in w1:
-        torch.testing.assert_close(w1[k], w2[k], atol=2e-5, rtol=1e-4, msg=k)
+        a, b = w1[k], w2[k]
+        if k.endswith("attn.qkv.bias"):
+            # The key bias has an exactly-zero gradient (it adds the same q.b_k to every logit of a query,
+            # which softmax ignores), so what it gets is rounding noise, and Adam scales noise up to lr-sized
+            # steps: it legitimately differs between runs. Compare the q and v rows only.
+            D = a.shape[0] // 3
+            a, b = torch.cat([a[:D], a[2 * D:]]), torch.cat([b[:D], b[2 * D:]])
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=k)
     l1, l2 = read_log(tmp_path / "one"), read_log(tmp_path / "two")
-    assert [r["step"] for r in l1] == [r["step"] for r in l2] == [8, 16]
+    assert [r["step"] for r in l1] == [r["step"] for r in l2] == [10, 20]
     for a, b in zip(l1, l2):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4) and a["top1"] == pytest.approx(b["top1"], abs=0.1)
     assert torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)["rng"].__len__() == 2
@@ -370,7 +379,7 @@ def test_kill_then_resume_equals_uninterrupted(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "resumed from" in r.stdout
     a, b = read_log(tmp_path / "full"), read_log(out)
-    assert [r["epoch"] for r in b] == [0, 1, 2, 3]
+    assert [r["epoch"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b):
         for k in ("train_loss", "val_loss", "top1", "lr"):
             assert ra[k] == pytest.approx(rb[k], rel=1e-6, abs=1e-7), (k, ra, rb)
@@ -380,9 +389,12 @@ def test_kill_then_resume_equals_uninterrupted(tmp_path):
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(ca["ema"][k], cb["ema"][k], atol=1e-6, rtol=1e-6)
     # the checkpoint holds plain types and evaluates to the logged numbers
-    assert ca["config"]["model"] == "deit_nano_patch4_28" and ca["epoch"] == 3 and ca["step"] == 32
+    assert ca["config"]["model"] == "deit_nano_patch7_28" and ca["epoch"] == 4 and ca["step"] == 40
     metrics = T.main(["--eval-only", "--out-dir", str(tmp_path / "full")])
     assert metrics["top1"] == pytest.approx(a[-1]["top1"]) and metrics["val_loss"] == pytest.approx(a[-1]["val_loss"], rel=1e-5)
+    # at another resolution the position embeddings are resized (4x4 -> 5x5 patches) and it still evaluates
+    at35 = T.main(["--eval-only", "--out-dir", str(tmp_path / "full"), "--img-size", "35"])
+    assert 10 < at35["top1"] <= 100
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
@@ -393,5 +405,5 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     line = cli_error(QUICK + ["--epochs", "3", "--resume", "--lr", "1e35", "--warmup-epochs", "0", "--out-dir", str(out)],
                      "loss became nan/inf at step")
     step = int(line.split("at step ")[1].split()[0])
-    assert 8 <= step < 16 and "last good checkpoint" in line
+    assert 10 <= step < 20 and "last good checkpoint" in line
     assert (out / "ckpt.pt").read_bytes() == before
