@@ -407,3 +407,84 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     step = int(line.split("at step ")[1].split()[0])
     assert 10 <= step < 20 and "last good checkpoint" in line
     assert (out / "ckpt.pt").read_bytes() == before
+
+
+# -------------------------------------------------------------------------------------------- augment.py
+
+import augment as A  # noqa: E402
+
+
+def _pil_op(name, im, arg, fill):
+    """The reference: what the reference pipeline does with PIL for each op and argument."""
+    from PIL import Image, ImageEnhance, ImageOps
+    if name == "AutoContrast":
+        return ImageOps.autocontrast(im)
+    if name == "Equalize":
+        return ImageOps.equalize(im)
+    if name == "Invert":
+        return ImageOps.invert(im)
+    if name == "PosterizeIncreasing":  # PIL >= 10 refuses 0 bits; DeiT's table says black
+        return ImageOps.posterize(im, int(arg)) if int(arg) > 0 else Image.new("RGB", im.size)
+    if name == "SolarizeIncreasing":
+        return ImageOps.solarize(im, arg)
+    if name == "SolarizeAdd":
+        return im.point([min(255, i + int(arg)) if i < 128 else i for i in range(256)] * 3)
+    enhance = {"ColorIncreasing": ImageEnhance.Color, "ContrastIncreasing": ImageEnhance.Contrast,
+               "BrightnessIncreasing": ImageEnhance.Brightness, "SharpnessIncreasing": ImageEnhance.Sharpness}
+    if name in enhance:
+        return enhance[name](im).enhance(arg)
+    if name == "Rotate":
+        return im.rotate(arg, resample=Image.BICUBIC, fillcolor=fill)
+    matrix = {"ShearX": (1, arg, 0, 0, 1, 0), "ShearY": (1, 0, 0, arg, 1, 0),
+              "TranslateXRel": (1, 0, arg, 0, 1, 0), "TranslateYRel": (1, 0, 0, 0, 1, arg)}[name]
+    return im.transform(im.size, Image.AFFINE, matrix, resample=Image.BICUBIC, fillcolor=fill)
+
+
+@pytest.fixture(scope="module")
+def rgb_batch():
+    """Real images: three bundled garments stacked as the R, G, B channels, plus grey ones in RGB."""
+    x = T.load_idx_folder(T.BUNDLED)[0][0]
+    return torch.cat([torch.cat([x[0:12], x[12:24], x[24:36]], 1), x[36:48].expand(-1, 3, -1, -1)])
+
+
+@pytest.mark.parametrize("name", A.OP_NAMES)
+def test_ops_match_pil(name, rgb_batch):
+    from PIL import Image
+    fill = (124, 116, 104)  # ImageNet's mean colour, DeiT's geometric fill
+    imgs = [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in rgb_batch]
+    off = total = 0
+    for level in (0.0, 0.33, 0.77, 1.0):  # the ends of the range included
+        for sign in (1.0, -1.0):
+            ours = A.apply_op(rgb_batch, name, level, sign, fill=fill)
+            arg = A.op_argument(name, level, sign, 28, 28).item()
+            ref = torch.stack([torch.from_numpy(np.array(_pil_op(name, im, arg, fill))).permute(2, 0, 1) for im in imgs])
+            d = (ours.int() - ref.int()).abs()
+            assert d.max() <= 1, (name, level, sign)  # within one grey level where rounding differs
+            off, total = off + (d > 0).sum().item(), total + d.numel()
+    assert off / total < (1e-3 if name in A.GEOMETRIC else 1e-9)  # photometric ops are exact
+
+
+def test_level_to_argument_mapping():
+    arg = lambda name, level, sign=1.0: A.op_argument(name, level, sign, 28, 40).item()  # noqa: E731
+    assert arg("Rotate", 1.0, -1) == -30 and arg("Rotate", 0.5) == 15
+    assert [arg("PosterizeIncreasing", l) for l in (0, 0.24, 0.25, 0.9, 1)] == [4, 4, 3, 1, 0]
+    assert [arg("SolarizeIncreasing", l) for l in (0, 0.5, 1)] == [256, 128, 0]
+    assert [arg("SolarizeAdd", l) for l in (0, 0.5, 1)] == [0, 55, 110]
+    assert arg("ContrastIncreasing", 1, -1) == pytest.approx(0.1) and arg("ColorIncreasing", 1) == pytest.approx(1.9)
+    assert arg("SharpnessIncreasing", 0.5, -1) == pytest.approx(0.55) and arg("BrightnessIncreasing", 0) == 1
+    assert arg("ShearX", 1, -1) == pytest.approx(-0.3) and arg("ShearY", 0.5) == pytest.approx(0.15)
+    assert arg("TranslateXRel", 1) == pytest.approx(0.45 * 40) and arg("TranslateYRel", 1, -1) == pytest.approx(-0.45 * 28)
+    x = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    assert torch.all(A.apply_op(x, "PosterizeIncreasing", 1.0) == 0)  # 0 bits: black, no crash
+    assert torch.equal(A.apply_op(x, "SolarizeIncreasing", 0.0), x) and torch.equal(A.apply_op(x, "SolarizeIncreasing", 1.0), 255 - x)
+
+
+def test_rand_augment_draws_per_image_and_is_seeded(rgb_batch):
+    same = rgb_batch[:1].expand(64, -1, -1, -1).contiguous()  # 64 copies of one image
+    out = A.rand_augment(same, torch.Generator().manual_seed(0), fill=(124, 116, 104))
+    assert torch.equal(out, A.rand_augment(same, torch.Generator().manual_seed(0), fill=(124, 116, 104)))
+    distinct = len({o.numpy().tobytes() for o in out})
+    # each image: 2 ops, each applied with p 0.5 -> about a quarter untouched, the rest mostly all different
+    assert distinct > 30
+    untouched = sum(torch.equal(o, same[0]) for o in out)
+    assert 4 <= untouched <= 32
