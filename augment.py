@@ -223,19 +223,172 @@ def apply_op(images, name, level, sign=1.0, fill=128):
     return op(images, arg)
 
 
+def _rand(gen, *shape):
+    return torch.rand(shape, generator=gen, device=gen.device)
+
+
 def rand_augment(images, gen, num_ops=2, magnitude=9.0, magnitude_std=0.5, prob=0.5, fill=128):
     """DeiT's RandAugment (rand-m9-mstd0.5-inc1): per image, num_ops ops drawn uniformly with replacement,
     each applied with probability prob, with magnitude ~ N(magnitude, magnitude_std) clipped to [0, 10].
-    The loop is over op slots and op kinds, never over images: each op runs once on the images that drew it."""
-    B, C, H, W = images.shape
+    The loop is over op slots and op kinds, never over images: each op runs once on the images that drew it.
+    gen: a torch.Generator; its device (CPU or the images' GPU) is where the draws are made."""
+    B = images.shape[0]
     for _ in range(num_ops):
-        which = torch.randint(0, len(OP_NAMES), (B,), generator=gen)
-        apply = torch.rand(B, generator=gen) < prob
-        level = (magnitude + magnitude_std * torch.randn(B, generator=gen)).clamp(0, 10) / 10
-        sign = torch.where(torch.rand(B, generator=gen) < 0.5, -1.0, 1.0)
+        which = (_rand(gen, B) * len(OP_NAMES)).long().clamp(max=len(OP_NAMES) - 1)
+        apply = _rand(gen, B) < prob
+        level = (magnitude + magnitude_std * torch.randn(B, generator=gen, device=gen.device)).clamp(0, 10) / 10
+        sign = torch.where(_rand(gen, B) < 0.5, -1.0, 1.0)
         for k, name in enumerate(OP_NAMES):
             idx = ((which == k) & apply).nonzero()[:, 0]
             if len(idx):
-                dev_idx = idx.to(images.device)
-                images = images.index_copy(0, dev_idx, apply_op(images[dev_idx], name, level[idx], sign[idx], fill))
+                out = apply_op(images[idx.to(images.device)], name, level[idx], sign[idx], fill)
+                images = images.index_copy(0, idx.to(images.device), out)
     return images
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Crops and flips (uint8, before RandAugment), as the reference's transforms, drawn per image.
+
+def _sample_boxes(gen, B, H, W, scale, ratio, attempts=10):
+    """RandomResizedCrop's box per image (torchvision/timm): up to 10 tries of area ~ U(scale) * H * W and
+    log-uniform aspect in ratio, the first that fits wins; none fits -> the central crop of the clamped
+    ratio. Returns top, left, height, width as (B,) float tensors."""
+    area = H * W * (scale[0] + (scale[1] - scale[0]) * _rand(gen, B, attempts))
+    aspect = torch.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * _rand(gen, B, attempts))
+    w = torch.sqrt(area * aspect).round()
+    h = torch.sqrt(area / aspect).round()
+    ok = (w > 0) & (h > 0) & (w <= W) & (h <= H)
+    first = ok.float().argmax(1, keepdim=True)  # the first attempt that fits
+    h, w, found = h.gather(1, first)[:, 0], w.gather(1, first)[:, 0], ok.any(1)
+    # fallback: the whole image cropped to the nearest allowed aspect ratio, centred
+    r = W / H
+    fw, fh = (W, round(W / ratio[0])) if r < ratio[0] else (round(H * ratio[1]), H) if r > ratio[1] else (W, H)
+    h, w = torch.where(found, h, float(fh)), torch.where(found, w, float(fw))
+    top = torch.where(found, (_rand(gen, B) * (H - h + 1)).floor(), ((H - h) / 2).floor())
+    left = torch.where(found, (_rand(gen, B) * (W - w + 1)).floor(), ((W - w) / 2).floor())
+    return top, left, h, w
+
+
+def random_resized_crop(images, gen, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5):
+    """RandomResizedCrop(size, scale, ratio, bicubic) + horizontal flip p hflip, batched: each image gets its
+    own box, resampled to size x size with the a = -0.75 bicubic of grid_sample (no antialias: the images
+    this path serves are small and mostly upsampled; decoded ImageNet files are cropped in PIL)."""
+    B, C, H, W = images.shape
+    top, left, h, w = (t.to(images.device) for t in _sample_boxes(gen, B, H, W, scale, ratio))
+    flip = (_rand(gen, B) < hflip).to(images.device)
+    # output pixel centre u in (0, 1) maps to x = left + u * w in pixels, then to grid_sample's [-1, 1]
+    u = (torch.arange(size, device=images.device) + 0.5) / size
+    gx = (left[:, None] + u * w[:, None]) * 2 / W - 1  # (B, size)
+    gx = torch.where(flip[:, None], gx.flip(1), gx)
+    gy = (top[:, None] + u * h[:, None]) * 2 / H - 1
+    grid = torch.stack([gx[:, None, :].expand(B, size, size), gy[:, :, None].expand(B, size, size)], -1)
+    out = F.grid_sample(images.float(), grid, mode="bicubic", padding_mode="border", align_corners=False)
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
+def pad_crop_flip(images, gen, pad=4, hflip=0.5):
+    """RandomCrop(size, padding=pad) + horizontal flip, DeiT's crop for inputs of 32 px or less: zero
+    padding, every image its own offset and flip."""
+    B, C, H, W = images.shape
+    dev = images.device
+    top, left = ((_rand(gen, B) * (2 * pad + 1)).long().to(dev) for _ in range(2))
+    flip = (_rand(gen, B) < hflip).to(dev)
+    xp = F.pad(images, (pad, pad, pad, pad))
+    rows = (top[:, None] + torch.arange(H, device=dev))[:, :, None]  # (B, H, 1)
+    cols = left[:, None] + torch.arange(W, device=dev)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, :]  # (B, 1, W)
+    return xp[torch.arange(B, device=dev)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)  # (B,H,W,C) -> (B,C,H,W)
+
+
+def three_augment(images, gen, jitter=0.3):
+    """DeiT III's 3-Augment: per image one of grayscale, solarize (threshold 128), gaussian blur (radius
+    U(0.1, 2)), then colour jitter (brightness, contrast, saturation 0.3)."""
+    B, C, H, W = images.shape
+    dev = images.device
+    which = (_rand(gen, B) * 3).long().clamp(max=2).to(dev)
+    grey = _grey(images).expand(B, C, H, W).to(torch.uint8)
+    sol = solarize(images, torch.full((B,), 128.0, device=dev))
+    sigma = (0.1 + 1.9 * _rand(gen, B)).to(dev)
+    blur = _gaussian_blur(images, sigma)
+    out = torch.where(_col(which == 0), grey, torch.where(_col(which == 1), sol, blur))
+    for op in (brightness, contrast, color):  # factors ~ U(1 - jitter, 1 + jitter)
+        out = op(out, (1 - jitter + 2 * jitter * _rand(gen, B)).to(dev))
+    return out
+
+
+def _gaussian_blur(images, sigma):
+    # separable gaussian, per-image sigma, kernel radius 4 (covers 2 sigma at the largest sigma 2)
+    r = torch.arange(-4, 5, device=images.device, dtype=torch.float32)
+    k = torch.exp(-r[None] ** 2 / (2 * sigma[:, None] ** 2))
+    k = k / k.sum(1, keepdim=True)  # (B, 9)
+    B, C, H, W = images.shape
+    x = F.pad(images.float(), (4, 4, 4, 4), mode="replicate")
+    x = x.unfold(3, 9, 1) @ k[:, None, None, :, None]  # along W: (B, C, H+8, W, 9) @ (B, 1, 1, 9, 1)
+    x = x[..., 0].unfold(2, 9, 1) @ k[:, None, None, :, None]  # along H
+    return x[..., 0].round().clamp(0, 255).to(torch.uint8)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# After normalisation (float): random erasing, then Mixup / CutMix on the batch with soft targets.
+
+def random_erasing(x, gen, p=0.25, area=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), attempts=10):
+    """Random erasing (Zhong et al. 2017) as DeiT: with probability p per image, one rectangle of area
+    ~ U(area) * H * W and log-uniform aspect, the first of 10 tries that fits, filled with N(0, 1) per
+    value (mode "pixel", on normalised images). x: normalised float (B, C, H, W)."""
+    B, C, H, W = x.shape
+    target = H * W * (area[0] + (area[1] - area[0]) * _rand(gen, B, attempts))
+    aspect = torch.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * _rand(gen, B, attempts))
+    h, w = torch.sqrt(target * aspect).round(), torch.sqrt(target / aspect).round()
+    ok = (h < H) & (w < W)
+    first = ok.float().argmax(1, keepdim=True)
+    h, w = h.gather(1, first)[:, 0], w.gather(1, first)[:, 0]
+    erase = ok.any(1) & (_rand(gen, B) < p)
+    top = (_rand(gen, B) * (H - h + 1)).floor()
+    left = (_rand(gen, B) * (W - w + 1)).floor()
+    ys, xs = torch.arange(H, device=gen.device), torch.arange(W, device=gen.device)
+    inside = ((ys[None, :, None] >= top[:, None, None]) & (ys[None, :, None] < (top + h)[:, None, None])
+              & (xs[None, None, :] >= left[:, None, None]) & (xs[None, None, :] < (left + w)[:, None, None]))
+    mask = (inside & _col(erase)[:, 0]).to(x.device)[:, None]  # (B, 1, H, W)
+    noise = torch.randn(x.shape, generator=gen, device=gen.device).to(x.device, x.dtype)
+    return torch.where(mask, noise, x)
+
+
+def _beta(a, gen):
+    """One draw of Beta(a, a) from uniforms (Johnk's method), so that the generator alone fixes it."""
+    if a == 1.0:
+        return _rand(gen, 1).item()
+    while True:
+        u, v = (_rand(gen, 2) ** torch.tensor([1 / a, 1 / a], device=gen.device)).tolist()
+        if 0 < u + v <= 1:
+            return u / (u + v)
+
+
+def smooth_one_hot(y, num_classes, smoothing):
+    off = smoothing / num_classes
+    return torch.full((len(y), num_classes), off, device=y.device).scatter_(1, y[:, None], 1 - smoothing + off)
+
+
+def mixup_cutmix(x, y, num_classes, gen, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, smoothing=0.1):
+    """Mixup (Zhang et al. 2018) or CutMix (Yun et al. 2019), one per batch, as DeiT: the partner of image i
+    is image B-1-i (the flipped batch, any batch size); CutMix (probability switch_prob) pastes a box whose
+    area is 1 - lam, clipped to the image, and lam is recomputed from the pasted area. Targets: the
+    label-smoothed one-hots of the pair, weighted lam and 1 - lam. Returns (images, targets (B, classes))."""
+    B, C, H, W = x.shape
+    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or _rand(gen, 1).item() < switch_prob)
+    if use_cutmix:
+        lam = _beta(cutmix_alpha, gen)
+        r = math.sqrt(1 - lam)
+        cut_h, cut_w = int(H * r), int(W * r)
+        cy, cx = int(_rand(gen, 1).item() * H), int(_rand(gen, 1).item() * W)
+        y1, y2 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, H)
+        x1, x2 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, W)
+        x = x.clone()
+        x[:, :, y1:y2, x1:x2] = x.flip(0)[:, :, y1:y2, x1:x2]
+        lam = 1 - (y2 - y1) * (x2 - x1) / (H * W)
+    elif mixup_alpha > 0:
+        lam = _beta(mixup_alpha, gen)
+        x = lam * x + (1 - lam) * x.flip(0)
+    else:
+        lam = 1.0
+    t = smooth_one_hot(y, num_classes, smoothing)
+    return x, lam * t + (1 - lam) * t.flip(0)

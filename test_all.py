@@ -488,3 +488,75 @@ def test_rand_augment_draws_per_image_and_is_seeded(rgb_batch):
     assert distinct > 30
     untouched = sum(torch.equal(o, same[0]) for o in out)
     assert 4 <= untouched <= 32
+
+
+def test_mixup_and_cutmix_targets_and_areas():
+    torch.manual_seed(0)
+    x, y = torch.rand(7, 3, 16, 20), torch.tensor([0, 1, 2, 3, 4, 5, 6])  # odd batch: the middle pairs with itself
+    # mixup only: x = lam x + (1 - lam) x.flip(0); the targets' weight on the true class gives lam
+    xm, t = A.mixup_cutmix(x, y, 10, torch.Generator().manual_seed(1), cutmix_alpha=0.0, smoothing=0.1)
+    assert torch.allclose(t.sum(1), torch.ones(7))
+    lam = (t[0, 0].item() - 0.01) / 0.9
+    assert 0 < lam < 1 and torch.allclose(xm, lam * x + (1 - lam) * x.flip(0), atol=1e-6)
+    assert t[3, 3] == pytest.approx(0.91) and t[0, 6] == pytest.approx((1 - lam) * 0.9 + 0.01)  # off s/C, on 1-s+s/C
+    # cutmix only: one box pasted from the partner; lam = 1 - the pasted fraction
+    for seed in range(20):
+        xc, t = A.mixup_cutmix(x, y, 10, torch.Generator().manual_seed(seed), mixup_alpha=0.0, smoothing=0.0)
+        changed = (xc != x).any(1)  # (B, H, W)
+        lam = t[0, 0].item()
+        assert changed[0].float().mean().item() == pytest.approx(1 - lam, abs=1e-6)
+        assert torch.equal(changed[0], changed[1]) and not changed[3].any()  # same box for all; 3 pairs with itself
+        rows, cols = changed[0].any(1).nonzero()[:, 0], changed[0].any(0).nonzero()[:, 0]
+        if len(rows):  # a rectangle
+            assert changed[0].sum() == len(rows) * len(cols) == (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)
+    # neither: smoothed one-hots
+    _, t = A.mixup_cutmix(x, y, 10, torch.Generator(), mixup_alpha=0, cutmix_alpha=0, smoothing=0.1)
+    assert torch.allclose(t, F.one_hot(y, 10) * 0.9 + 0.01)
+
+
+def test_random_erasing_one_rectangle_per_image():
+    x = torch.zeros(64, 3, 24, 32)
+    out = A.random_erasing(x, torch.Generator().manual_seed(0), p=1.0)
+    boxes = set()
+    for img in (out != 0).any(1):  # every image: exactly one filled rectangle inside the bounds
+        rows, cols = img.any(1).nonzero()[:, 0], img.any(0).nonzero()[:, 0]
+        h, w = rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
+        assert img.sum() == h * w and h < 24 and w < 32
+        assert 0.02 * 24 * 32 * 0.5 <= h * w <= 24 * 32 / 3 * 1.6  # area 2%..1/3, up to rounding of h and w
+        boxes.add((rows[0].item(), cols[0].item(), h.item(), w.item()))
+    assert len(boxes) > 50  # independent draws per image
+    assert abs(out[out != 0].std().item() - 1) < 0.1  # N(0, 1) fill
+    n_erased = (A.random_erasing(x, torch.Generator().manual_seed(1), p=0.25) != 0).flatten(1).any(1).sum()
+    assert 5 <= n_erased <= 28  # p 0.25 of 64
+    assert torch.equal(out, A.random_erasing(x, torch.Generator().manual_seed(0), p=1.0))
+
+
+def test_random_resized_crop():
+    x = torch.randint(0, 256, (6, 3, 20, 20), dtype=torch.uint8)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(A.random_resized_crop(x, g, 20, scale=(1, 1), ratio=(1, 1), hflip=0), x)  # whole image
+    assert torch.equal(A.random_resized_crop(x, g, 20, scale=(1, 1), ratio=(1, 1), hflip=1), x.flip(3))
+    # boxes as torchvision: area in scale * H * W, aspect in ratio, inside the image
+    top, left, h, w = A._sample_boxes(torch.Generator().manual_seed(0), 1000, 30, 40, (0.08, 1), (3 / 4, 4 / 3))
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 30).all() and (left + w <= 40).all()
+    # h and w are rounded, so each is within 0.5 of the drawn size
+    assert ((h + 0.5) * (w + 0.5) >= 0.08 * 1200).all() and ((w + 0.5) / (h - 0.5) >= 3 / 4).all() and ((w - 0.5) / (h + 0.5) <= 4 / 3).all()
+    assert (h * w).max() > 0.9 * 1200 and (h * w).min() < 0.1 * 1200  # the whole scale range is used
+    # nothing fits -> the central crop at the clamped ratio: a 10x40 image gives 10 x round(10 * 4/3)
+    t, l, h, w = A._sample_boxes(torch.Generator().manual_seed(0), 3, 10, 40, (0.9, 1), (3 / 4, 4 / 3))
+    assert h.tolist() == [10] * 3 and w.tolist() == [13] * 3 and l.tolist() == [13] * 3
+
+
+def test_three_augment_runs_per_image():
+    x = torch.randint(0, 256, (32, 3, 16, 16), dtype=torch.uint8)
+    out = A.three_augment(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    assert torch.equal(out, A.three_augment(x, torch.Generator().manual_seed(0)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_augment_cpu_and_cuda_agree(rgb_batch):
+    for name in A.OP_NAMES:
+        cpu = A.apply_op(rgb_batch, name, 0.7, -1.0, fill=(124, 116, 104))
+        gpu = A.apply_op(rgb_batch.cuda(), name, 0.7, -1.0, fill=(124, 116, 104)).cpu()
+        assert (cpu.int() - gpu.int()).abs().max() <= 1, name
