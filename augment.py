@@ -249,7 +249,7 @@ def rand_augment(images, gen, num_ops=2, magnitude=9.0, magnitude_std=0.5, prob=
 # ---------------------------------------------------------------------------------------------------------
 # Crops and flips (uint8, before RandAugment), as the reference's transforms, drawn per image.
 
-def _sample_boxes(gen, B, H, W, scale, ratio, attempts=10):
+def sample_boxes(gen, B, H, W, scale, ratio, attempts=10):
     """RandomResizedCrop's box per image (torchvision/timm): up to 10 tries of area ~ U(scale) * H * W and
     log-uniform aspect in ratio, the first that fits wins; none fits -> the central crop of the clamped
     ratio. Returns top, left, height, width as (B,) float tensors."""
@@ -274,7 +274,7 @@ def random_resized_crop(images, gen, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 
     own box, resampled to size x size with the a = -0.75 bicubic of grid_sample (no antialias: the images
     this path serves are small and mostly upsampled; decoded ImageNet files are cropped in PIL)."""
     B, C, H, W = images.shape
-    top, left, h, w = (t.to(images.device) for t in _sample_boxes(gen, B, H, W, scale, ratio))
+    top, left, h, w = (t.to(images.device) for t in sample_boxes(gen, B, H, W, scale, ratio))
     flip = (_rand(gen, B) < hflip).to(images.device)
     # output pixel centre u in (0, 1) maps to x = left + u * w in pixels, then to grid_sample's [-1, 1]
     u = (torch.arange(size, device=images.device) + 0.5) / size

@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import augment as A
 import model as M
 import train as T
 
@@ -226,10 +227,10 @@ def test_label_smoothing_loss_formula():
     torch.testing.assert_close(T.compute_loss((logits, torch.randn(6, 10)), y, args), expected)
 
 
-def test_random_crop_flip_is_a_padded_crop_per_image():
+def test_pad_crop_flip_is_a_padded_crop_per_image():
     x = torch.randint(0, 256, (16, 1, 28, 28), dtype=torch.uint8)
-    out = T.random_crop_flip(x, torch.Generator().manual_seed(1))
-    assert torch.equal(out, T.random_crop_flip(x, torch.Generator().manual_seed(1)))  # seeded: same batch twice
+    out = A.pad_crop_flip(x, torch.Generator().manual_seed(1))
+    assert torch.equal(out, A.pad_crop_flip(x, torch.Generator().manual_seed(1)))  # seeded: same batch twice
     xp = F.pad(x, (4, 4, 4, 4))
     found = []
     for i in range(16):  # each output is one crop of its zero-padded input, possibly mirrored
@@ -336,7 +337,10 @@ def test_checkpoint_mismatch_names_keys_and_shapes(tmp_path):
 # ----------------------------------------------------------------------------- runs: DDP, resume, NaN, eval
 
 def test_two_process_ddp_equals_one_process(tmp_path):
-    common = QUICK + ["--epochs", "2", "--drop-path", "0"]  # drop path draws per process, so it is off here
+    # Random draws (drop path, augmentation, Mixup's partner = the flipped local batch) differ per process by
+    # design (seed + rank, as DeiT), and repeated augmentation reorders; all off, the runs must agree.
+    common = QUICK + ["--epochs", "2", "--drop-path", "0", "--aa", "none", "--reprob", "0", "--mixup", "0",
+                      "--cutmix", "0", "--hflip", "0", "--no-repeated-aug"]
     one = run_cli(common + ["--out-dir", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr
     two = run_cli(common + ["--out-dir", str(tmp_path / "two")],
@@ -411,7 +415,6 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 # -------------------------------------------------------------------------------------------- augment.py
 
-import augment as A  # noqa: E402
 
 
 def _pil_op(name, im, arg, fill):
@@ -537,13 +540,13 @@ def test_random_resized_crop():
     assert torch.equal(A.random_resized_crop(x, g, 20, scale=(1, 1), ratio=(1, 1), hflip=0), x)  # whole image
     assert torch.equal(A.random_resized_crop(x, g, 20, scale=(1, 1), ratio=(1, 1), hflip=1), x.flip(3))
     # boxes as torchvision: area in scale * H * W, aspect in ratio, inside the image
-    top, left, h, w = A._sample_boxes(torch.Generator().manual_seed(0), 1000, 30, 40, (0.08, 1), (3 / 4, 4 / 3))
+    top, left, h, w = A.sample_boxes(torch.Generator().manual_seed(0), 1000, 30, 40, (0.08, 1), (3 / 4, 4 / 3))
     assert (top >= 0).all() and (left >= 0).all() and (top + h <= 30).all() and (left + w <= 40).all()
     # h and w are rounded, so each is within 0.5 of the drawn size
     assert ((h + 0.5) * (w + 0.5) >= 0.08 * 1200).all() and ((w + 0.5) / (h - 0.5) >= 3 / 4).all() and ((w - 0.5) / (h + 0.5) <= 4 / 3).all()
     assert (h * w).max() > 0.9 * 1200 and (h * w).min() < 0.1 * 1200  # the whole scale range is used
     # nothing fits -> the central crop at the clamped ratio: a 10x40 image gives 10 x round(10 * 4/3)
-    t, l, h, w = A._sample_boxes(torch.Generator().manual_seed(0), 3, 10, 40, (0.9, 1), (3 / 4, 4 / 3))
+    t, l, h, w = A.sample_boxes(torch.Generator().manual_seed(0), 3, 10, 40, (0.9, 1), (3 / 4, 4 / 3))
     assert h.tolist() == [10] * 3 and w.tolist() == [13] * 3 and l.tolist() == [13] * 3
 
 
@@ -560,3 +563,59 @@ def test_augment_cpu_and_cuda_agree(rgb_batch):
         cpu = A.apply_op(rgb_batch, name, 0.7, -1.0, fill=(124, 116, 104))
         gpu = A.apply_op(rgb_batch.cuda(), name, 0.7, -1.0, fill=(124, 116, 104)).cpu()
         assert (cpu.int() - gpu.int()).abs().max() <= 1, name
+
+
+# ------------------------------------------------------------------------------ the recipe inside train.py
+
+def test_parse_aa():
+    assert T.parse_aa("rand-m9-mstd0.5-inc1") == dict(num_ops=2, magnitude=9.0, magnitude_std=0.5)
+    assert T.parse_aa("rand-m7-n3") == dict(num_ops=3, magnitude=7.0, magnitude_std=0.0)
+    for bad in ("auto", "rand-m9-inc0", "rand-x3"):
+        with pytest.raises(T.UserError, match="--aa"):
+            T.parse_aa(bad)
+
+
+def test_repeated_augmentation_indices():
+    import argparse
+    args = parse("--batch-size", "64", "--seed", "3")
+    n, world = 3000, 4
+    per_rank = [T.epoch_indices(n, args, argparse.Namespace(rank=r, world=world), epoch=5) for r in range(world)]
+    assert all(len(p) == n // 256 * 256 // world for p in per_rank)  # 704 each, as RASampler
+    # RASampler: the stream is each image of a permutation three times, dealt round-robin to the ranks
+    stream = torch.stack(per_rank, 1).reshape(-1)  # rank r holds positions r, r + world, ...
+    stream = stream[:len(stream) // 3 * 3]  # whole triples
+    assert torch.equal(stream[0::3], stream[1::3]) and torch.equal(stream[0::3], stream[2::3])
+    assert len(stream.unique()) == len(stream) // 3  # an epoch sees a third of the images, each 3 times
+    # consecutive copies land on different ranks
+    assert all(len({int(per_rank[(3 * j + c) % world][(3 * j + c) // world]) for c in range(3)}) == 1 for j in range(50))
+    # without it (or on one process), the processes split each global batch of one permutation
+    args = parse("--batch-size", "64", "--no-repeated-aug")
+    two = [T.epoch_indices(n, args, argparse.Namespace(rank=r, world=2), 0) for r in range(2)]
+    one = T.epoch_indices(n, args, argparse.Namespace(rank=0, world=1), 0)
+    assert torch.equal(torch.stack([t.view(-1, 32) for t in two], 1).reshape(-1), one) and len(one) == n // 64 * 64
+
+
+def test_soft_target_loss_and_pipeline():
+    torch.manual_seed(0)
+    logits, t = torch.randn(5, 10), torch.softmax(torch.randn(5, 10), 1)
+    expected = -(t * logits.log_softmax(1)).sum(1).mean()
+    torch.testing.assert_close(T.compute_loss(logits, t, parse()), expected)
+    # the whole pipeline on a uint8 batch: normalised floats and soft targets that sum to one
+    x, y = T.load_idx_folder(T.BUNDLED)[0]
+    data = T.argparse.Namespace(tensors=True, crop_pad=0, mean=(0.286,), std=(0.353,), num_classes=10)
+    xb, tb = T.augment_batch(x[:32], y[:32], data, parse(), torch.Generator().manual_seed(0))
+    assert xb.shape == (32, 1, 28, 28) and xb.dtype == torch.float32 and tb.shape == (32, 10)
+    assert torch.allclose(tb.sum(1), torch.ones(32)) and tb.min() >= 0.01 - 1e-6  # smoothing 0.1 folded in
+    xb2, tb2 = T.augment_batch(x[:32], y[:32], data, parse(), torch.Generator().manual_seed(0))
+    assert torch.equal(xb, xb2) and torch.equal(tb, tb2)
+    xo, yo = T.augment_batch(x[:32], y[:32], data, parse("--aa", "none", "--reprob", "0", "--mixup", "0", "--cutmix", "0",
+                                                         "--hflip", "0"), torch.Generator())
+    assert torch.equal(yo, y[:32]) and torch.allclose(xo, T.normalize(x[:32], data))  # everything off: identity
+
+
+def test_two_process_run_with_the_full_recipe(tmp_path):
+    r = run_cli(["--train-subset", "600", "--batch-size", "64", "--epochs", "1", "--out-dir", str(tmp_path)],
+                cmd=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"))
+    assert r.returncode == 0, r.stderr
+    log = read_log(tmp_path)  # repeated augmentation: 600 // 256 * 256 / 2 = 256 samples a process, 8 steps of 32
+    assert log[0]["step"] == 8 and math.isfinite(log[0]["train_loss"])

@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import augment as A
 from model import MODELS, create_model, resize_pos_embed
 from prepare_data import FILES, find_idx, read_idx
 
@@ -55,8 +56,18 @@ def get_parser():
     a("--img-size", type=int, default=None, help="input size (default: the model's); images are resized to it, "
       "and a checkpoint of another size gets its pos_embed resized")
     a("--drop-path", type=float, default=0.1, help="stochastic depth rate of the last block (DeiT: 0.1)")
+    # augmentation (augment.py; DeiT defaults, REFERENCE §3; paper Table 8 for what each part is worth)
     a("--crop-pad", type=int, default=None, help="padded random crop for <= 32 px inputs (default: DeiT's 4; "
-      "0 for Fashion-MNIST, whose centred items a 4-px shift cuts off)")
+      "0 for Fashion-MNIST, whose centred items a 4-px shift cuts off); larger inputs get RandomResizedCrop")
+    a("--hflip", type=float, default=0.5, help="horizontal flip probability")
+    a("--aa", default="rand-m9-mstd0.5-inc1", help="RandAugment (timm's string), or none")
+    a("--three-augment", action="store_true", help="DeiT III's 3-Augment instead of RandAugment and erasing")
+    a("--reprob", type=float, default=0.25, help="random erasing probability")
+    a("--mixup", type=float, default=0.8, help="Mixup alpha (0: off)")
+    a("--cutmix", type=float, default=1.0, help="CutMix alpha (0: off)")
+    a("--mixup-switch-prob", type=float, default=0.5, help="probability of CutMix rather than Mixup per batch")
+    a("--repeated-aug", action=argparse.BooleanOptionalAction, default=True,
+      help="3 repeats of each image on different processes (distributed runs only)")
     # optimisation (DeiT defaults, REFERENCE §2, except epochs and batch size)
     a("--epochs", type=int, default=30, help="DeiT: 300")
     a("--batch-size", type=int, default=128, help="global batch over all processes (DeiT: 1024)")
@@ -233,13 +244,28 @@ def collate_skipping(batch):
     return x, torch.tensor([b[1] for b in good], dtype=torch.long), [b[2] for b in batch if b[2] is not None]
 
 
+class PILRandomResizedCrop:
+    """RandomResizedCrop(size, scale 0.08-1, ratio 3/4-4/3, bicubic) of one decoded file, in a DataLoader
+    worker: the box from augment.py's sampler, the crop and resize by PIL (files differ in size, so this is
+    the one per-image step; the flip and the rest run batched on the device)."""
+
+    def __init__(self, size):
+        self.size = size
+
+    def __call__(self, img):
+        from PIL import Image
+        gen = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 62, (1,))))  # the worker's seeded stream
+        top, left, h, w = (int(v) for v in A.sample_boxes(gen, 1, img.height, img.width, (0.08, 1.0), (3 / 4, 4 / 3)))
+        return img.convert("RGB").resize((self.size, self.size), Image.BICUBIC, box=(left, top, left + w, top + h))
+
+
 def load_image_folder(root, args, ctx, img_size):
     import torchvision.transforms as T
     for split in ("train", "val"):
         if not os.path.isdir(os.path.join(root, split)):
             die(f"image folder {root} has no {split}/ subfolder (expected DeiT's ImageNet layout: train/ and val/)")
     bicubic = T.InterpolationMode.BICUBIC
-    train_tf = T.Compose([T.RandomResizedCrop(img_size, interpolation=bicubic), T.RandomHorizontalFlip(), T.PILToTensor()])
+    train_tf = T.Compose([PILRandomResizedCrop(img_size), T.PILToTensor()])
     # eval: resize to size/0.875 (256 for 224), centre crop (REFERENCE §2)
     val_tf = T.Compose([T.Resize(int(img_size / 0.875), interpolation=bicubic), T.CenterCrop(img_size), T.PILToTensor()])
     train, val = SafeImageFolder(os.path.join(root, "train"), train_tf), SafeImageFolder(os.path.join(root, "val"), val_tf)
@@ -252,38 +278,52 @@ def load_image_folder(root, args, ctx, img_size):
                               mean=IMAGENET_MEAN, std=IMAGENET_STD, tensors=False)
 
 
-def random_crop_flip(x, gen, pad=4):
-    """Batched RandomCrop(size, padding=pad) + horizontal flip, DeiT's crop for inputs of 32 px or less
-    (REFERENCE §3): every image draws its own offset and flip. x: (B, C, H, W) uint8."""
-    B, C, H, W = x.shape
-    top, left = (torch.randint(0, 2 * pad + 1, (B,), generator=gen) for _ in range(2))
-    flip = torch.rand(B, generator=gen) < 0.5
-    top, left, flip = top.to(x.device), left.to(x.device), flip.to(x.device)
-    xp = F.pad(x, (pad, pad, pad, pad))  # zero padding, as torchvision's RandomCrop
-    rows = (top[:, None] + torch.arange(H, device=x.device))[:, :, None]  # (B, H, 1)
-    cols = left[:, None] + torch.arange(W, device=x.device)
-    cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, :]  # (B, 1, W)
-    return xp[torch.arange(B, device=x.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
+def epoch_indices(n, args, ctx, epoch):
+    """This process's sample indices for one epoch, in order; consecutive chunks of batch_size // world are
+    its batches. Without repeated augmentation, process r takes the r-th slice of each global batch of one
+    permutation of (seed, epoch), so N processes train on exactly the images one process would.
+    With repeated augmentation (distributed runs only, as DeiT's RASampler; paper §6, Table 8: 76.5% without
+    it for DeiT-B) each image is repeated 3 times, the copies going to different processes, and each process
+    keeps len // 256 * 256 / world samples: an epoch sees about a third of the images, each 3 times."""
+    g = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
+    local = args.batch_size // ctx.world
+    if args.repeated_aug and ctx.world > 1:
+        idx = torch.randperm(n, generator=g).repeat_interleave(3)
+        total = math.ceil(len(idx) / ctx.world) * ctx.world
+        idx = torch.cat([idx, idx[:total - len(idx)]])[ctx.rank::ctx.world]
+        return idx[:n // 256 * 256 // ctx.world]
+    steps = n // args.batch_size
+    perm = torch.randperm(n, generator=g)[:steps * args.batch_size].view(steps, ctx.world, local)
+    return perm[:, ctx.rank].reshape(-1)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """epoch_indices for a DataLoader: the role of DistributedSampler (and of DeiT's RASampler)."""
+
+    def __init__(self, n, args, ctx):
+        self.n, self.args, self.ctx, self.epoch = n, args, ctx, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(epoch_indices(self.n, self.args, self.ctx, self.epoch).tolist())
+
+    def __len__(self):
+        return len(epoch_indices(self.n, self.args, self.ctx, self.epoch))
 
 
 def train_batches(data, args, ctx, epoch):
-    """Yields (uint8 images, labels, skipped files) of this process's share of each global batch."""
-    local = args.batch_size // ctx.world
+    """Yields (uint8 images, labels, skipped files) of this process's batches."""
     if data.tensors:
         x, y = data.train
-        # the order is a function of (seed, epoch) alone, the same in every process; process r takes the
-        # r-th slice of each global batch, so N processes see exactly what one process would (drop_last)
-        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
-        for i in range(len(y) // args.batch_size):
-            step = epoch * (len(y) // args.batch_size) + i
-            gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # augmentation draws of this step
-            idx = perm[i * args.batch_size:(i + 1) * args.batch_size].to(ctx.device)
-            xb, yb = x[idx], y[idx]
-            if xb.shape[-1] <= 32:  # the draws are made for the global batch, then sliced, for the same reason
-                xb = random_crop_flip(xb, gen, data.crop_pad)
-            sl = slice(ctx.rank * local, (ctx.rank + 1) * local)
-            yield xb[sl], yb[sl], []
+        idx = epoch_indices(len(y), args, ctx, epoch).to(ctx.device)
+        local = args.batch_size // ctx.world
+        for i in range(len(idx) // local):
+            b = idx[i * local:(i + 1) * local]
+            yield x[b], y[b], []
     else:
+        data.sampler.set_epoch(epoch)
         yield from data.train_loader
 
 
@@ -297,22 +337,63 @@ def val_batches(data, ctx, batch_size):
         yield from data.val_loader
 
 
-def steps_per_epoch(data, args):
+def steps_per_epoch(data, args, ctx):
     n = len(data.train[1]) if data.tensors else len(data.train)
-    if n < args.batch_size:
-        die(f"--batch-size {args.batch_size} is larger than the training set ({n} images)")
-    return n // args.batch_size if data.tensors else len(data.train_loader)
+    steps = len(epoch_indices(n, args, ctx, 0)) // (args.batch_size // ctx.world)
+    if steps == 0:
+        die(f"--batch-size {args.batch_size} is larger than an epoch of the training set ({n} images)")
+    return steps
 
 
 def make_loaders(data, args, ctx):
     from torch.utils.data import DataLoader, Subset
-    from torch.utils.data.distributed import DistributedSampler
-    sampler = DistributedSampler(data.train, ctx.world, ctx.rank, shuffle=True, seed=args.seed, drop_last=True)
     kw = dict(num_workers=args.workers, collate_fn=collate_skipping, pin_memory=ctx.device.type == "cuda",
               persistent_workers=args.workers > 0)
-    data.train_loader = DataLoader(data.train, args.batch_size // ctx.world, sampler=sampler, drop_last=True, **kw)
+    data.sampler = EpochSampler(len(data.train), args, ctx)
+    data.train_loader = DataLoader(data.train, args.batch_size // ctx.world, sampler=data.sampler, drop_last=True, **kw)
     data.val_loader = DataLoader(Subset(data.val, range(ctx.rank, len(data.val), ctx.world)), args.batch_size // ctx.world, **kw)
-    data.sampler = sampler
+
+
+def parse_aa(spec):
+    """timm's RandAugment string, e.g. rand-m9-mstd0.5-inc1 (DeiT's): magnitude 9, its std 0.5, the
+    'increasing' op set; -nN sets the number of ops (2)."""
+    parts = spec.split("-")
+    if parts[0] != "rand":
+        die(f"--aa {spec!r}: expected 'none' or a RandAugment string like rand-m9-mstd0.5-inc1")
+    kw = dict(num_ops=2, magnitude=9.0, magnitude_std=0.0)
+    for p in parts[1:]:
+        key = next((k for k in ("mstd", "inc", "m", "n") if p.startswith(k)), None)
+        try:
+            value = float(p[len(key):]) if key else None
+        except ValueError:
+            value = None
+        if value is None or (key == "inc" and value != 1):
+            die(f"--aa {spec!r}: cannot read {p!r} (known: mN, mstdX, nN, inc1)")
+        if key != "inc":
+            kw[{"m": "magnitude", "mstd": "magnitude_std", "n": "num_ops"}[key]] = int(value) if key == "n" else value
+    return kw
+
+
+def augment_batch(x, y, data, args, gen):
+    """DeiT's training pipeline (REFERENCE §3) on this process's uint8 batch, on the device: crop + flip,
+    RandAugment (or 3-Augment), normalise, random erasing, then Mixup/CutMix. Returns (images, targets):
+    soft targets (B, classes) with label smoothing folded in when mixing, else the labels."""
+    if data.tensors and x.shape[-1] > 32:
+        x = A.random_resized_crop(x, gen, x.shape[-1], hflip=args.hflip)
+    else:  # <= 32 px: the padded crop; ImageFolder files were cropped in the workers, so flip only (pad 0)
+        x = A.pad_crop_flip(x, gen, data.crop_pad if data.tensors else 0, args.hflip)
+    if args.three_augment:
+        x = A.three_augment(x, gen)
+    elif args.aa != "none":
+        fill = tuple(round(255 * m) for m in data.mean)  # geometric fill: the dataset's mean colour
+        x = A.rand_augment(x, gen, fill=fill, **parse_aa(args.aa))
+    x = normalize(x, data)
+    if args.reprob > 0 and not args.three_augment:  # 3-Augment goes without erasing (DeiT III)
+        x = A.random_erasing(x, gen, args.reprob)
+    if args.mixup > 0 or args.cutmix > 0:
+        return A.mixup_cutmix(x, y, data.num_classes, gen, args.mixup, args.cutmix, args.mixup_switch_prob,
+                              args.smoothing)
+    return x, y
 
 
 def normalize(x, data):
@@ -397,10 +478,13 @@ def lr_at(epoch_float, args, peak):
 
 
 def compute_loss(out, targets, args):
-    """Label-smoothing cross-entropy, (1-s)*nll + s*mean_c(-log p) (paper §5: smoothing 0.1). A distilled
+    """Cross-entropy with the soft targets of Mixup/CutMix (smoothing already folded in), or with label
+    smoothing, (1-s)*nll + s*mean_c(-log p), when nothing is mixed (paper §5: smoothing 0.1). A distilled
     model trained without distillation: only its class head is trained, as in the reference."""
-    logits = out[0] if isinstance(out, tuple) else out
-    return F.cross_entropy(logits.float(), targets, label_smoothing=args.smoothing)
+    logits = (out[0] if isinstance(out, tuple) else out).float()
+    if targets.ndim == 2:
+        return -(targets * logits.log_softmax(-1)).sum(-1).mean()
+    return F.cross_entropy(logits, targets, label_smoothing=args.smoothing)
 
 
 @torch.no_grad()
@@ -443,7 +527,7 @@ def train(args, ctx, model, data, log=print):
     ckpt_path, log_path = os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "log.jsonl")
     if not data.tensors:
         make_loaders(data, args, ctx)
-    spe = steps_per_epoch(data, args)
+    spe = steps_per_epoch(data, args, ctx)
     peak = args.lr * args.batch_size / 512  # DeiT's linear scaling rule (paper §5)
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=peak, betas=(0.9, 0.999), eps=1e-8,
                             fused=ctx.device.type == "cuda")
@@ -489,8 +573,6 @@ def train(args, ctx, model, data, log=print):
     nonfinite_at = never.clone()
     t_start, done_steps = time.time(), 0
     for epoch in range(start_epoch, args.epochs):
-        if not data.tensors:
-            data.sampler.set_epoch(epoch)
         model.train()
         t0 = t_log = time.time()
         seen = seen_log = loss_n = 0  # images (all processes), at the last progress line, steps
@@ -503,13 +585,16 @@ def train(args, ctx, model, data, log=print):
                     log(f"warning: skipped an image that cannot be decoded: {b}")
             if x is None:
                 continue
-            x, y = normalize(x.to(ctx.device, non_blocking=True), data), y.to(ctx.device, non_blocking=True)
+            # this step's augmentation draws: a function of (seed, step, rank), so a resumed run repeats them
+            gen = torch.Generator(ctx.device).manual_seed((args.seed * 1_000_003 + step) * 1009 + ctx.rank)
+            x, targets = augment_batch(x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True),
+                                       data, args, gen)
             lr = lr_at(step / spe, args, peak)
             for g in opt.param_groups:
                 g["lr"] = lr
             with ctx.autocast:
                 out = model(x)
-            loss = compute_loss(out, y, args)
+            loss = compute_loss(out, targets, args)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if args.clip_grad is not None:
@@ -584,6 +669,8 @@ def main(argv=None):
         die(f"--batch-size {args.batch_size} is not divisible by the {ctx.world} processes")
     if args.model not in MODELS:
         die(f"unknown model {args.model!r}; known models: {', '.join(MODELS)}")
+    if args.aa != "none":
+        parse_aa(args.aa)  # a malformed string fails now, not at the first step
 
     if args.eval_only:  # the model's shape comes from the checkpoint when it is one of ours
         path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
