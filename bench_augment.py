@@ -103,11 +103,16 @@ def main():
     rows = []
     pil_images = [Image.fromarray(a.transpose(1, 2, 0)) for a in src[:args.pil_images]]
     rate, cpu = timed(lambda: pil_pipeline(pil_images, args.size), len(pil_images), args.steps)
-    rows.append(("PIL, per image (reference path)", "cpu", rate, cpu))
+    rows.append(("PIL, per image (reference path)", "cpu, 1 process", rate, cpu))
     x = torch.from_numpy(src)
     gen = torch.Generator().manual_seed(0)
     rate, cpu = timed(lambda: batched_pipeline(x, args.size, gen), args.batch, args.steps)
-    rows.append(("augment.py, batched (+ Mixup/CutMix)", "cpu", rate, cpu))
+    rows.append(("augment.py, batched (+ Mixup/CutMix)", f"cpu, {torch.get_num_threads()} threads", rate, cpu))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the CPU time per image without the overhead of splitting ops across threads
+    rate, cpu = timed(lambda: batched_pipeline(x, args.size, gen), args.batch, args.steps)
+    rows.append(("augment.py, batched (+ Mixup/CutMix)", "cpu, 1 thread", rate, cpu))
+    torch.set_num_threads(threads)
     if torch.cuda.is_available():
         xg, gg = x.cuda(), torch.Generator("cuda").manual_seed(0)
         rate, cpu = timed(lambda: batched_pipeline(xg, args.size, gg), args.batch, max(args.steps, 20), torch.cuda.synchronize)
