@@ -7,6 +7,8 @@ image in PIL (what the reference pipeline does in its DataLoader workers).
 
 Both start from decoded 256x256 RGB images and do RandomResizedCrop to 224 + flip + RandAugment
 (rand-m9-mstd0.5-inc1) + normalise + random erasing (p 0.25); the batched recipe also does Mixup/CutMix.
+"after the crop" rows start from 224-px images, as train.py does for image files, which its DataLoader
+workers decode and crop one by one in PIL (the one per-image step; the PIL row pays it too).
 Reported: images/s (wall clock) and CPU seconds per image (process time over all threads).
 Results: README.md ("Augmentation benchmark").
 """
@@ -24,7 +26,8 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 FILL = (124, 116, 104)
 
 
-def pil_op(name, im, arg):
+def pil_op(name, im, arg, fill=FILL):
+    """One RandAugment op as the reference pipeline does it, in PIL (the tests compare augment.py with it)."""
     from PIL import Image, ImageEnhance, ImageOps
     if name == "AutoContrast":
         return ImageOps.autocontrast(im)
@@ -43,10 +46,10 @@ def pil_op(name, im, arg):
     if name in enhance:
         return enhance[name](im).enhance(arg)
     if name == "Rotate":
-        return im.rotate(arg, resample=Image.BICUBIC, fillcolor=FILL)
+        return im.rotate(arg, resample=Image.BICUBIC, fillcolor=fill)
     matrix = {"ShearX": (1, arg, 0, 0, 1, 0), "ShearY": (1, 0, 0, arg, 1, 0),
               "TranslateXRel": (1, 0, arg, 0, 1, 0), "TranslateYRel": (1, 0, 0, 0, 1, arg)}[name]
-    return im.transform(im.size, Image.AFFINE, matrix, resample=Image.BICUBIC, fillcolor=FILL)
+    return im.transform(im.size, Image.AFFINE, matrix, resample=Image.BICUBIC, fillcolor=fill)
 
 
 def pil_pipeline(images, size):
@@ -72,7 +75,8 @@ def pil_pipeline(images, size):
 
 def batched_pipeline(x, size, gen, num_classes=1000):
     y = torch.randint(0, num_classes, (x.shape[0],), device=x.device)
-    x = A.random_resized_crop(x, gen, size)
+    # tensors held on the device (small datasets): the crop too; image files: cropped in PIL, flipped here
+    x = A.random_resized_crop(x, gen, size) if x.shape[-1] != size else A.pad_crop_flip(x, gen, 0)
     x = A.rand_augment(x, gen, fill=FILL)
     x = (x.float() / 255 - torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)) / torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
     x = A.random_erasing(x, gen, 0.25)
@@ -105,18 +109,21 @@ def main():
     rate, cpu = timed(lambda: pil_pipeline(pil_images, args.size), len(pil_images), args.steps)
     rows.append(("PIL, per image (reference path)", "cpu, 1 process", rate, cpu))
     x = torch.from_numpy(src)
+    x_cropped = x[:, :, :args.size, :args.size].contiguous()  # as if PIL had cropped the files
     gen = torch.Generator().manual_seed(0)
-    rate, cpu = timed(lambda: batched_pipeline(x, args.size, gen), args.batch, args.steps)
-    rows.append(("augment.py, batched (+ Mixup/CutMix)", f"cpu, {torch.get_num_threads()} threads", rate, cpu))
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CPU time per image without the overhead of splitting ops across threads
-    rate, cpu = timed(lambda: batched_pipeline(x, args.size, gen), args.batch, args.steps)
-    rows.append(("augment.py, batched (+ Mixup/CutMix)", "cpu, 1 thread", rate, cpu))
+    for n in sorted({threads, 1}, reverse=True):  # 1 thread: the CPU time without splitting ops across threads
+        torch.set_num_threads(n)
+        rate, cpu = timed(lambda: batched_pipeline(x, args.size, gen), args.batch, args.steps)
+        rows.append(("augment.py, batched, crop included", f"cpu, {n} thread(s)", rate, cpu))
+        rate, cpu = timed(lambda: batched_pipeline(x_cropped, args.size, gen), args.batch, args.steps)
+        rows.append(("augment.py, batched, after the crop", f"cpu, {n} thread(s)", rate, cpu))
     torch.set_num_threads(threads)
     if torch.cuda.is_available():
         xg, gg = x.cuda(), torch.Generator("cuda").manual_seed(0)
-        rate, cpu = timed(lambda: batched_pipeline(xg, args.size, gg), args.batch, max(args.steps, 20), torch.cuda.synchronize)
-        rows.append(("augment.py, batched (+ Mixup/CutMix)", torch.cuda.get_device_name(), rate, cpu))
+        for name, inp in (("crop included", xg), ("after the crop", xg[:, :, :args.size, :args.size].contiguous())):
+            rate, cpu = timed(lambda: batched_pipeline(inp, args.size, gg), args.batch, max(args.steps, 20), torch.cuda.synchronize)
+            rows.append((f"augment.py, batched, {name}", torch.cuda.get_device_name(), rate, cpu))
     print(f"\n{args.size}px, batch {args.batch}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     print(f"{'pipeline':40s} {'device':24s} {'images/s':>10s} {'CPU ms/image':>13s}")
     for name, dev, rate, cpu in rows:
