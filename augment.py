@@ -103,11 +103,11 @@ def brightness(img, factor):  # blend with black
 def sharpness(img, factor):
     """Blend with PIL's SMOOTH filter ([[1,1,1],[1,5,1],[1,1,1]] / 13, rounded); the border pixels of the
     smoothed image stay as they were, as in PIL."""
-    C = img.shape[1]
-    k = torch.tensor([[1.0, 1, 1], [1, 5, 1], [1, 1, 1]], device=img.device) / 13
-    smooth = F.conv2d(img.float(), k.expand(C, 1, 3, 3), groups=C)
-    smooth = torch.floor(smooth + 0.5).clamp(0, 255)
-    degenerate = img.float().clone()
+    x = img.float()
+    rows = x[:, :, :-2] + x[:, :, 1:-1] + x[:, :, 2:]  # 3x3 box sum as shifted sums: cheaper than a conv
+    box = rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]
+    smooth = (box + 4 * x[:, :, 1:-1, 1:-1]).div_(13).add_(0.5).floor_()  # (sum + 4 centre) / 13, rounded
+    degenerate = x.clone()
     degenerate[:, :, 1:-1, 1:-1] = smooth
     return _blend(degenerate, img, factor)
 
@@ -276,7 +276,7 @@ def random_resized_crop(images, gen, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 
     gy = (top[:, None] + u * h[:, None]) * 2 / H - 1
     grid = torch.stack([gx[:, None, :].expand(B, size, size), gy[:, :, None].expand(B, size, size)], -1)
     out = F.grid_sample(images.float(), grid, mode="bicubic", padding_mode="border", align_corners=False)
-    return out.round().clamp(0, 255).to(torch.uint8)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def pad_crop_flip(images, gen, pad=4, hflip=0.5):
@@ -294,8 +294,10 @@ def pad_crop_flip(images, gen, pad=4, hflip=0.5):
 
 
 def three_augment(images, gen, jitter=0.3):
-    """DeiT III's 3-Augment: per image one of grayscale, solarize (threshold 128), gaussian blur (radius
-    U(0.1, 2)), then colour jitter (brightness, contrast, saturation 0.3)."""
+    """DeiT III's 3-Augment (Touvron et al. 2022, §2.3): per image one of grayscale, solarize (threshold 128),
+    gaussian blur (sigma U(0.1, 2)), then colour jitter 0.3 (brightness, contrast, saturation factors
+    ~ U(0.7, 1.3)). Simplifications, deliberate: the jitter always runs in that order (torchvision shuffles
+    it per image) and the blur kernel is cut at radius 4 (PIL approximates the gaussian with box blurs)."""
     B, C, H, W = images.shape
     dev = images.device
     which = (_rand(gen, B) * 3).long().clamp(max=2).to(dev)
@@ -327,7 +329,7 @@ def _gaussian_blur(images, sigma):
 def random_erasing(x, gen, p=0.25, area=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), attempts=10):
     """Random erasing (Zhong et al. 2017) as DeiT: with probability p per image, one rectangle of area
     ~ U(area) * H * W and log-uniform aspect, the first of 10 tries that fits, filled with N(0, 1) per
-    value (mode "pixel", on normalised images). x: normalised float (B, C, H, W)."""
+    value (mode "pixel", on normalised images). x: normalised float (B, C, H, W), erased in place (as timm)."""
     B, C, H, W = x.shape
     target = H * W * (area[0] + (area[1] - area[0]) * _rand(gen, B, attempts))
     aspect = torch.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * _rand(gen, B, attempts))
@@ -344,7 +346,7 @@ def random_erasing(x, gen, p=0.25, area=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), att
     mask = (inside & _col(erase)[:, 0]).to(x.device)[:, None]  # (B, 1, H, W)
     idx = erase.nonzero()[:, 0].to(x.device)  # noise only for the images erased
     noise = torch.randn((len(idx), *x.shape[1:]), generator=gen, device=gen.device).to(x.device, x.dtype)
-    return x.index_copy(0, idx, torch.where(mask[idx], noise, x[idx]))
+    return x.index_copy_(0, idx, torch.where(mask[idx], noise, x[idx]))
 
 
 def _beta(a, gen):
@@ -366,7 +368,8 @@ def mixup_cutmix(x, y, num_classes, gen, mixup_alpha=0.8, cutmix_alpha=1.0, swit
     """Mixup (Zhang et al. 2018) or CutMix (Yun et al. 2019), one per batch, as DeiT: the partner of image i
     is image B-1-i (the flipped batch, any batch size); CutMix (probability switch_prob) pastes a box whose
     area is 1 - lam, clipped to the image, and lam is recomputed from the pasted area. Targets: the
-    label-smoothed one-hots of the pair, weighted lam and 1 - lam. Returns (images, targets (B, classes))."""
+    label-smoothed one-hots of the pair, weighted lam and 1 - lam. Returns (images, targets (B, classes));
+    the images are mixed in place (as timm)."""
     B, C, H, W = x.shape
     use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or _rand(gen, 1).item() < switch_prob)
     if use_cutmix:
@@ -376,12 +379,12 @@ def mixup_cutmix(x, y, num_classes, gen, mixup_alpha=0.8, cutmix_alpha=1.0, swit
         cy, cx = int(_rand(gen, 1).item() * H), int(_rand(gen, 1).item() * W)
         y1, y2 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, H)
         x1, x2 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, W)
-        x = x.clone()
-        x[:, :, y1:y2, x1:x2] = x.flip(0)[:, :, y1:y2, x1:x2]
+        x[:, :, y1:y2, x1:x2] = x[:, :, y1:y2, x1:x2].flip(0)  # flip() copies the box first
         lam = 1 - (y2 - y1) * (x2 - x1) / (H * W)
     elif mixup_alpha > 0:
         lam = _beta(mixup_alpha, gen)
-        x = lam * x + (1 - lam) * x.flip(0)
+        partner = x.flip(0)  # a copy, taken before x changes
+        x = x.mul_(lam).add_(partner, alpha=1 - lam)
     else:
         lam = 1.0
     t = smooth_one_hot(y, num_classes, smoothing)

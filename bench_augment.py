@@ -78,7 +78,8 @@ def batched_pipeline(x, size, gen, num_classes=1000):
     # tensors held on the device (small datasets): the crop too; image files: cropped in PIL, flipped here
     x = A.random_resized_crop(x, gen, size) if x.shape[-1] != size else A.pad_crop_flip(x, gen, 0)
     x = A.rand_augment(x, gen, fill=FILL)
-    x = (x.float() / 255 - torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)) / torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+    mean, std = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1), torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+    x = torch.addcmul(-mean / std, x.float(), 1 / (255 * std))  # as train.py's normalize
     x = A.random_erasing(x, gen, 0.25)
     return A.mixup_cutmix(x, y, num_classes, gen)
 

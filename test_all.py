@@ -372,8 +372,7 @@ def test_kill_then_resume_equals_uninterrupted(tmp_path):
     out = tmp_path / "killed"
     p = subprocess.Popen([sys.executable, "train.py", *args, "--out-dir", str(out)], cwd=HERE, env=ENV,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    log = out / "log.jsonl"
-    while p.poll() is None and not (log.exists() and log.read_text().count("\n") >= 1):
+    while p.poll() is None and not (out / "ckpt.pt").exists():  # the first epoch's checkpoint (atomic)
         time.sleep(0.02)
     p.send_signal(signal.SIGKILL)
     p.wait()
@@ -491,14 +490,14 @@ def test_mixup_and_cutmix_targets_and_areas():
     torch.manual_seed(0)
     x, y = torch.rand(7, 3, 16, 20), torch.tensor([0, 1, 2, 3, 4, 5, 6])  # odd batch: the middle pairs with itself
     # mixup only: x = lam x + (1 - lam) x.flip(0); the targets' weight on the true class gives lam
-    xm, t = A.mixup_cutmix(x, y, 10, torch.Generator().manual_seed(1), cutmix_alpha=0.0, smoothing=0.1)
+    xm, t = A.mixup_cutmix(x.clone(), y, 10, torch.Generator().manual_seed(1), cutmix_alpha=0.0, smoothing=0.1)  # in place
     assert torch.allclose(t.sum(1), torch.ones(7))
     lam = (t[0, 0].item() - 0.01) / 0.9
     assert 0 < lam < 1 and torch.allclose(xm, lam * x + (1 - lam) * x.flip(0), atol=1e-6)
     assert t[3, 3] == pytest.approx(0.91) and t[0, 6] == pytest.approx((1 - lam) * 0.9 + 0.01)  # off s/C, on 1-s+s/C
     # cutmix only: one box pasted from the partner; lam = 1 - the pasted fraction
     for seed in range(20):
-        xc, t = A.mixup_cutmix(x, y, 10, torch.Generator().manual_seed(seed), mixup_alpha=0.0, smoothing=0.0)
+        xc, t = A.mixup_cutmix(x.clone(), y, 10, torch.Generator().manual_seed(seed), mixup_alpha=0.0, smoothing=0.0)
         changed = (xc != x).any(1)  # (B, H, W)
         lam = t[0, 0].item()
         assert changed[0].float().mean().item() == pytest.approx(1 - lam, abs=1e-6)
@@ -513,7 +512,7 @@ def test_mixup_and_cutmix_targets_and_areas():
 
 def test_random_erasing_one_rectangle_per_image():
     x = torch.zeros(64, 3, 24, 32)
-    out = A.random_erasing(x, torch.Generator().manual_seed(0), p=1.0)
+    out = A.random_erasing(x.clone(), torch.Generator().manual_seed(0), p=1.0)  # erases in place
     boxes = set()
     for img in (out != 0).any(1):  # every image: exactly one filled rectangle inside the bounds
         rows, cols = img.any(1).nonzero()[:, 0], img.any(0).nonzero()[:, 0]
@@ -523,9 +522,9 @@ def test_random_erasing_one_rectangle_per_image():
         boxes.add((rows[0].item(), cols[0].item(), h.item(), w.item()))
     assert len(boxes) > 50  # independent draws per image
     assert abs(out[out != 0].std().item() - 1) < 0.1  # N(0, 1) fill
-    n_erased = (A.random_erasing(x, torch.Generator().manual_seed(1), p=0.25) != 0).flatten(1).any(1).sum()
+    n_erased = (A.random_erasing(x.clone(), torch.Generator().manual_seed(1), p=0.25) != 0).flatten(1).any(1).sum()
     assert 5 <= n_erased <= 28  # p 0.25 of 64
-    assert torch.equal(out, A.random_erasing(x, torch.Generator().manual_seed(0), p=1.0))
+    assert torch.equal(out, A.random_erasing(x.clone(), torch.Generator().manual_seed(0), p=1.0))
 
 
 def test_random_resized_crop():

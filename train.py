@@ -398,10 +398,10 @@ def augment_batch(x, y, data, args, gen):
 
 
 def normalize(x, data):
-    """uint8 (B, C, H, W) on the device -> normalised float."""
-    mean = torch.tensor(data.mean, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(data.std, device=x.device).view(1, -1, 1, 1)
-    return (x.float() / 255 - mean) / std
+    """uint8 (B, C, H, W) on the device -> (x / 255 - mean) / std as float, in one pass after the cast."""
+    scale = 1 / (255 * torch.tensor(data.std, device=x.device).view(1, -1, 1, 1))
+    shift = -torch.tensor(data.mean, device=x.device).view(1, -1, 1, 1) / torch.tensor(data.std, device=x.device).view(1, -1, 1, 1)
+    return torch.addcmul(shift, x.float(), scale)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -631,16 +631,18 @@ def train(args, ctx, model, data, log=print):
             rngs = [None] * ctx.world
             dist.all_gather_object(rngs, rng)
         if ctx.master:
+            record = {"epoch": epoch + 1, "step": (epoch + 1) * spe, "train_loss": train_loss / ctx.world, **metrics,
+                      "lr": lr, "img_per_s": seen / train_time, "epoch_time": train_time, "skipped_images": int(n_skipped)}
+            # the log line first, then the checkpoint: a kill between the two leaves a line past the
+            # checkpoint, which --resume drops, never a checkpoint without its line
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
             save_checkpoint(ckpt_path, {
                 "model": raw_model.state_dict(), "optimizer": opt.state_dict(),
                 "ema": ema.state_dict() if ema is not None else None,
                 "epoch": epoch + 1, "step": (epoch + 1) * spe, "rng": rngs, "config": vars(args),
                 "model_config": vars(raw_model.cfg) if hasattr(raw_model, "cfg") else None,
                 "num_classes": data.num_classes, "mean": list(data.mean), "std": list(data.std)})
-            record = {"epoch": epoch + 1, "step": (epoch + 1) * spe, "train_loss": train_loss / ctx.world, **metrics,
-                      "lr": lr, "img_per_s": seen / train_time, "epoch_time": train_time, "skipped_images": int(n_skipped)}
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
             eta = (time.time() - t_start) / (epoch + 1 - start_epoch) * (args.epochs - epoch - 1)
             log(f"epoch {epoch + 1}/{args.epochs} | loss {record['train_loss']:.4f} | lr {lr:.2e} | "
                 f"{record['img_per_s']:.0f} img/s | val loss {metrics['val_loss']:.4f} top1 {metrics['top1']:.2f} "
