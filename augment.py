@@ -241,17 +241,23 @@ def rand_augment(images, gen, num_ops=2, magnitude=9.0, magnitude_std=0.5, prob=
 # ---------------------------------------------------------------------------------------------------------
 # Crops and flips (uint8, before RandAugment), as the reference's transforms, drawn per image.
 
+def _box_sizes(gen, B, H, W, area, ratio, attempts, fits):
+    """Up to `attempts` tries per image of a box of area ~ U(area) * H * W and aspect w/h log-uniform in
+    ratio, rounded to pixels; the first try that fits(h, w) wins. Returns h, w (B,) and whether one fit."""
+    a = H * W * (area[0] + (area[1] - area[0]) * _rand(gen, B, attempts))
+    aspect = torch.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * _rand(gen, B, attempts))
+    w, h = torch.sqrt(a * aspect).round(), torch.sqrt(a / aspect).round()
+    ok = fits(h, w)
+    first = ok.float().argmax(1, keepdim=True)  # the first attempt that fits
+    return h.gather(1, first)[:, 0], w.gather(1, first)[:, 0], ok.any(1)
+
+
 def sample_boxes(gen, B, H, W, scale, ratio, attempts=10):
     """RandomResizedCrop's box per image (torchvision/timm): up to 10 tries of area ~ U(scale) * H * W and
     log-uniform aspect in ratio, the first that fits wins; none fits -> the central crop of the clamped
     ratio. Returns top, left, height, width as (B,) float tensors."""
-    area = H * W * (scale[0] + (scale[1] - scale[0]) * _rand(gen, B, attempts))
-    aspect = torch.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * _rand(gen, B, attempts))
-    w = torch.sqrt(area * aspect).round()
-    h = torch.sqrt(area / aspect).round()
-    ok = (w > 0) & (h > 0) & (w <= W) & (h <= H)
-    first = ok.float().argmax(1, keepdim=True)  # the first attempt that fits
-    h, w, found = h.gather(1, first)[:, 0], w.gather(1, first)[:, 0], ok.any(1)
+    h, w, found = _box_sizes(gen, B, H, W, scale, ratio, attempts,
+                             lambda h, w: (w > 0) & (h > 0) & (w <= W) & (h <= H))
     # fallback: the whole image cropped to the nearest allowed aspect ratio, centred
     r = W / H
     fw, fh = (W, round(W / ratio[0])) if r < ratio[0] else (round(H * ratio[1]), H) if r > ratio[1] else (W, H)
@@ -301,11 +307,15 @@ def three_augment(images, gen, jitter=0.3):
     B, C, H, W = images.shape
     dev = images.device
     which = (_rand(gen, B) * 3).long().clamp(max=2).to(dev)
-    grey = _grey(images).expand(B, C, H, W).to(torch.uint8)
-    sol = solarize(images, torch.full((B,), 128.0, device=dev))
     sigma = (0.1 + 1.9 * _rand(gen, B)).to(dev)
-    blur = _gaussian_blur(images, sigma)
-    out = torch.where(_col(which == 0), grey, torch.where(_col(which == 1), sol, blur))
+    ops = (lambda x, s: _grey(x).expand(x.shape).to(torch.uint8),
+           lambda x, s: solarize(x, torch.full((len(x),), 128.0, device=dev)),
+           _gaussian_blur)
+    out = images.clone()
+    for k, op in enumerate(ops):  # each op only on the images that drew it
+        idx = (which == k).nonzero()[:, 0]
+        if len(idx):
+            out.index_copy_(0, idx, op(images[idx], sigma[idx]))
     for op in (brightness, contrast, color):  # factors ~ U(1 - jitter, 1 + jitter)
         out = op(out, (1 - jitter + 2 * jitter * _rand(gen, B)).to(dev))
     return out
@@ -331,13 +341,9 @@ def random_erasing(x, gen, p=0.25, area=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), att
     ~ U(area) * H * W and log-uniform aspect, the first of 10 tries that fits, filled with N(0, 1) per
     value (mode "pixel", on normalised images). x: normalised float (B, C, H, W), erased in place (as timm)."""
     B, C, H, W = x.shape
-    target = H * W * (area[0] + (area[1] - area[0]) * _rand(gen, B, attempts))
-    aspect = torch.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * _rand(gen, B, attempts))
-    h, w = torch.sqrt(target * aspect).round(), torch.sqrt(target / aspect).round()
-    ok = (h < H) & (w < W)
-    first = ok.float().argmax(1, keepdim=True)
-    h, w = h.gather(1, first)[:, 0], w.gather(1, first)[:, 0]
-    erase = ok.any(1) & (_rand(gen, B) < p)
+    # timm draws the aspect as h/w; the range is symmetric (0.3 .. 1/0.3), so w/h has the same law
+    h, w, fits = _box_sizes(gen, B, H, W, area, ratio, attempts, lambda h, w: (h < H) & (w < W))
+    erase = fits & (_rand(gen, B) < p)
     top = (_rand(gen, B) * (H - h + 1)).floor()
     left = (_rand(gen, B) * (W - w + 1)).floor()
     ys, xs = torch.arange(H, device=gen.device), torch.arange(W, device=gen.device)

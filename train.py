@@ -399,9 +399,8 @@ def augment_batch(x, y, data, args, gen):
 
 def normalize(x, data):
     """uint8 (B, C, H, W) on the device -> (x / 255 - mean) / std as float, in one pass after the cast."""
-    scale = 1 / (255 * torch.tensor(data.std, device=x.device).view(1, -1, 1, 1))
-    shift = -torch.tensor(data.mean, device=x.device).view(1, -1, 1, 1) / torch.tensor(data.std, device=x.device).view(1, -1, 1, 1)
-    return torch.addcmul(shift, x.float(), scale)
+    mean, std = (torch.tensor(v, device=x.device).view(1, -1, 1, 1) for v in (data.mean, data.std))
+    return torch.addcmul(-mean / std, x.float(), 1 / (255 * std))
 
 
 # ----------------------------------------------------------------------------------------------------------
