@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import augment as A
+from distill import CONVNETS, DistillationLoss, create_convnet, load_teacher
 from model import MODELS, create_model, resize_pos_embed
 from prepare_data import FILES, find_idx, read_idx
 
@@ -52,7 +53,8 @@ def get_parser():
     a("--train-subset", type=float, default=None, help="train on a stratified part: a fraction (0.1) or a count (600)")
     a("--workers", type=int, default=8, help="DataLoader workers per process (ImageFolder only)")
     # model (defaults: the bundled-data demo; the paper's models are deit_{tiny,small,base}_patch16_224)
-    a("--model", default="deit_nano_patch7_28", help="one of: " + ", ".join(MODELS))
+    a("--model", default="deit_nano_patch7_28", help="one of: " + ", ".join([*MODELS, *CONVNETS]) +
+      " (convnet: distill.py's small teacher for 28-64 px)")
     a("--img-size", type=int, default=None, help="input size (default: the model's); images are resized to it, "
       "and a checkpoint of another size gets its pos_embed resized")
     a("--drop-path", type=float, default=0.1, help="stochastic depth rate of the last block (DeiT: 0.1)")
@@ -68,6 +70,13 @@ def get_parser():
     a("--mixup-switch-prob", type=float, default=0.5, help="probability of CutMix rather than Mixup per batch")
     a("--repeated-aug", action=argparse.BooleanOptionalAction, default=True,
       help="3 repeats of each image on different processes (distributed runs only)")
+    # distillation (distill.py; paper §4, REFERENCE §4): the student must be a *_distilled_* model
+    a("--distill", default="none", choices=["none", "soft", "hard"], help="distillation through the dist token")
+    a("--teacher", default="regnet_y_16gf", help="a torchvision model name (DeiT's: regnet_y_16gf, with "
+      "torchvision's ImageNet weights), convnet or a DeiT name with --teacher-weights, or a train.py ckpt.pt")
+    a("--teacher-weights", default=None, help="a weights file for --teacher NAME (instead of downloading)")
+    a("--distill-alpha", type=float, default=0.5, help="weight of the distillation loss")
+    a("--distill-tau", type=float, default=1.0, help="soft distillation temperature (paper's soft runs: 3.0)")
     # optimisation (DeiT defaults, REFERENCE §2, except epochs and batch size)
     a("--epochs", type=int, default=36, help="DeiT: 300")
     a("--batch-size", type=int, default=128, help="global batch over all processes (DeiT: 1024)")
@@ -186,6 +195,7 @@ def load_data(args, ctx, img_size):
         pad = 4  # DeiT's RandomCrop(32, padding=4) for inputs of 32 px or less
     elif name == "synthetic":  # random images, for benchmarks: 1000 classes like ImageNet
         g = torch.Generator().manual_seed(0)
+        img_size = img_size or 32
         train, val = [(torch.randint(0, 256, (n, 3, img_size, img_size), dtype=torch.uint8, generator=g),
                        torch.randint(0, 1000, (n,), generator=g)) for n in (2560, 512)]
         C, stats, pad = 1000, (IMAGENET_MEAN, IMAGENET_STD), 4
@@ -208,7 +218,7 @@ def load_data(args, ctx, img_size):
         train = (train[0][keep], train[1][keep])
 
     def to_device(x, y):  # resize once if the model wants another size (e.g. 28 -> 32 px)
-        if x.shape[-1] != img_size:
+        if img_size is not None and x.shape[-1] != img_size:
             x = F.interpolate(x.float(), size=(img_size, img_size), mode="bicubic", antialias=True)
             x = x.round().clamp(0, 255).to(torch.uint8)
         return x.to(ctx.device), y.to(ctx.device)
@@ -262,6 +272,8 @@ class PILRandomResizedCrop:
 
 def load_image_folder(root, args, ctx, img_size):
     import torchvision.transforms as T
+    if img_size is None:
+        die(f"{args.model} has no input size of its own: give --img-size for an image folder")
     for split in ("train", "val"):
         if not os.path.isdir(os.path.join(root, split)):
             die(f"image folder {root} has no {split}/ subfolder (expected DeiT's ImageNet layout: train/ and val/)")
@@ -489,26 +501,44 @@ def compute_loss(out, targets, args):
 
 @torch.no_grad()
 def evaluate(model, data, ctx, batch_size):
-    """Top-1, top-5 and cross-entropy (no smoothing) on the held-out split, summed over all processes."""
+    """Top-1, top-5 and cross-entropy (no smoothing) on the held-out split, summed over all processes.
+    A distilled model predicts with the mean of its two heads' logits (as the reference); its heads are
+    also scored alone, as top1_cls and top1_dist (paper Table 3)."""
+    raw = getattr(model, "module", model)  # under DDP and torch.compile: the model itself
+    raw = getattr(raw, "_orig_mod", raw)
+    distilled = raw.cfg.distilled
     model.eval()
-    loss = top1 = top5 = n = 0.0
+    loss = top1 = top5 = n = cls1 = dist1 = 0.0
     for x, y, _ in val_batches(data, ctx, batch_size):
         if x is None:
             continue
         x, y = normalize(x.to(ctx.device, non_blocking=True), data), y.to(ctx.device, non_blocking=True)
         with ctx.autocast:
-            logits = model(x).float()
+            out = raw.forward_heads(x) if distilled else model(x)
+        if distilled:
+            cls1 += (out[0].argmax(1) == y).sum().item()
+            dist1 += (out[1].argmax(1) == y).sum().item()
+            out = (out[0] + out[1]) / 2  # = model(x) in eval mode
+        logits = out.float()
         loss += F.cross_entropy(logits, y, reduction="sum").item()
         topk = logits.topk(min(5, logits.shape[1]), dim=1).indices
         top1 += (topk[:, 0] == y).sum().item()
         top5 += (topk == y[:, None]).any(1).sum().item()
         n += len(y)
-    loss, top1, top5, n = all_sum([loss, top1, top5, n], ctx)
+    loss, top1, top5, n, cls1, dist1 = all_sum([loss, top1, top5, n, cls1, dist1], ctx)
     model.train()
-    return {"val_loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n}
+    heads = {"top1_cls": 100 * cls1 / n, "top1_dist": 100 * dist1 / n} if distilled else {}
+    return {"val_loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n, **heads}
+
+
+def default_img_size(args):
+    """--img-size, else the DeiT variant's size; a convnet takes the data's own size (None)."""
+    return args.img_size or (MODELS[args.model][2] if args.model in MODELS else None)
 
 
 def build_model(args, data, ctx, img_size):
+    if args.model in CONVNETS:
+        return create_convnet(args.model, data.num_classes, data.in_chans).to(ctx.device)
     try:
         return create_model(args.model, num_classes=data.num_classes, img_size=img_size,
                             in_chans=data.in_chans, drop_path_rate=args.drop_path).to(ctx.device)
@@ -520,8 +550,9 @@ def fmt_time(s):
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
-def train(args, ctx, model, data, log=print):
-    """The training loop; finetune.py calls it with a model it prepared."""
+def train(args, ctx, model, data, log=print, teacher=None):
+    """The training loop; finetune.py calls it with a model it prepared. With args.distill other than
+    none, teacher (eval mode, no grad) trains the distillation head (distill.py)."""
     raw_model = model
     os.makedirs(args.out_dir, exist_ok=True)
     ckpt_path, log_path = os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "log.jsonl")
@@ -562,7 +593,14 @@ def train(args, ctx, model, data, log=print):
         model = torch.compile(model)
     if ctx.ddp:  # a distilled model trained without distillation leaves head_dist without gradient
         model = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-                    find_unused_parameters=getattr(raw_model, "cfg", None) is not None and raw_model.cfg.distilled)
+                    find_unused_parameters=raw_model.cfg.distilled and args.distill == "none")
+    if teacher is not None:  # on CUDA: bf16 (autocast), channels_last, compiled, as the student
+        teacher = teacher.to(ctx.device).eval().requires_grad_(False)
+        if ctx.device.type == "cuda":
+            teacher = teacher.to(memory_format=torch.channels_last)
+        teacher = torch.compile(teacher) if compile_ else teacher
+    criterion = DistillationLoss(lambda logits, t: compute_loss(logits, t, args), teacher,
+                                 args.distill, args.distill_alpha, args.distill_tau)
     if ctx.master:
         n_params = sum(p.numel() for p in raw_model.parameters())
         log(f"{args.model}: {n_params / 1e6:.2f}M params | {spe} steps/epoch x {args.epochs} epochs | global batch "
@@ -592,9 +630,8 @@ def train(args, ctx, model, data, log=print):
             lr = lr_at(step / spe, args, peak)
             for g in opt.param_groups:
                 g["lr"] = lr
-            with ctx.autocast:
-                out = model(x)
-            loss = compute_loss(out, targets, args)
+            with ctx.autocast:  # the teacher sees x too: the same mixed, augmented batch (reference)
+                loss = criterion(x, model(x), targets)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if args.clip_grad is not None:
@@ -645,7 +682,8 @@ def train(args, ctx, model, data, log=print):
             eta = (time.time() - t_start) / (epoch + 1 - start_epoch) * (args.epochs - epoch - 1)
             log(f"epoch {epoch + 1}/{args.epochs} | loss {record['train_loss']:.4f} | lr {lr:.2e} | "
                 f"{record['img_per_s']:.0f} img/s | val loss {metrics['val_loss']:.4f} top1 {metrics['top1']:.2f} "
-                f"top5 {metrics['top5']:.2f}" + (f" ema top1 {metrics['ema_top1']:.2f}" if "ema_top1" in metrics else "")
+                f"top5 {metrics['top5']:.2f}" + (f" (cls {metrics['top1_cls']:.2f} dist {metrics['top1_dist']:.2f})"
+                                                 if "top1_cls" in metrics else "") + (f" ema top1 {metrics['ema_top1']:.2f}" if "ema_top1" in metrics else "")
                 + (f" | skipped {int(n_skipped)} images" if n_skipped else "") + f" | eta {fmt_time(eta)}")
     return raw_model
 
@@ -669,8 +707,11 @@ def main(argv=None):
     log = print if ctx.master else (lambda *a, **k: None)
     if args.batch_size % ctx.world:
         die(f"--batch-size {args.batch_size} is not divisible by the {ctx.world} processes")
-    if args.model not in MODELS:
-        die(f"unknown model {args.model!r}; known models: {', '.join(MODELS)}")
+    if args.model not in MODELS and args.model not in CONVNETS:
+        die(f"unknown model {args.model!r}; known models: {', '.join([*MODELS, *CONVNETS])}")
+    if args.distill != "none" and not (args.model in MODELS and MODELS[args.model][3]):
+        die(f"--distill {args.distill} needs a student with a distillation token, and {args.model} has none; "
+            f"distilled models: {', '.join(m for m in MODELS if MODELS[m][3])}")
     if args.aa != "none":
         parse_aa(args.aa)  # a malformed string fails now, not at the first step
 
@@ -680,20 +721,30 @@ def main(argv=None):
         if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict):
             args.model, args.img_size = ckpt["config"]["model"], args.img_size or ckpt["config"]["img_size"]
             ckpt = ckpt["ema"] if args.eval_ema else ckpt["model"]
-        img_size = args.img_size or MODELS[args.model][2]
+        img_size = default_img_size(args)
         data = load_data(args, ctx, img_size)
         model = build_model(args, data, ctx, img_size)
         load_checked(model, fit_pos_embed(model_weights(ckpt), model), path)
         if not data.tensors:
             make_loaders(data, args, ctx)
         metrics = evaluate(model, data, ctx, max(256, args.batch_size // ctx.world))
-        log(f"{path}: val loss {metrics['val_loss']:.4f} | top1 {metrics['top1']:.2f} | top5 {metrics['top5']:.2f}")
+        log(f"{path}: val loss {metrics['val_loss']:.4f} | top1 {metrics['top1']:.2f} | top5 {metrics['top5']:.2f}"
+            + (f" | class head {metrics['top1_cls']:.2f} | dist head {metrics['top1_dist']:.2f}" if "top1_cls" in metrics else ""))
         return metrics
 
-    img_size = args.img_size or MODELS[args.model][2]
+    img_size = default_img_size(args)
     data = load_data(args, ctx, img_size)
     model = build_model(args, data, ctx, img_size)
-    return train(args, ctx, model, data, log)
+    teacher = None
+    if args.distill != "none":
+        size = data.train[0].shape[-1] if data.tensors else img_size
+        try:
+            teacher = load_teacher(args.teacher, args.teacher_weights, data.num_classes, data.in_chans, size)
+        except ValueError as e:
+            die(str(e))
+        log(f"teacher {args.teacher}: {sum(p.numel() for p in teacher.parameters()) / 1e6:.2f}M params, "
+            f"{args.distill} distillation, alpha {args.distill_alpha}" + (f", tau {args.distill_tau}" if args.distill == "soft" else ""))
+    return train(args, ctx, model, data, log, teacher)
 
 
 if __name__ == "__main__":

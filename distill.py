@@ -1,0 +1,196 @@
+"""
+Distillation through attention (Touvron et al. 2021, §4): a convnet teacher trains the distillation token.
+
+The distilled DeiT has two heads: the class token's head learns from the labels, the distillation token's
+head learns from the teacher. DistillationLoss combines them:
+
+    loss = (1 - alpha) * base(class_logits, targets) + alpha * distill(dist_logits, teacher_logits)
+
+    soft:  KL(softmax(teacher / tau) || softmax(dist / tau)) * tau^2, summed and divided by B*C (see below)
+    hard:  cross_entropy(dist_logits, argmax(teacher_logits)), no label smoothing (paper §4, Eq. 3)
+
+Paper Table 3: hard beats soft, and the student (class + dist heads) can beat its teacher. The teacher
+sees the same mixed, augmented batch as the student (the reference does this too), runs in eval mode and
+without gradients. Teachers (load_teacher): a torchvision classification model by name (DeiT's teacher is
+RegNetY-16GF, torchvision's `regnet_y_16gf`), a checkpoint written by train.py, or ConvNet below, a small
+convnet for 28-64 px inputs that train.py can train (`--model convnet`).
+This file needs torch, model.py, and torchvision for torchvision teachers only.
+"""
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import MODELS, DeiT, DeiTConfig, create_model
+
+
+class DistillationLoss(nn.Module):
+    """kind none | soft | hard, as the reference's losses.DistillationLoss (REFERENCE.md §4).
+    base_criterion(logits, targets) is the usual loss (soft Mixup targets or label smoothing); with
+    kind "none" only the class head is trained and head_dist gets no gradient, as in the reference."""
+
+    def __init__(self, base_criterion, teacher=None, kind="none", alpha=0.5, tau=1.0):
+        super().__init__()
+        if kind not in ("none", "soft", "hard"):
+            raise ValueError(f"distillation kind must be none, soft or hard, not {kind!r}")
+        if kind != "none" and teacher is None:
+            raise ValueError(f"{kind} distillation needs a teacher")
+        self.base, self.teacher, self.kind, self.alpha, self.tau = base_criterion, teacher, kind, alpha, tau
+
+    def forward(self, inputs, outputs, targets):
+        cls_logits, dist_logits = outputs if isinstance(outputs, tuple) else (outputs, None)
+        base = self.base(cls_logits, targets)
+        if self.kind == "none":
+            return base
+        if dist_logits is None:
+            raise ValueError("distillation needs a model with a distillation token (a *_distilled_* variant)")
+        with torch.no_grad():
+            teacher_logits = self.teacher(inputs).float()
+        dist_logits = dist_logits.float()
+        if self.kind == "soft":
+            T = self.tau
+            # The reference divides the summed KL by the number of elements, B*C: 1/C of the usual
+            # "batchmean". We keep it, so alpha and tau mean what they mean in the reference (its
+            # maintainers report batchmean as similar or slightly worse). Scaled by tau^2 as in Hinton et al.
+            distill = F.kl_div(F.log_softmax(dist_logits / T, dim=1), F.log_softmax(teacher_logits / T, dim=1),
+                               reduction="sum", log_target=True) * (T * T) / dist_logits.numel()
+        else:  # hard: the teacher's decision is a label, taken as it is (no smoothing)
+            distill = F.cross_entropy(dist_logits, teacher_logits.argmax(dim=1))
+        return (1 - self.alpha) * base + self.alpha * distill
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A small convnet teacher for 28-64 px images. ImageNet convnets start with a stride-4 stem (or more), which
+# leaves a 28-px image with a 7x7 map before any real work; this one keeps full resolution for its first
+# stage and halves it twice: 28 -> 14 -> 7. A VGG-style stack of 3x3 conv + BatchNorm + ReLU, global
+# average pool, linear head: the convolutional inductive bias the paper's teacher hands on (§5.2).
+
+CONVNETS = {"convnet": (32, 64, 128)}  # name -> widths of the three stages
+
+
+@dataclass
+class ConvNetConfig:
+    num_classes: int = 10
+    in_chans: int = 3
+    widths: tuple = field(default_factory=lambda: CONVNETS["convnet"])
+    distilled: bool = False  # for train.py, which asks every model this
+
+
+def conv_bn(c_in, c_out):
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+class ConvNet(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        layers, c = [], cfg.in_chans
+        for i, w in enumerate(cfg.widths):
+            layers += ([nn.MaxPool2d(2)] if i else []) + [conv_bn(c, w), conv_bn(w, w)]
+            c = w
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(c, cfg.num_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
+def create_convnet(name, num_classes, in_chans):
+    return ConvNet(ConvNetConfig(num_classes=num_classes, in_chans=in_chans, widths=tuple(CONVNETS[name])))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Teachers
+
+def _read(path, what):
+    if not os.path.isfile(path):
+        raise ValueError(f"{what} {path} does not exist")
+    try:  # weights_only: a weights file never runs pickled code
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read {what} {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+
+
+def _state_dict(obj, path):
+    """Ours ({"model": ..., "ema": ...}), the official DeiT release ({"model": ...}) or a plain state dict."""
+    state = obj["model"] if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else obj
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"teacher weights {path} are not a state dict")
+    return state
+
+
+def _load(model, state, path):
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # name the first mismatch, not a page of them
+        detail = next((l.strip() for l in str(e).splitlines()[1:] if l.strip()), str(e))
+        raise ValueError(f"teacher weights {path} do not fit the teacher: {detail[:300]}") from None
+    return model
+
+
+def _torchvision(name, weights):
+    import torchvision
+    names = torchvision.models.list_models(module=torchvision.models)
+    if name not in names:
+        raise ValueError(f"unknown teacher {name!r}: give a train.py checkpoint, 'convnet', or a torchvision "
+                         f"classification model ({', '.join(n for n in names if n.startswith('regnet_y'))}, ...)")
+    if weights is not None:  # a local file: its classifier's row count is the teacher's class count
+        state = _state_dict(_read(weights, "teacher weights"), weights)
+        classes = next((v.shape[0] for v in reversed(state.values()) if v.ndim == 2), 1000)
+        return _load(torchvision.models.get_model(name, weights=None, num_classes=classes), state, weights)
+    try:  # torchvision's ImageNet weights, downloaded once into torch.hub's cache (TORCH_HOME)
+        return torchvision.models.get_model(name, weights="DEFAULT")
+    except Exception as e:
+        raise ValueError(f"could not get torchvision's weights for teacher {name} ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:120]}); offline? Download them once online, or pass "
+                         "--teacher-weights FILE") from None
+
+
+def load_teacher(name, weights=None, num_classes=None, in_chans=None, img_size=None):
+    """Build a teacher, in eval mode with requires_grad off, from
+    - a checkpoint written by train.py (its model is rebuilt from the checkpoint's config; weights: "model"),
+    - "convnet" or a DeiT name from model.py, with weights=FILE (theirs, ours or the official format),
+    - a torchvision classification model name: torchvision's ImageNet weights, or weights=FILE.
+    With num_classes, in_chans and img_size given, a dry run checks that the teacher takes such images
+    and predicts that many classes, so a mismatch is one clear error before training starts."""
+    if os.path.isfile(name) or os.sep in name or name.endswith((".pt", ".pth")):
+        ckpt = _read(name, "teacher checkpoint")
+        if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model_config"), dict) and "config" in ckpt):
+            raise ValueError(f"teacher checkpoint {name} was not written by train.py: give the architecture "
+                             "as --teacher NAME and this file as --teacher-weights")
+        arch, mc = ckpt["config"]["model"], ckpt["model_config"]
+        model = ConvNet(ConvNetConfig(**mc)) if arch in CONVNETS else DeiT(DeiTConfig(**mc))
+        teacher = _load(model, ckpt["model"], name)
+    elif name in CONVNETS or name in MODELS:
+        if weights is None:
+            raise ValueError(f"teacher {name} needs trained weights: train it with train.py --model {name} and "
+                             "pass its ckpt.pt as --teacher (or a weights file as --teacher-weights)")
+        state = _state_dict(_read(weights, "teacher weights"), weights)
+        classes = next((v.shape[0] for v in reversed(state.values()) if v.ndim == 2), 1000)
+        chans = next((v.shape[1] for v in state.values() if v.ndim == 4), 3)
+        if name in CONVNETS:
+            model = create_convnet(name, classes, chans)
+        else:
+            pe = state.get("pos_embed")
+            model = create_model(name, num_classes=classes, in_chans=chans)
+            if pe is not None and pe.shape != model.pos_embed.shape:
+                raise ValueError(f"teacher weights {weights} have pos_embed {tuple(pe.shape)}, {name} "
+                                 f"{tuple(model.pos_embed.shape)}")
+        teacher = _load(model, state, weights)
+    else:
+        teacher = _torchvision(name, weights)
+    teacher.eval().requires_grad_(False)
+    if num_classes is not None:
+        try:
+            with torch.no_grad():
+                out = teacher(torch.zeros(2, in_chans, img_size, img_size))
+        except Exception as e:
+            raise ValueError(f"teacher {name} cannot take {in_chans}-channel {img_size}-px images: "
+                             f"{type(e).__name__}: {str(e).splitlines()[0][:160]}") from None
+        if out.shape[-1] != num_classes:
+            raise ValueError(f"teacher {name} predicts {out.shape[-1]} classes, the data has {num_classes}: "
+                             "train or fine-tune a teacher on this dataset")
+    return teacher
