@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import augment as A
+import distill as D
 import model as M
 from bench_augment import pil_op  # the reference: each op done by PIL, as the reference pipeline does
 import train as T
@@ -612,3 +613,115 @@ def test_two_process_run_with_the_full_recipe(tmp_path):
     assert r.returncode == 0, r.stderr
     log = read_log(tmp_path)  # repeated augmentation: 600 // 256 * 256 / 2 = 256 samples a process, 8 steps of 32
     assert log[0]["step"] == 8 and math.isfinite(log[0]["train_loss"])
+
+
+# ---------------------------------------------------------------------------------------------- distill.py
+
+def test_soft_and_hard_distillation_losses_match_formulas():
+    g = torch.Generator().manual_seed(0)
+    B, C, tau, alpha = 4, 5, 2.5, 0.3
+    cls, dist, teach = (torch.randn(B, C, generator=g, dtype=torch.float64) * 3 for _ in range(3))
+    y = torch.tensor([0, 3, 1, 4])
+    base = lambda logits, t: F.cross_entropy(logits, t, label_smoothing=0.1)
+    # the base term by hand: label smoothing 0.1 spreads 0.1 over all classes
+    logp = cls - cls.exp().sum(1, keepdim=True).log()
+    q = torch.full((B, C), 0.1 / C, dtype=torch.float64)
+    q[torch.arange(B), y] += 0.9
+    base_hand = -(q * logp).sum(1).mean()
+    # soft: sum over batch and classes of p_t (log p_t - log p_s) at temperature tau, x tau^2 / (B * C)
+    pt = (teach / tau).exp() / (teach / tau).exp().sum(1, keepdim=True)
+    ps = (dist / tau).exp() / (dist / tau).exp().sum(1, keepdim=True)
+    soft_hand = (pt * (pt.log() - ps.log())).sum() * tau ** 2 / (B * C)
+    soft = D.DistillationLoss(base, lambda x: teach, "soft", alpha, tau)(None, (cls, dist), y)
+    assert torch.allclose(soft, (1 - alpha) * base_hand + alpha * soft_hand, rtol=1e-6)
+    # hard: plain cross-entropy (no smoothing, no temperature) against the teacher's argmax
+    p = dist.exp() / dist.exp().sum(1, keepdim=True)
+    hard_hand = -p[torch.arange(B), teach.argmax(1)].log().mean()
+    hard = D.DistillationLoss(base, lambda x: teach, "hard", alpha, tau)(None, (cls, dist), y)
+    assert torch.allclose(hard, (1 - alpha) * base_hand + alpha * hard_hand, rtol=1e-6)
+    none = D.DistillationLoss(base)(None, (cls, dist), y)
+    assert torch.allclose(none, base_hand, rtol=1e-6)
+
+
+def test_no_distillation_leaves_head_dist_without_gradient():
+    model = M.create_model("deit_nano_distilled_patch7_28", num_classes=10, in_chans=1)
+    x, y = torch.randn(4, 1, 28, 28), torch.tensor([1, 2, 3, 4])
+    D.DistillationLoss(F.cross_entropy)(x, model(x), y).backward()
+    assert model.head_dist.weight.grad is None and model.head_dist.bias.grad is None  # (dist_token still
+    # gets one: the class token attends to it)
+    assert model.head.weight.grad is not None and model.head.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="distillation token"):  # the reference's "expected a Tuple", made clear
+        D.DistillationLoss(F.cross_entropy, lambda x: x, "hard")(x, model(x)[0], y)
+
+
+def test_teacher_is_frozen_and_sees_the_students_augmented_input(tmp_path):
+    args = parse(*QUICK, "--epochs", "1", "--out-dir", str(tmp_path), "--model", "deit_nano_distilled_patch7_28",
+                 "--distill", "hard")
+    ctx = T.setup_distributed()
+    data = T.load_data(args, ctx, 28)
+    student = T.build_model(args, data, ctx, 28)
+    teacher = D.create_convnet("convnet", 10, 1)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    seen = {"student": [], "teacher": []}
+    student.register_forward_pre_hook(lambda m, inp: seen["student"].append(inp[0].clone()))
+    teacher.register_forward_pre_hook(lambda m, inp: seen["teacher"].append(inp[0].clone()))
+    T.train(args, ctx, student, data, log=lambda *a: None, teacher=teacher)
+    assert len(seen["student"]) == len(seen["teacher"]) == 10
+    for s, t in zip(seen["student"], seen["teacher"]):  # normalised, mixed, erased: the very same tensor
+        assert torch.equal(s, t) and s.dtype == torch.float32
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+    after = teacher.state_dict()  # weights and BatchNorm statistics alike
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert "top1_cls" in read_log(tmp_path)[0] and "top1_dist" in read_log(tmp_path)[0]
+
+
+def test_teachers_load_and_bad_teachers_fail_clearly(tmp_path, monkeypatch):
+    # a torchvision model from a local weights file; a class count that does not fit; the wrong channels
+    import torchvision
+    torch.save(torchvision.models.resnet18(num_classes=1000).state_dict(), tmp_path / "r18.pth")
+    t = D.load_teacher("resnet18", str(tmp_path / "r18.pth"), 1000, 3, 32)
+    assert not t.training and not any(p.requires_grad for p in t.parameters())
+    with pytest.raises(ValueError, match="predicts 1000 classes, the data has 10"):
+        D.load_teacher("resnet18", str(tmp_path / "r18.pth"), 10, 3, 32)
+    with pytest.raises(ValueError, match="cannot take 1-channel 28-px images"):
+        D.load_teacher("resnet18", str(tmp_path / "r18.pth"), 1000, 1, 28)
+    # through train.py: one clear error before training starts
+    student = ["--model", "deit_nano_distilled_patch7_28", "--out-dir", str(tmp_path / "run")]
+    with pytest.raises(T.UserError, match="needs a student with a distillation token.*deit_nano_distilled_patch7_28"):
+        T.main(["--distill", "hard", "--model", "deit_nano_patch7_28", "--out-dir", str(tmp_path / "run")])
+    torch.save(D.create_convnet("convnet", 5, 1).state_dict(), tmp_path / "five.pt")
+    with pytest.raises(T.UserError, match="teacher convnet predicts 5 classes, the data has 10"):
+        T.main([*student, "--distill", "hard", "--teacher", "convnet", "--teacher-weights", str(tmp_path / "five.pt")])
+    with pytest.raises(T.UserError, match="teacher checkpoint .*nothing.pt does not exist"):
+        T.main([*student, "--distill", "soft", "--teacher", str(tmp_path / "nothing.pt")])
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(T.UserError, match="cannot read teacher weights .*junk.pt"):
+        T.main([*student, "--distill", "hard", "--teacher", "convnet", "--teacher-weights", str(tmp_path / "junk.pt")])
+    with pytest.raises(T.UserError, match="needs trained weights"):
+        T.main([*student, "--distill", "hard", "--teacher", "convnet"])
+    # torchvision's weights while offline: the download fails, the user gets one sentence and a way out
+    import urllib.error
+    import torchvision.models._api as api
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))  # nothing cached
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(api, "load_state_dict_from_url", offline)
+    with pytest.raises(T.UserError, match="could not get torchvision's weights for teacher resnet18 .*offline"):
+        T.main([*student, "--distill", "hard", "--teacher", "resnet18"])
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+def test_convnet_teacher_then_two_process_distilled_student(tmp_path):
+    r = run_cli([*QUICK, "--epochs", "1", "--model", "convnet", "--out-dir", str(tmp_path / "teacher")])
+    assert r.returncode == 0, r.stderr
+    ckpt = str(tmp_path / "teacher" / "ckpt.pt")
+    r = run_cli([*QUICK, "--epochs", "1", "--model", "deit_nano_distilled_patch7_28", "--distill", "hard",
+                 "--teacher", ckpt, "--out-dir", str(tmp_path / "student")],
+                cmd=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"))
+    assert r.returncode == 0, r.stderr
+    log = read_log(tmp_path / "student")
+    # repeated augmentation: 640 // 256 * 256 / 2 = 256 samples a process, 8 steps of 32
+    assert log[0]["step"] == 8 and math.isfinite(log[0]["train_loss"]) and "top1_dist" in log[0]
+    r = run_cli(["--eval-only", "--ckpt", ckpt])  # the teacher's own checkpoint evaluates like any other
+    assert r.returncode == 0 and "top1" in r.stdout, r.stderr

@@ -437,8 +437,8 @@ def load_checked(model, state, what):
 def fit_pos_embed(state, model):
     """A checkpoint trained at another resolution: resize its position embeddings to the model's patch grid
     (bicubic, class/distillation rows kept; paper §3). Other mismatches are left for load_checked to name."""
-    pe, own = state.get("pos_embed"), model.pos_embed
-    if pe is not None and pe.ndim == 3 and pe.shape[1] != own.shape[1] and pe.shape[2] == own.shape[2]:
+    pe, own = state.get("pos_embed"), getattr(model, "pos_embed", None)  # (a convnet has none)
+    if pe is not None and own is not None and pe.ndim == 3 and pe.shape[1] != own.shape[1] and pe.shape[2] == own.shape[2]:
         prefix = model.num_prefix_tokens
         if math.isqrt(pe.shape[1] - prefix) ** 2 == pe.shape[1] - prefix:
             new_grid = math.isqrt(own.shape[1] - prefix)
