@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 import augment as A
 import distill as D
+import finetune as FT
 import model as M
 from bench_augment import pil_op  # the reference: each op done by PIL, as the reference pipeline does
 import train as T
@@ -725,3 +726,76 @@ def test_convnet_teacher_then_two_process_distilled_student(tmp_path):
     assert log[0]["step"] == 8 and math.isfinite(log[0]["train_loss"]) and "top1_dist" in log[0]
     r = run_cli(["--eval-only", "--ckpt", ckpt])  # the teacher's own checkpoint evaluates like any other
     assert r.returncode == 0 and "top1" in r.stdout, r.stderr
+
+
+# --------------------------------------------------------------------------------------------- finetune.py
+
+def test_official_state_dict_gets_new_head_and_resized_pos_embed():
+    # a fresh DeiT-Ti distilled 224 in the official release's format, fine-tuned at 384 on 10 classes
+    src = M.create_model("deit_tiny_distilled_patch16_224").state_dict()
+    assert {k: tuple(v.shape) for k, v in src.items()} == official_keys(192, 12, 198, True)
+    model = M.create_model("deit_tiny_distilled_patch16_224", num_classes=10, img_size=384)
+    args = parse("--model", "deit_tiny_distilled_patch16_224")
+    args.weights, args.keep_head = "official.pth", False
+    state, new, notes = FT.adapt(src, model, args, print)
+    assert new == ["head.weight", "head.bias", "head_dist.weight", "head_dist.bias"]
+    T.load_checked(model, {**model.state_dict(), **state}, "official.pth")
+    assert torch.equal(model.blocks[5].attn.qkv.weight, src["blocks.5.attn.qkv.weight"])
+    assert torch.equal(model.dist_token, src["dist_token"]) and model.head.weight.shape == (10, 192)
+    pe = model.pos_embed.detach()  # (1, 2 + 24*24, 192): the class and distillation rows as they were
+    assert pe.shape == (1, 578, 192) and torch.equal(pe[:, :2], src["pos_embed"][:, :2])
+    grid = src["pos_embed"][0, 2:].reshape(14, 14, 192).permute(2, 0, 1)[None]
+    direct = F.interpolate(grid, size=(24, 24), mode="bicubic", align_corners=False)[0].permute(1, 2, 0).reshape(576, 192)
+    assert torch.allclose(pe[0, 2:], direct, atol=1e-6)
+    args.plain = True  # distilled -> plain: the distillation token, its head and its position row go
+    plain = M.create_model("deit_tiny_patch16_224", num_classes=10)
+    state, new, _ = FT.adapt(src, plain, args, print)
+    assert "dist_token" not in state and torch.equal(state["pos_embed"], src["pos_embed"][:, [0, *range(2, 198)]])
+
+
+def finetune_run(tmp_path, name, weights, *extra):
+    out = tmp_path / name
+    FT.main(["--weights", str(weights), *QUICK, "--epochs", "1", "--lr", "1e-3", "--out-dir", str(out), *extra])
+    return read_log(out), final_weights(out)
+
+
+def test_finetune_is_reproducible_and_freeze_keeps_the_backbone(tmp_path, capsys):
+    src = M.create_model("deit_nano_distilled_patch7_28", num_classes=1000, in_chans=1).state_dict()
+    torch.save({"model": src}, tmp_path / "official.pth")  # the official format: {"model": state_dict}
+    extra = ["--model", "deit_nano_distilled_patch7_28", "--classes", "5-9"]
+    log1, w1 = finetune_run(tmp_path, "a", tmp_path / "official.pth", *extra)
+    out = capsys.readouterr().out
+    assert "loaded 79 tensors" in out and "newly initialised: head.weight, head.bias, head_dist.weight, head_dist.bias" in out
+    log2, w2 = finetune_run(tmp_path, "b", tmp_path / "official.pth", *extra)
+    assert [l["top1"] for l in log1] == [l["top1"] for l in log2] and log1[0]["train_loss"] == log2[0]["train_loss"]
+    assert all(torch.equal(w1[k], w2[k]) for k in w1) and w1["head.weight"].shape == (5, 96)
+    assert not torch.equal(w1["blocks.0.attn.qkv.weight"], src["blocks.0.attn.qkv.weight"])  # it did train
+    # linear probe from our own checkpoint (EMA weights), made plain: the backbone stays bit-identical
+    ours = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    _, w3 = finetune_run(tmp_path, "c", tmp_path / "a" / "ckpt.pt", "--freeze", "--use-ema", "--plain")
+    for k, v in w3.items():
+        if k.startswith("head."):
+            assert not torch.equal(v, torch.zeros_like(v)) and v.shape[0] == 10
+        elif k == "pos_embed":
+            assert torch.equal(v, ours["ema"][k][:, [0, *range(2, 18)]])
+        else:
+            assert torch.equal(v, ours["ema"][k]), k
+
+
+def test_finetune_bad_inputs_fail_clearly(tmp_path):
+    def error(weights, match, *extra):
+        with pytest.raises(T.UserError, match=match):
+            FT.main(["--weights", str(weights), "--out-dir", str(tmp_path / "run"), *extra])
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    error(tmp_path / "list.pt", "is not a state dict")
+    torch.save(D.create_convnet("convnet", 10, 1).state_dict(), tmp_path / "convnet.pt")
+    error(tmp_path / "convnet.pt", "is not a ViT/DeiT state dict .*features.0.0.weight")
+    torch.save(M.create_model("deit_nano_patch4_28", in_chans=1).state_dict(), tmp_path / "p4.pt")
+    error(tmp_path / "p4.pt", "does not say its architecture: give --model")
+    error(tmp_path / "p4.pt", "has patch size 4, deit_nano_patch7_28 has 7", "--model", "deit_nano_patch7_28")
+    torch.save(M.create_model("deit_tiny_patch4_32").state_dict(), tmp_path / "tiny.pt")
+    error(tmp_path / "tiny.pt", "has width 192, deit_nano_patch4_28 has 96", "--model", "deit_nano_patch4_28")
+    torch.save({"model": M.create_model("deit_nano_patch4_28", num_classes=7, in_chans=1).state_dict()}, tmp_path / "seven.pth")
+    error(tmp_path / "seven.pth", "pretrained head has 7 classes, the data 10", "--model", "deit_nano_patch4_28", "--keep-head")
+    error(tmp_path / "nothing.pt", "does not exist")
+    error(tmp_path / "seven.pth", "not a train.py checkpoint", "--use-ema", "--model", "deit_nano_patch4_28")

@@ -51,6 +51,7 @@ def get_parser():
       "(a folder of Fashion-MNIST idx files, or an ImageFolder root with train/ and val/)")
     a("--data-dir", default=os.path.join(HERE, "data"), help="where cifar10/cifar100 are kept or downloaded")
     a("--train-subset", type=float, default=None, help="train on a stratified part: a fraction (0.1) or a count (600)")
+    a("--classes", default=None, help="keep only these classes, relabelled 0..k-1: '0-4' or '5,7,9'")
     a("--workers", type=int, default=8, help="DataLoader workers per process (ImageFolder only)")
     # model (defaults: the bundled-data demo; the paper's models are deit_{tiny,small,base}_patch16_224)
     a("--model", default="deit_nano_patch7_28", help="one of: " + ", ".join([*MODELS, *CONVNETS]) +
@@ -174,6 +175,25 @@ def load_cifar(name, root):
     return read(files[:-1]), read(files[-1:])
 
 
+def parse_classes(spec, num_classes):
+    try:
+        keep = sorted({c for part in spec.split(",") for c in (range(int(part.split("-")[0]), int(part.split("-")[1]) + 1)
+                                                               if "-" in part else [int(part)])})
+    except ValueError:
+        die(f"--classes {spec!r}: expected a range such as 0-4 or a list such as 5,7,9")
+    if not keep or keep[0] < 0 or keep[-1] >= num_classes:
+        die(f"--classes {spec!r}: the dataset has classes 0..{num_classes - 1}")
+    return keep
+
+
+def select_classes(x, y, keep):
+    """The images of the classes in keep, their labels renumbered 0..len(keep)-1 in that order."""
+    new = torch.full((int(y.max()) + 1,), -1, dtype=torch.long)
+    new[keep] = torch.arange(len(keep))
+    mask = new[y] >= 0
+    return x[mask], new[y[mask]]
+
+
 def stratified_subset(y, amount, seed):
     """Indices of a class-balanced part of the labels y: a fraction (<= 1) or a count of images."""
     classes = y.unique()
@@ -205,6 +225,8 @@ def load_data(args, ctx, img_size):
             hint = " (apt-get install -y dataset-fashion-mnist)" if name == "fashion-mnist" else ""
             die(f"dataset path {folder} does not exist{hint}")
         if os.path.isdir(os.path.join(folder, "train")) or os.path.isdir(os.path.join(folder, "val")):
+            if args.classes is not None:
+                die("--classes works with idx and CIFAR data; for an image folder, make one with those classes")
             return load_image_folder(folder, args, ctx, img_size)
         train, val = load_idx_folder(folder)
         C, stats = 10, ((0.2860,), (0.3530,))  # Fashion-MNIST's mean/std
@@ -213,6 +235,10 @@ def load_data(args, ctx, img_size):
         # augmentation: 79.2% top-1 with --crop-pad 4, 85.7% with flips only; README). The reference would
         # apply it (input <= 32 px).
         pad = 0
+    if args.classes is not None:  # e.g. pretrain on classes 0-4, fine-tune on 5-9 (finetune.py)
+        keep = parse_classes(args.classes, C)
+        train, val = select_classes(*train, keep), select_classes(*val, keep)
+        C = len(keep)
     if args.train_subset is not None:
         keep = stratified_subset(train[1], args.train_subset, args.seed)
         train = (train[0][keep], train[1][keep])
@@ -546,6 +572,20 @@ def build_model(args, data, ctx, img_size):
         die(str(e))
 
 
+def build_teacher(args, data, img_size, log):
+    """The teacher for --distill soft/hard (distill.py), checked against the data before training starts."""
+    if args.distill == "none":
+        return None
+    size = data.train[0].shape[-1] if data.tensors else img_size
+    try:
+        teacher = load_teacher(args.teacher, args.teacher_weights, data.num_classes, data.in_chans, size)
+    except ValueError as e:
+        die(str(e))
+    log(f"teacher {args.teacher}: {sum(p.numel() for p in teacher.parameters()) / 1e6:.2f}M params, {args.distill} "
+        f"distillation, alpha {args.distill_alpha}" + (f", tau {args.distill_tau}" if args.distill == "soft" else ""))
+    return teacher
+
+
 def fmt_time(s):
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
 
@@ -720,6 +760,7 @@ def main(argv=None):
         ckpt = read_checkpoint(path)
         if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict):
             args.model, args.img_size = ckpt["config"]["model"], args.img_size or ckpt["config"]["img_size"]
+            args.classes = args.classes or ckpt["config"].get("classes")  # the class subset it was trained on
             ckpt = ckpt["ema"] if args.eval_ema else ckpt["model"]
         img_size = default_img_size(args)
         data = load_data(args, ctx, img_size)
@@ -735,19 +776,11 @@ def main(argv=None):
     img_size = default_img_size(args)
     data = load_data(args, ctx, img_size)
     model = build_model(args, data, ctx, img_size)
-    teacher = None
-    if args.distill != "none":
-        size = data.train[0].shape[-1] if data.tensors else img_size
-        try:
-            teacher = load_teacher(args.teacher, args.teacher_weights, data.num_classes, data.in_chans, size)
-        except ValueError as e:
-            die(str(e))
-        log(f"teacher {args.teacher}: {sum(p.numel() for p in teacher.parameters()) / 1e6:.2f}M params, "
-            f"{args.distill} distillation, alpha {args.distill_alpha}" + (f", tau {args.distill_tau}" if args.distill == "soft" else ""))
-    return train(args, ctx, model, data, log, teacher)
+    return train(args, ctx, model, data, log, build_teacher(args, data, img_size, log))
 
 
-if __name__ == "__main__":
+def cli(main):
+    """Run main() as a command: a UserError is one line on stderr and exit code 2, not a traceback."""
     try:
         main()
     except UserError as e:
@@ -759,3 +792,7 @@ if __name__ == "__main__":
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    cli(main)
