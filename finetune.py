@@ -32,8 +32,8 @@ def get_parser():
     a("--plain", action="store_true", help="make a distilled checkpoint a plain model (drop dist_token, head_dist)")
     a("--keep-head", action="store_true", help="keep the pretrained head(s) (same classes) instead of new ones")
     # The reference's fine-tune at 384 (its README): lr 5e-6 (per 512), weight decay 1e-8, 30 epochs, min lr
-    # 5e-6. Note its quirk: at its global batch 256 the peak lr, 2.5e-6, is below min lr, so the "cosine"
-    # climbs from 2.5e-6 to 5e-6; we keep the numbers as they are. --model defaults to the checkpoint's.
+    # 5e-6. A quirk we keep: at any global batch up to 512 (it used 32 per GPU) the scaled peak lr is at most
+    # the min lr, so the "cosine decay" is flat or climbs to 5e-6. --model defaults to the checkpoint's.
     p.set_defaults(lr=5e-6, weight_decay=1e-8, epochs=30, min_lr=5e-6, model=None, out_dir="out-finetune")
     return p
 

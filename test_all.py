@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import augment as A
+import data as DT
 import distill as D
 import finetune as FT
 import model as M
@@ -181,7 +182,7 @@ def test_resize_pos_embed():
 
 def test_overfits_one_batch():
     torch.manual_seed(0)
-    x, y = T.load_idx_folder(T.BUNDLED)[0]
+    x, y = DT.load_idx_folder(DT.BUNDLED)[0]
     x, y = (x[:32].float() / 255 - 0.286) / 0.353, y[:32]
     m = small(embed_dim=64)
     opt = torch.optim.AdamW(m.parameters(), lr=2e-3)
@@ -247,16 +248,16 @@ def test_pad_crop_flip_is_a_padded_crop_per_image():
 # ------------------------------------------------------------------------------------- data and bad input
 
 def test_bundled_subset_is_stratified():
-    (xtr, ytr), (xte, yte) = T.load_idx_folder(T.BUNDLED)
+    (xtr, ytr), (xte, yte) = DT.load_idx_folder(DT.BUNDLED)
     assert xtr.shape == (10000, 1, 28, 28) and xte.shape == (2000, 1, 28, 28) and xtr.dtype == torch.uint8
     assert torch.equal(torch.bincount(ytr), torch.full((10,), 1000)) and torch.equal(torch.bincount(yte), torch.full((10,), 200))
 
 
 def test_train_subset_is_stratified():
     y = torch.arange(10).repeat(100)
-    keep = T.stratified_subset(y, 0.1, seed=0)
+    keep = DT.stratified_subset(y, 0.1, seed=0)
     assert torch.equal(torch.bincount(y[keep]), torch.full((10,), 10))
-    assert len(T.stratified_subset(y, 50, seed=0)) == 50
+    assert len(DT.stratified_subset(y, 50, seed=0)) == 50
 
 
 def cli_error(args, match):
@@ -287,17 +288,17 @@ def test_cifar_reads_python_batches_and_fails_clearly_offline(tmp_path, monkeypa
         with open(folder / name, "wb") as f:
             pickle.dump({"data": rng.integers(0, 256, (20, 3072), dtype=np.uint8), "labels": list(range(10)) * 2}, f)
     ctx = T.setup_distributed()
-    data = T.load_data(parse("--data", "cifar10", "--data-dir", str(tmp_path)), ctx, 32)
+    data = DT.load_data(parse("--data", "cifar10", "--data-dir", str(tmp_path)), ctx, 32)
     assert data.train[0].shape == (100, 3, 32, 32) and data.val[0].shape == (20, 3, 32, 32) and data.num_classes == 10
     assert data.crop_pad == 4  # DeiT's padded crop for <= 32 px; Fashion-MNIST defaults to flips only
-    assert T.load_data(parse(), ctx, 28).crop_pad == 0 and T.load_data(parse("--crop-pad", "2"), ctx, 28).crop_pad == 2
+    assert DT.load_data(parse(), ctx, 28).crop_pad == 0 and DT.load_data(parse("--crop-pad", "2"), ctx, 28).crop_pad == 2
     with open(folder / "test_batch", "rb") as f:  # the first pixel is channel 0 of row 0, col 0
         assert data.val[0][0, 0, 0, 0] == pickle.load(f)["data"][0, 0]
     # absent and offline: torchvision's download fails, and the user gets one clear sentence
     import torchvision
     monkeypatch.setattr(torchvision.datasets.CIFAR100, "url", "http://127.0.0.1:9/cifar-100-python.tar.gz")
     with pytest.raises(T.UserError, match="could not download cifar100 .*offline"):
-        T.load_data(parse("--data", "cifar100", "--data-dir", str(tmp_path)), ctx, 32)
+        DT.load_data(parse("--data", "cifar100", "--data-dir", str(tmp_path)), ctx, 32)
 
 
 def test_image_folder_skips_undecodable_files(tmp_path):
@@ -319,7 +320,7 @@ def test_image_folder_skips_undecodable_files(tmp_path):
     # the ImageNet layout needs both splits
     with pytest.raises(T.UserError, match="no val/ subfolder"):
         os.rename(tmp_path / "val", tmp_path / "valid")
-        T.load_data(parse("--data", str(tmp_path)), T.setup_distributed(), 32)
+        DT.load_data(parse("--data", str(tmp_path)), T.setup_distributed(), 32)
 
 
 def test_checkpoint_mismatch_names_keys_and_shapes(tmp_path):
@@ -422,7 +423,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 @pytest.fixture(scope="module")
 def rgb_batch():
     """Real images: three bundled garments stacked as the R, G, B channels, plus grey ones in RGB."""
-    x = T.load_idx_folder(T.BUNDLED)[0][0]
+    x = DT.load_idx_folder(DT.BUNDLED)[0][0]
     return torch.cat([torch.cat([x[0:12], x[12:24], x[24:36]], 1), x[36:48].expand(-1, 3, -1, -1)])
 
 
@@ -574,7 +575,7 @@ def test_repeated_augmentation_indices():
     import argparse
     args = parse("--batch-size", "64", "--seed", "3")
     n, world = 3000, 4
-    per_rank = [T.epoch_indices(n, args, argparse.Namespace(rank=r, world=world), epoch=5) for r in range(world)]
+    per_rank = [DT.epoch_indices(n, args, argparse.Namespace(rank=r, world=world), epoch=5) for r in range(world)]
     assert all(len(p) == n // 256 * 256 // world for p in per_rank)  # 704 each, as RASampler
     # RASampler: the stream is each image of a permutation three times, dealt round-robin to the ranks
     stream = torch.stack(per_rank, 1).reshape(-1)  # rank r holds positions r, r + world, ...
@@ -585,8 +586,8 @@ def test_repeated_augmentation_indices():
     assert all(len({int(per_rank[(3 * j + c) % world][(3 * j + c) // world]) for c in range(3)}) == 1 for j in range(50))
     # without it (or on one process), the processes split each global batch of one permutation
     args = parse("--batch-size", "64", "--no-repeated-aug")
-    two = [T.epoch_indices(n, args, argparse.Namespace(rank=r, world=2), 0) for r in range(2)]
-    one = T.epoch_indices(n, args, argparse.Namespace(rank=0, world=1), 0)
+    two = [DT.epoch_indices(n, args, argparse.Namespace(rank=r, world=2), 0) for r in range(2)]
+    one = DT.epoch_indices(n, args, argparse.Namespace(rank=0, world=1), 0)
     assert torch.equal(torch.stack([t.view(-1, 32) for t in two], 1).reshape(-1), one) and len(one) == n // 64 * 64
 
 
@@ -596,7 +597,7 @@ def test_soft_target_loss_and_pipeline():
     expected = -(t * logits.log_softmax(1)).sum(1).mean()
     torch.testing.assert_close(T.compute_loss(logits, t, parse()), expected)
     # the whole pipeline on a uint8 batch: normalised floats and soft targets that sum to one
-    x, y = T.load_idx_folder(T.BUNDLED)[0]
+    x, y = DT.load_idx_folder(DT.BUNDLED)[0]
     data = T.argparse.Namespace(tensors=True, crop_pad=0, mean=(0.286,), std=(0.353,), num_classes=10)
     xb, tb = T.augment_batch(x[:32], y[:32], data, parse(), torch.Generator().manual_seed(0))
     assert xb.shape == (32, 1, 28, 28) and xb.dtype == torch.float32 and tb.shape == (32, 10)
@@ -659,7 +660,7 @@ def test_teacher_is_frozen_and_sees_the_students_augmented_input(tmp_path):
     args = parse(*QUICK, "--epochs", "1", "--out-dir", str(tmp_path), "--model", "deit_nano_distilled_patch7_28",
                  "--distill", "hard")
     ctx = T.setup_distributed()
-    data = T.load_data(args, ctx, 28)
+    data = DT.load_data(args, ctx, 28)
     student = T.build_model(args, data, ctx, 28)
     teacher = D.create_convnet("convnet", 10, 1)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
