@@ -122,6 +122,11 @@ def _state_dict(obj, path):
     return state
 
 
+def _num_classes(state):
+    """The row count of the last 2-D weight: the classifier, in every torchvision and DeiT state dict."""
+    return next((v.shape[0] for v in reversed(state.values()) if v.ndim == 2), 1000)
+
+
 def _load(model, state, path):
     try:
         model.load_state_dict(state)
@@ -137,9 +142,9 @@ def _torchvision(name, weights):
     if name not in names:
         raise ValueError(f"unknown teacher {name!r}: give a train.py checkpoint, 'convnet', or a torchvision "
                          f"classification model ({', '.join(n for n in names if n.startswith('regnet_y'))}, ...)")
-    if weights is not None:  # a local file: its classifier's row count is the teacher's class count
+    if weights is not None:  # a local file, with as many classes as its classifier has rows
         state = _state_dict(_read(weights, "teacher weights"), weights)
-        classes = next((v.shape[0] for v in reversed(state.values()) if v.ndim == 2), 1000)
+        classes = _num_classes(state)
         return _load(torchvision.models.get_model(name, weights=None, num_classes=classes), state, weights)
     try:  # torchvision's ImageNet weights, downloaded once into torch.hub's cache (TORCH_HOME)
         return torchvision.models.get_model(name, weights="DEFAULT")
@@ -169,7 +174,7 @@ def load_teacher(name, weights=None, num_classes=None, in_chans=None, img_size=N
             raise ValueError(f"teacher {name} needs trained weights: train it with train.py --model {name} and "
                              "pass its ckpt.pt as --teacher (or a weights file as --teacher-weights)")
         state = _state_dict(_read(weights, "teacher weights"), weights)
-        classes = next((v.shape[0] for v in reversed(state.values()) if v.ndim == 2), 1000)
+        classes = _num_classes(state)
         chans = next((v.shape[1] for v in state.values() if v.ndim == 4), 3)
         if name in CONVNETS:
             model = create_convnet(name, classes, chans)
