@@ -105,7 +105,9 @@ def create_convnet(name, num_classes, in_chans):
 # ----------------------------------------------------------------------------------------------------------
 # Teachers
 
-def _read(path, what):
+def read_file(path, what):
+    """torch.load(weights_only=True) on the CPU; a missing or unreadable file is one ValueError line.
+    train.py and finetune.py read their checkpoints and weights with it too."""
     if not os.path.isfile(path):
         raise ValueError(f"{what} {path} does not exist")
     try:  # weights_only: a weights file never runs pickled code
@@ -114,11 +116,11 @@ def _read(path, what):
         raise ValueError(f"cannot read {what} {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
 
 
-def _state_dict(obj, path):
+def state_dict_of(obj, path):
     """Ours ({"model": ..., "ema": ...}), the official DeiT release ({"model": ...}) or a plain state dict."""
     state = obj["model"] if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else obj
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"teacher weights {path} are not a state dict")
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} is not a state dict (nor a checkpoint holding one under 'model')")
     return state
 
 
@@ -143,7 +145,7 @@ def _torchvision(name, weights):
         raise ValueError(f"unknown teacher {name!r}: give a train.py checkpoint, 'convnet', or a torchvision "
                          f"classification model ({', '.join(n for n in names if n.startswith('regnet_y'))}, ...)")
     if weights is not None:  # a local file, with as many classes as its classifier has rows
-        state = _state_dict(_read(weights, "teacher weights"), weights)
+        state = state_dict_of(read_file(weights, "teacher weights"), weights)
         classes = _num_classes(state)
         return _load(torchvision.models.get_model(name, weights=None, num_classes=classes), state, weights)
     try:  # torchvision's ImageNet weights, downloaded once into torch.hub's cache (TORCH_HOME)
@@ -162,7 +164,7 @@ def load_teacher(name, weights=None, num_classes=None, in_chans=None, img_size=N
     With num_classes, in_chans and img_size given, a dry run checks that the teacher takes such images
     and predicts that many classes, so a mismatch is one clear error before training starts."""
     if os.path.isfile(name) or os.sep in name or name.endswith((".pt", ".pth")):
-        ckpt = _read(name, "teacher checkpoint")
+        ckpt = read_file(name, "teacher checkpoint")
         if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model_config"), dict) and "config" in ckpt):
             raise ValueError(f"teacher checkpoint {name} was not written by train.py: give the architecture "
                              "as --teacher NAME and this file as --teacher-weights")
@@ -173,7 +175,7 @@ def load_teacher(name, weights=None, num_classes=None, in_chans=None, img_size=N
         if weights is None:
             raise ValueError(f"teacher {name} needs trained weights: train it with train.py --model {name} and "
                              "pass its ckpt.pt as --teacher (or a weights file as --teacher-weights)")
-        state = _state_dict(_read(weights, "teacher weights"), weights)
+        state = state_dict_of(read_file(weights, "teacher weights"), weights)
         classes = _num_classes(state)
         chans = next((v.shape[1] for v in state.values() if v.ndim == 4), 3)
         if name in CONVNETS:

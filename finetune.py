@@ -49,9 +49,7 @@ def read_weights(args):
         ckpt = ckpt["ema"] if args.use_ema else ckpt["model"]
     elif args.use_ema:
         T.die(f"--use-ema: {args.weights} is not a train.py checkpoint, it holds one set of weights")
-    state = T.model_weights(ckpt)
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        T.die(f"{args.weights} is not a state dict (nor a checkpoint holding one under 'model')")
+    state = T.model_weights(ckpt, args.weights)
     if "patch_embed.proj.weight" not in state or "pos_embed" not in state:
         T.die(f"{args.weights} is not a ViT/DeiT state dict (no patch_embed.proj.weight / pos_embed); "
               f"its keys begin: {', '.join(list(state)[:4])}")

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import augment as A
 from data import HERE, UserError, die, load_data, make_loaders, steps_per_epoch, train_batches, val_batches
-from distill import CONVNETS, DistillationLoss, create_convnet, load_teacher
+from distill import CONVNETS, DistillationLoss, create_convnet, load_teacher, read_file, state_dict_of
 from model import MODELS, create_model, resize_pos_embed
 
 
@@ -203,17 +203,18 @@ def fit_pos_embed(state, model):
 
 
 def read_checkpoint(path):
-    if not os.path.isfile(path):
-        die(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        die(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}")
+        return read_file(path, "checkpoint")
+    except ValueError as e:
+        die(str(e))
 
 
-def model_weights(ckpt):
+def model_weights(ckpt, path):
     """The state dict in ours ({"model": ..., "ema": ...}), the official release ({"model": ...}) or a plain one."""
-    return ckpt["model"] if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) else ckpt
+    try:
+        return state_dict_of(ckpt, path)
+    except ValueError as e:
+        die(str(e))
 
 
 def save_checkpoint(path, state):
@@ -495,7 +496,7 @@ def main(argv=None):
         img_size = default_img_size(args)
         data = load_data(args, ctx, img_size)
         model = build_model(args, data, ctx, img_size)
-        load_checked(model, fit_pos_embed(model_weights(ckpt), model), path)
+        load_checked(model, fit_pos_embed(model_weights(ckpt, path), model), path)
         if not data.tensors:
             make_loaders(data, args, ctx)
         metrics = evaluate(model, data, ctx, max(256, args.batch_size // ctx.world))
