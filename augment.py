@@ -4,8 +4,9 @@ DeiT's data augmentation, from scratch, on batched uint8 tensors (B, C, H, W) on
 Paper §6 and Table 8: without Mixup and CutMix DeiT-B falls from 81.8 to 75.8% top-1, without RandAugment
 to 79.6, and without random erasing training diverges. The reference runs RandAugment image by image in
 PIL on the CPU; here every op works on a whole batch on the device, and every image draws its own ops,
-magnitudes, boxes and rectangles from a torch.Generator. Exact semantics: REFERENCE.md §3. The ops follow
-PIL's ImageOps / ImageEnhance / Image.transform (what the reference uses); the tests compare them with PIL.
+magnitudes, boxes and rectangles from a torch.Generator. Semantics: the reference's (timm's auto_augment.py,
+mixup.py, random_erasing.py and transforms.py as facebookresearch/deit datasets.py and main.py set them up);
+the ops follow PIL's ImageOps / ImageEnhance / Image.transform, and the tests compare them with PIL.
 
 Each op is usable alone, on a uint8 batch:
 
@@ -117,10 +118,10 @@ def affine(img, matrix, fill):
     (x + 0.5, y + 0.5) samples the input at (a x' + b y' + c, d x' + e y' + f); a sample outside the image
     takes the fill colour (PIL's rule); inside, a bicubic with edge pixels repeated, truncated to uint8.
     matrix: (B, 6) in pixels; fill: C values in 0..255.
-    Deliberate difference: grid_sample's bicubic is the a = -0.75 cubic, PIL's transform uses a = -1. On the
+    Deliberate difference: grid_sample's bicubic is the a = -0.75 cubic, PIL's transform uses a = -1: one
+    fused kernel instead of gathering PIL's 16 taps (README, "Differences from the reference"). On the
     bundled 28-px images they differ by about 1 grey level on average, up to ~20 on sharp edges
-    (test_ops_match_pil); at integer shifts and quarter turns they agree exactly. One fused kernel
-    ran 2.5-14x faster on the 2-core CPU than gathering PIL's exact 16 taps (commit 0635cf9 did that)."""
+    (test_ops_match_pil); at integer shifts and quarter turns they agree exactly."""
     B, C, H, W = img.shape
     dev = img.device
     ys, xs = torch.meshgrid(torch.arange(H, device=dev) + 0.5, torch.arange(W, device=dev) + 0.5, indexing="ij")
@@ -177,7 +178,7 @@ def _enhance(level, sign):
     return (1.0 + sign * 0.9 * level).clamp(min=0.1)
 
 
-OP_ARGS = {  # name -> (op, argument from (level, sign, H, W)); REFERENCE.md §3's table
+OP_ARGS = {  # name -> (op, argument from (level, sign, H, W)), as timm's auto_augment.py LEVEL_TO_ARG
     "AutoContrast": (auto_contrast, lambda l, s, H, W: l),
     "Equalize": (equalize, lambda l, s, H, W: l),
     "Invert": (invert, lambda l, s, H, W: l),
@@ -270,8 +271,8 @@ def sample_boxes(gen, B, H, W, scale, ratio, attempts=10):
 def random_resized_crop(images, gen, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5):
     """RandomResizedCrop(size, scale, ratio, bicubic) + horizontal flip p hflip, batched: each image gets its
     own box, resampled to size x size with the a = -0.75 bicubic of grid_sample (no antialias: the images
-    this path serves are small and mostly upsampled; decoded files are cropped in PIL). One fused kernel:
-    on the CPU it beat a separable gather version of PIL's a = -0.5 cubic by 4x."""
+    this path serves are small and mostly upsampled; decoded files are cropped in PIL). One fused kernel
+    instead of PIL's a = -0.5 cubic (README, "Differences from the reference")."""
     B, C, H, W = images.shape
     top, left, h, w = (t.to(images.device) for t in sample_boxes(gen, B, H, W, scale, ratio))
     flip = (_rand(gen, B) < hflip).to(images.device)
@@ -335,6 +336,12 @@ def _gaussian_blur(images, sigma):
 
 # ---------------------------------------------------------------------------------------------------------
 # After normalisation (float): random erasing, then Mixup / CutMix on the batch with soft targets.
+
+def normalize(x, mean, std):
+    """uint8 (B, C, H, W) -> (x / 255 - mean) / std as float, in one pass after the cast."""
+    mean, std = (torch.tensor(v, device=x.device).view(1, -1, 1, 1) for v in (mean, std))
+    return torch.addcmul(-mean / std, x.float(), 1 / (255 * std))
+
 
 def random_erasing(x, gen, p=0.25, area=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), attempts=10):
     """Random erasing (Zhong et al. 2017) as DeiT: with probability p per image, one rectangle of area

@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 import augment as A
-from train import normalize
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 FILL = (124, 116, 104)
@@ -79,7 +78,7 @@ def batched_pipeline(x, size, gen, num_classes=1000):
     # tensors held on the device (small datasets): the crop too; image files: cropped in PIL, flipped here
     x = A.random_resized_crop(x, gen, size) if x.shape[-1] != size else A.pad_crop_flip(x, gen, 0)
     x = A.rand_augment(x, gen, fill=FILL)
-    x = normalize(x, argparse.Namespace(mean=MEAN, std=STD))  # train.py's
+    x = A.normalize(x, MEAN, STD)
     x = A.random_erasing(x, gen, 0.25)
     return A.mixup_cutmix(x, y, num_classes, gen)
 

@@ -5,6 +5,7 @@ and the order in which each process sees them.
 Small datasets (Fashion-MNIST idx files, CIFAR, synthetic) live on the device as uint8 (N, C, H, W) tensors
 and are batched there, as in airbench: no DataLoader, no workers. ImageFolder (ImageNet layout) decodes
 files in DataLoader workers, the one per-image step. Augmentation happens later, on the batch (augment.py).
+The reference: facebookresearch/deit datasets.py (transforms) and samplers.py (repeated augmentation).
 """
 
 import argparse
@@ -24,19 +25,11 @@ DEBIAN_FMNIST = "/usr/share/datasets/fashion-mnist"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-class UserError(Exception):
-    """A problem with the user's input: reported as one line, without a traceback."""
-
-
-def die(msg):
-    raise UserError(msg)
-
-
 def load_idx_folder(folder):
     def split(name):
         paths = [find_idx(folder, f) for f in FILES[name]]
         if None in paths:
-            die(f"{folder} lacks the idx files {FILES[name]} (.gz or not)")
+            raise ValueError(f"{folder} lacks the idx files {FILES[name]} (.gz or not)")
         x, y = (torch.from_numpy(read_idx(p).copy()) for p in paths)
         return x.unsqueeze(1), y.long()  # (N, 1, 28, 28)
     return split("train"), split("test")
@@ -53,7 +46,7 @@ def load_cifar(name, root):
         try:
             cls(root, train=True, download=True)
         except Exception as e:
-            die(f"could not download {name} to {root} ({type(e).__name__}: {e}); offline? "
+            raise ValueError(f"could not download {name} to {root} ({type(e).__name__}: {e}); offline? "
                 f"put the extracted {folder}/ folder in --data-dir {root}")
     key = "labels" if name == "cifar10" else "fine_labels"
 
@@ -73,9 +66,9 @@ def parse_classes(spec, num_classes):
         keep = sorted({c for part in spec.split(",") for c in (range(int(part.split("-")[0]), int(part.split("-")[1]) + 1)
                                                                if "-" in part else [int(part)])})
     except ValueError:
-        die(f"--classes {spec!r}: expected a range such as 0-4 or a list such as 5,7,9")
+        raise ValueError(f"--classes {spec!r}: expected a range such as 0-4 or a list such as 5,7,9")
     if not keep or keep[0] < 0 or keep[-1] >= num_classes:
-        die(f"--classes {spec!r}: the dataset has classes 0..{num_classes - 1}")
+        raise ValueError(f"--classes {spec!r}: the dataset has classes 0..{num_classes - 1}")
     return keep
 
 
@@ -92,13 +85,13 @@ def stratified_subset(y, amount, seed):
     classes = y.unique()
     per_class = round(amount * len(y) / len(classes)) if amount <= 1 else int(amount) // len(classes)
     if per_class < 1:
-        die(f"--train-subset {amount} leaves no image per class")
+        raise ValueError(f"--train-subset {amount} leaves no image per class")
     g = torch.Generator().manual_seed(seed)
     return torch.cat([(y == c).nonzero()[:, 0][torch.randperm(int((y == c).sum()), generator=g)[:per_class]]
                       for c in classes]).sort().values
 
 
-def load_data(args, ctx, img_size):
+def load_data(args, device, img_size):
     """Returns a namespace: train/val as (x, y) uint8 tensors on the device or as Datasets, num_classes,
     in_chans and the normalisation mean/std."""
     name = args.data
@@ -116,17 +109,16 @@ def load_data(args, ctx, img_size):
         folder = {"bundled": BUNDLED, "fashion-mnist": DEBIAN_FMNIST}.get(name, name)
         if not os.path.isdir(folder):
             hint = " (apt-get install -y dataset-fashion-mnist)" if name == "fashion-mnist" else ""
-            die(f"dataset path {folder} does not exist{hint}")
+            raise ValueError(f"dataset path {folder} does not exist{hint}")
         if os.path.isdir(os.path.join(folder, "train")) or os.path.isdir(os.path.join(folder, "val")):
             if args.classes is not None:
-                die("--classes works with idx and CIFAR data; for an image folder, make one with those classes")
-            return load_image_folder(folder, args, ctx, img_size)
+                raise ValueError("--classes works with idx and CIFAR data; for an image folder, make one with those classes")
+            return load_image_folder(folder, args, img_size)
         train, val = load_idx_folder(folder)
         C, stats = 10, ((0.2860,), (0.3530,))  # Fashion-MNIST's mean/std
         # Deliberate difference: no padded crop by default. Fashion-MNIST's items are centred and fill the
-        # frame; a 4-px shift of a 28-px image cuts them off (30 epochs on the bundled data with no other
-        # augmentation: 79.2% top-1 with --crop-pad 4, 85.7% with flips only; README). The reference would
-        # apply it (input <= 32 px).
+        # frame; a 4-px shift of a 28-px image cuts them off (6.5 points of top-1 on the bundled data, README
+        # "Results"). The reference would apply it (input <= 32 px).
         pad = 0
     if args.classes is not None:  # e.g. pretrain on classes 0-4, fine-tune on 5-9 (finetune.py)
         keep = parse_classes(args.classes, C)
@@ -140,9 +132,9 @@ def load_data(args, ctx, img_size):
         if img_size is not None and x.shape[-1] != img_size:
             x = F.interpolate(x.float(), size=(img_size, img_size), mode="bicubic", antialias=True)
             x = x.round().clamp(0, 255).to(torch.uint8)
-        return x.to(ctx.device), y.to(ctx.device)
+        return x.to(device), y.to(device)
     return argparse.Namespace(train=to_device(*train), val=to_device(*val), num_classes=C, in_chans=train[0].shape[1],
-                              mean=stats[0], std=stats[1], tensors=True,
+                              mean=stats[0], std=stats[1], tensors=True, skipped=[],
                               crop_pad=pad if args.crop_pad is None else args.crop_pad)
 
 
@@ -155,7 +147,7 @@ class SafeImageFolder:
         try:
             self.inner = torchvision.datasets.ImageFolder(root, transform=transform)
         except (FileNotFoundError, OSError) as e:
-            die(f"cannot read image folder {root}: {e}")
+            raise ValueError(f"cannot read image folder {root}: {e}")
 
     def __len__(self):
         return len(self.inner)
@@ -189,98 +181,102 @@ class PILRandomResizedCrop:
         return img.convert("RGB").resize((self.size, self.size), Image.BICUBIC, box=(left, top, left + w, top + h))
 
 
-def load_image_folder(root, args, ctx, img_size):
+def load_image_folder(root, args, img_size):
     import torchvision.transforms as T
     if img_size is None:
-        die(f"{args.model} has no input size of its own: give --img-size for an image folder")
+        raise ValueError(f"{args.model} has no input size of its own: give --img-size for an image folder")
     for split in ("train", "val"):
         if not os.path.isdir(os.path.join(root, split)):
-            die(f"image folder {root} has no {split}/ subfolder (expected DeiT's ImageNet layout: train/ and val/)")
+            raise ValueError(f"image folder {root} has no {split}/ subfolder (expected DeiT's ImageNet layout: train/ and val/)")
     bicubic = T.InterpolationMode.BICUBIC
     train_tf = T.Compose([PILRandomResizedCrop(img_size), T.PILToTensor()])
-    # eval: resize to size/0.875 (256 for 224), centre crop (REFERENCE §2)
+    # eval: resize to size/0.875 (256 for 224), centre crop (facebookresearch/deit datasets.py)
     val_tf = T.Compose([T.Resize(int(img_size / 0.875), interpolation=bicubic), T.CenterCrop(img_size), T.PILToTensor()])
     train, val = SafeImageFolder(os.path.join(root, "train"), train_tf), SafeImageFolder(os.path.join(root, "val"), val_tf)
     if train.inner.classes != val.inner.classes:
-        die(f"train/ and val/ of {root} have different class folders")
+        raise ValueError(f"train/ and val/ of {root} have different class folders")
     if args.train_subset is not None:
         keep = stratified_subset(torch.tensor(train.inner.targets), args.train_subset, args.seed)
         train.inner.samples = [train.inner.samples[i] for i in keep.tolist()]
     return argparse.Namespace(train=train, val=val, num_classes=len(train.inner.classes), in_chans=3,
-                              mean=IMAGENET_MEAN, std=IMAGENET_STD, tensors=False)
+                              mean=IMAGENET_MEAN, std=IMAGENET_STD, tensors=False, workers=args.workers,
+                              skipped=[])  # this epoch's undecodable files, for the log line
 
 
-def epoch_indices(n, args, ctx, epoch):
-    """This process's sample indices for one epoch, in order; consecutive chunks of batch_size // world are
+def epoch_indices(n, batch_size, seed, epoch, rank=0, world=1, repeats=1):
+    """Process rank's sample indices for one epoch, in order; consecutive chunks of batch_size // world are
     its batches. Without repeated augmentation, process r takes the r-th slice of each global batch of one
     permutation of (seed, epoch), so N processes train on exactly the images one process would.
-    With repeated augmentation (distributed runs only, as DeiT's RASampler; paper §6, Table 8: 76.5% without
-    it for DeiT-B) each image is repeated 3 times, the copies going to different processes, and each process
-    keeps len // 256 * 256 / world samples: an epoch sees about a third of the images, each 3 times."""
-    g = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
-    local = args.batch_size // ctx.world
-    if args.repeated_aug and ctx.world > 1:
-        idx = torch.randperm(n, generator=g).repeat_interleave(3)
-        total = math.ceil(len(idx) / ctx.world) * ctx.world
-        idx = torch.cat([idx, idx[:total - len(idx)]])[ctx.rank::ctx.world]
-        return idx[:n // 256 * 256 // ctx.world]
-    steps = n // args.batch_size
-    perm = torch.randperm(n, generator=g)[:steps * args.batch_size].view(steps, ctx.world, local)
-    return perm[:, ctx.rank].reshape(-1)
+    With repeats > 1 in a distributed run (DeiT's RASampler, facebookresearch/deit samplers.py; paper §6,
+    Table 8: 76.5% without it for DeiT-B) each image is repeated, the copies going to different processes,
+    and each process keeps n // 256 * 256 / world samples: with 3 repeats an epoch sees about a third of the
+    images, each 3 times."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    if repeats > 1 and world > 1:
+        idx = torch.randperm(n, generator=g).repeat_interleave(repeats)
+        total = math.ceil(len(idx) / world) * world
+        idx = torch.cat([idx, idx[:total - len(idx)]])[rank::world]
+        return idx[:n // 256 * 256 // world]
+    steps = n // batch_size
+    perm = torch.randperm(n, generator=g)[:steps * batch_size].view(steps, world, batch_size // world)
+    return perm[:, rank].reshape(-1)
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """epoch_indices for a DataLoader: the role of DistributedSampler (and of DeiT's RASampler)."""
+    """epoch_indices as a Sampler: the role of DistributedSampler, and of DeiT's RASampler with repeats=3.
+    local: the batch of one process; steps: its batches per epoch (whole ones only)."""
 
-    def __init__(self, n, args, ctx):
-        self.n, self.args, self.ctx, self.epoch = n, args, ctx, 0
+    def __init__(self, n, batch_size, seed, rank=0, world=1, repeats=1):
+        self.n, self.batch_size, self.seed, self.rank, self.world, self.repeats = n, batch_size, seed, rank, world, repeats
+        self.epoch, self.local = 0, batch_size // world
+        self.steps = len(self) // self.local
+        if self.steps == 0:
+            raise ValueError(f"--batch-size {batch_size} is larger than an epoch of the training set ({n} images)")
 
     def set_epoch(self, epoch):
         self.epoch = epoch
 
+    def indices(self):
+        return epoch_indices(self.n, self.batch_size, self.seed, self.epoch, self.rank, self.world, self.repeats)
+
     def __iter__(self):
-        return iter(epoch_indices(self.n, self.args, self.ctx, self.epoch).tolist())
+        return iter(self.indices().tolist())
 
     def __len__(self):
-        return len(epoch_indices(self.n, self.args, self.ctx, self.epoch))
+        return len(self.indices())
 
 
-def train_batches(data, args, ctx, epoch):
-    """Yields (uint8 images, labels, skipped files) of this process's batches."""
+def train_batches(data, sampler, epoch, device):
+    """This process's batches of one epoch: (uint8 images, labels) on the device. From an image folder, a
+    file that cannot be decoded is left out, named in a warning and counted in data.skipped."""
+    sampler.set_epoch(epoch)
     if data.tensors:
         x, y = data.train
-        idx = epoch_indices(len(y), args, ctx, epoch).to(ctx.device)
-        local = args.batch_size // ctx.world
-        for i in range(len(idx) // local):
-            b = idx[i * local:(i + 1) * local]
-            yield x[b], y[b], []
+        for b in sampler.indices().to(device).split(sampler.local)[:sampler.steps]:
+            yield x[b], y[b]
     else:
-        data.sampler.set_epoch(epoch)
-        yield from data.train_loader
+        data.skipped.clear()
+        yield from _folder_batches(data.train, sampler.local, device, data.workers, data.skipped, sampler=sampler,
+                                   drop_last=True)
 
 
-def val_batches(data, ctx, batch_size):
+def val_batches(data, batch_size, device, rank=0, world=1):
+    """This process's share of the held-out split (disjoint shards, no padding): (uint8 images, labels)."""
     if data.tensors:
         x, y = data.val
-        idx = torch.arange(ctx.rank, len(y), ctx.world, device=ctx.device)  # disjoint shards, no padding
-        for i in range(0, len(idx), batch_size):
-            yield x[idx[i:i + batch_size]], y[idx[i:i + batch_size]], []
+        for b in torch.arange(rank, len(y), world, device=device).split(batch_size):
+            yield x[b], y[b]
     else:
-        yield from data.val_loader
+        shard = torch.utils.data.Subset(data.val, range(rank, len(data.val), world))
+        yield from _folder_batches(shard, batch_size, device, data.workers, [])
 
 
-def steps_per_epoch(data, args, ctx):
-    n = len(data.train[1]) if data.tensors else len(data.train)
-    steps = len(epoch_indices(n, args, ctx, 0)) // (args.batch_size // ctx.world)
-    if steps == 0:
-        die(f"--batch-size {args.batch_size} is larger than an epoch of the training set ({n} images)")
-    return steps
-
-
-def make_loaders(data, args, ctx):
-    from torch.utils.data import DataLoader, Subset
-    kw = dict(num_workers=args.workers, collate_fn=collate_skipping, pin_memory=ctx.device.type == "cuda",
-              persistent_workers=args.workers > 0)
-    data.sampler = EpochSampler(len(data.train), args, ctx)
-    data.train_loader = DataLoader(data.train, args.batch_size // ctx.world, sampler=data.sampler, drop_last=True, **kw)
-    data.val_loader = DataLoader(Subset(data.val, range(ctx.rank, len(data.val), ctx.world)), args.batch_size // ctx.world, **kw)
+def _folder_batches(dataset, batch_size, device, workers, skipped, **kw):
+    # A DataLoader per epoch, as the reference's: workers decode and crop; the rest runs batched on the device.
+    for x, y, bad in torch.utils.data.DataLoader(dataset, batch_size, num_workers=workers, collate_fn=collate_skipping,
+                                                 pin_memory=device.type == "cuda", **kw):
+        for b in bad:
+            print(f"warning: skipped an image that cannot be decoded: {b}", flush=True)
+        skipped += bad
+        if x is not None:
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)

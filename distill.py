@@ -10,11 +10,13 @@ head learns from the teacher. DistillationLoss combines them:
     hard:  cross_entropy(dist_logits, argmax(teacher_logits)), no label smoothing (paper §4, Eq. 3)
 
 Paper Table 3: hard beats soft, and the student (class + dist heads) can beat its teacher. The teacher
-sees the same mixed, augmented batch as the student (the reference does this too), runs in eval mode and
-without gradients. Teachers (load_teacher): a torchvision classification model by name (DeiT's teacher is
-RegNetY-16GF, torchvision's `regnet_y_16gf`), a checkpoint written by train.py, or ConvNet below, a small
-convnet for 28-64 px inputs that train.py can train (`--model convnet`).
-This file needs torch, model.py, and torchvision for torchvision teachers only.
+sees the same mixed, augmented batch as the student (as in the reference, facebookresearch/deit losses.py
+and main.py), runs in eval mode and without gradients. Teachers (load_teacher): a torchvision
+classification model by name (DeiT's teacher is RegNetY-16GF, torchvision's `regnet_y_16gf`), a checkpoint
+written by train.py, or ConvNet below, a small convnet for 28-64 px inputs that train.py can train
+(`--model convnet`).
+This file needs torch, model.py (for DeiT teachers and weights files), and torchvision for torchvision
+teachers only.
 """
 
 import os
@@ -24,11 +26,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import MODELS, DeiT, DeiTConfig, create_model
+from model import MODELS, DeiT, DeiTConfig, create_model, load_checked, read_file, state_dict_of
 
 
 class DistillationLoss(nn.Module):
-    """kind none | soft | hard, as the reference's losses.DistillationLoss (REFERENCE.md §4).
+    """kind none | soft | hard, as DistillationLoss in facebookresearch/deit losses.py.
     base_criterion(logits, targets) is the usual loss (soft Mixup targets or label smoothing); with
     kind "none" only the class head is trained and head_dist gets no gradient, as in the reference."""
 
@@ -105,37 +107,9 @@ def create_convnet(name, num_classes, in_chans):
 # ----------------------------------------------------------------------------------------------------------
 # Teachers
 
-def read_file(path, what):
-    """torch.load(weights_only=True) on the CPU; a missing or unreadable file is one ValueError line.
-    train.py and finetune.py read their checkpoints and weights with it too."""
-    if not os.path.isfile(path):
-        raise ValueError(f"{what} {path} does not exist")
-    try:  # weights_only: a weights file never runs pickled code
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read {what} {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-
-
-def state_dict_of(obj, path):
-    """Ours ({"model": ..., "ema": ...}), the official DeiT release ({"model": ...}) or a plain state dict."""
-    state = obj["model"] if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else obj
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} is not a state dict (nor a checkpoint holding one under 'model')")
-    return state
-
-
 def _num_classes(state):
     """The row count of the last 2-D weight: the classifier, in every torchvision and DeiT state dict."""
     return next((v.shape[0] for v in reversed(state.values()) if v.ndim == 2), 1000)
-
-
-def _load(model, state, path):
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:  # name the first mismatch, not a page of them
-        detail = next((l.strip() for l in str(e).splitlines()[1:] if l.strip()), str(e))
-        raise ValueError(f"teacher weights {path} do not fit the teacher: {detail[:300]}") from None
-    return model
 
 
 def _torchvision(name, weights):
@@ -146,8 +120,9 @@ def _torchvision(name, weights):
                          f"classification model ({', '.join(n for n in names if n.startswith('regnet_y'))}, ...)")
     if weights is not None:  # a local file, with as many classes as its classifier has rows
         state = state_dict_of(read_file(weights, "teacher weights"), weights)
-        classes = _num_classes(state)
-        return _load(torchvision.models.get_model(name, weights=None, num_classes=classes), state, weights)
+        model = torchvision.models.get_model(name, weights=None, num_classes=_num_classes(state))
+        load_checked(model, state, f"teacher weights {weights}")
+        return model
     try:  # torchvision's ImageNet weights, downloaded once into torch.hub's cache (TORCH_HOME)
         return torchvision.models.get_model(name, weights="DEFAULT")
     except Exception as e:
@@ -169,8 +144,8 @@ def load_teacher(name, weights=None, num_classes=None, in_chans=None, img_size=N
             raise ValueError(f"teacher checkpoint {name} was not written by train.py: give the architecture "
                              "as --teacher NAME and this file as --teacher-weights")
         arch, mc = ckpt["config"]["model"], ckpt["model_config"]
-        model = ConvNet(ConvNetConfig(**mc)) if arch in CONVNETS else DeiT(DeiTConfig(**mc))
-        teacher = _load(model, ckpt["model"], name)
+        teacher = ConvNet(ConvNetConfig(**mc)) if arch in CONVNETS else DeiT(DeiTConfig(**mc))
+        load_checked(teacher, ckpt["model"], f"teacher checkpoint {name}")
     elif name in CONVNETS or name in MODELS:
         if weights is None:
             raise ValueError(f"teacher {name} needs trained weights: train it with train.py --model {name} and "
@@ -178,15 +153,9 @@ def load_teacher(name, weights=None, num_classes=None, in_chans=None, img_size=N
         state = state_dict_of(read_file(weights, "teacher weights"), weights)
         classes = _num_classes(state)
         chans = next((v.shape[1] for v in state.values() if v.ndim == 4), 3)
-        if name in CONVNETS:
-            model = create_convnet(name, classes, chans)
-        else:
-            pe = state.get("pos_embed")
-            model = create_model(name, num_classes=classes, in_chans=chans)
-            if pe is not None and pe.shape != model.pos_embed.shape:
-                raise ValueError(f"teacher weights {weights} have pos_embed {tuple(pe.shape)}, {name} "
-                                 f"{tuple(model.pos_embed.shape)}")
-        teacher = _load(model, state, weights)
+        teacher = (create_convnet(name, classes, chans) if name in CONVNETS
+                   else create_model(name, num_classes=classes, in_chans=chans))
+        load_checked(teacher, state, f"teacher weights {weights}")
     else:
         teacher = _torchvision(name, weights)
     teacher.eval().requires_grad_(False)

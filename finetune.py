@@ -7,7 +7,7 @@ Fine-tune pretrained DeiT weights on a new task: keep the backbone, give it a ne
     python finetune.py --weights out/ckpt.pt --freeze ...                         # linear probe
 
 Pretraining on classification teaches the backbone to map each class to its own cluster of features;
-a new task loads the backbone and trains a new head on top (paper §5.3, transfer, Table 6). Weights come
+a new task loads the backbone and trains a new head on top (paper §5.3, transfer, Tables 6-7). Weights come
 from this project's checkpoints (the model or, with --use-ema, the EMA weights), the official DeiT release
 files (a dict with key "model"), or a plain state dict with the same key names (timm's ViT/DeiT), always
 read with torch.load(weights_only=True). The architecture is --model (default: the checkpoint's own);
@@ -19,7 +19,9 @@ augmentation, distillation, checkpoints and --resume, with the reference's 384 f
 import torch
 
 import train as T
-from model import MODELS
+from data import load_data
+from distill import CONVNETS
+from model import MODELS, fit_pos_embed, load_checked, read_file, state_dict_of
 
 
 def get_parser():
@@ -39,37 +41,31 @@ def get_parser():
 
 
 def read_weights(args):
-    """The state dict to start from, and the architecture name recorded with it (ours only)."""
-    ckpt = T.read_checkpoint(args.weights)
-    name = None
-    if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict):  # ours
-        name = ckpt["config"].get("model")
-        if args.use_ema and ckpt.get("ema") is None:
-            T.die(f"{args.weights} has no EMA weights (trained with --no-model-ema)")
-        ckpt = ckpt["ema"] if args.use_ema else ckpt["model"]
-    elif args.use_ema:
-        T.die(f"--use-ema: {args.weights} is not a train.py checkpoint, it holds one set of weights")
-    state = T.model_weights(ckpt, args.weights)
+    """The state dict to start from (EMA with --use-ema), and the architecture named with it (ours only)."""
+    ckpt = read_file(args.weights)
+    name = ckpt["config"].get("model") if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) else None
+    state = state_dict_of(ckpt, args.weights, ema=args.use_ema)
     if "patch_embed.proj.weight" not in state or "pos_embed" not in state:
-        T.die(f"{args.weights} is not a ViT/DeiT state dict (no patch_embed.proj.weight / pos_embed); "
-              f"its keys begin: {', '.join(list(state)[:4])}")
+        raise ValueError(f"{args.weights} is not a ViT/DeiT state dict (no patch_embed.proj.weight / pos_embed); "
+                         f"its keys begin: {', '.join(list(state)[:4])}")
     return state, name
 
 
-def adapt(state, model, args, log):
+def adapt(state, model, args):
     """Fit a pretrained state dict to model: check the architecture, convert between distilled and plain,
-    resize the position embeddings, drop the old heads. Returns the state to load and the new keys."""
+    resize the position embeddings, drop the old heads. Returns the state to load, the keys it leaves to
+    the model's fresh initialisation, and notes on what was changed, for the log."""
     own, cfg = model.state_dict(), model.cfg
     w = state["patch_embed.proj.weight"]
     depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
     for what, theirs, ours in (("width", w.shape[0], cfg.embed_dim), ("patch size", w.shape[-1], cfg.patch_size),
                                ("depth", depth, cfg.depth)):
         if theirs != ours:
-            T.die(f"{args.weights} has {what} {theirs}, {args.model} has {ours}: choose the matching --model")
+            raise ValueError(f"{args.weights} has {what} {theirs}, {args.model} has {ours}: choose the matching --model")
     state, notes = dict(state), []
     if w.shape[1] != cfg.in_chans:  # e.g. ImageNet (RGB) weights on greyscale data
         if cfg.in_chans != 1:
-            T.die(f"{args.weights} takes {w.shape[1]}-channel images, the data has {cfg.in_chans}")
+            raise ValueError(f"{args.weights} takes {w.shape[1]}-channel images, the data has {cfg.in_chans}")
         state["patch_embed.proj.weight"] = w.sum(1, keepdim=True)  # grey = the same value in R, G and B
         notes.append(f"patch_embed.proj.weight summed over its {w.shape[1]} input channels (greyscale data)")
     distilled_src = "dist_token" in state
@@ -81,15 +77,15 @@ def adapt(state, model, args, log):
         state["pos_embed"] = torch.cat([state["pos_embed"][:, :1], own["pos_embed"][:, 1:2], state["pos_embed"][:, 1:]], 1)
         notes.append("a new dist_token with a new pos_embed row (the checkpoint is not distilled)")
     old = tuple(state["pos_embed"].shape)
-    state = T.fit_pos_embed(state, model)
+    state = fit_pos_embed(state, model)
     if tuple(state["pos_embed"].shape) != old:
         notes.append(f"pos_embed resized bicubically {old} -> {tuple(state['pos_embed'].shape)} (paper §3)")
     heads = [k for k in state if k.startswith(("head.", "head_dist."))]
     if args.keep_head:
         theirs = state["head.weight"].shape[0] if "head.weight" in state else None
         if theirs != cfg.num_classes:
-            T.die(f"--keep-head: the pretrained head has {theirs} classes, the data {cfg.num_classes}; "
-                  "leave out --keep-head for a new head")
+            raise ValueError(f"--keep-head: the pretrained head has {theirs} classes, the data {cfg.num_classes}; "
+                             "leave out --keep-head for a new head")
     else:
         for k in heads:
             del state[k]
@@ -106,22 +102,20 @@ def main(argv=None):
     state, name = read_weights(args)
     args.model = args.model or name
     if args.model is None:
-        T.die(f"{args.weights} does not say its architecture: give --model (one of {', '.join(MODELS)})")
-    if args.model not in MODELS:
-        T.die(f"unknown model {args.model!r}; known models: {', '.join(MODELS)}")
-    if args.plain and MODELS[args.model][3]:  # the plain variant of a distilled name
+        raise ValueError(f"{args.weights} does not say its architecture: give --model (one of {', '.join(MODELS)})")
+    if args.plain:  # the plain variant of a distilled name
         args.model = args.model.replace("_distilled", "")
-    if args.distill != "none" and not MODELS[args.model][3]:
-        T.die(f"--distill {args.distill} needs a distilled --model; {args.model} has no distillation token")
+    if args.model in CONVNETS:
+        raise ValueError(f"finetune.py fine-tunes DeiT models, not {args.model}")
+    img_size = T.check_model(args)
     if args.freeze:
         args.drop_path = 0.0  # a frozen backbone computes features; stochastic depth would only add noise
-    img_size = T.default_img_size(args)
-    data = T.load_data(args, ctx, img_size)
+    data = load_data(args, ctx.device, img_size)
     model = T.build_model(args, data, ctx, img_size)
 
-    state, new, notes = adapt(state, model, args, log)
+    state, new, notes = adapt(state, model, args)
     n_loaded = sum(v.numel() for v in state.values())
-    T.load_checked(model, {**model.state_dict(), **{k: v.to(ctx.device) for k, v in state.items()}}, args.weights)
+    load_checked(model, {**model.state_dict(), **{k: v.to(ctx.device) for k, v in state.items()}}, args.weights)
     log(f"loaded {len(state)} tensors ({n_loaded / 1e6:.2f}M values) from {args.weights}" + (" (EMA)" if args.use_ema else ""))
     for n in notes:
         log(f"  {n}")

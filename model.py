@@ -4,15 +4,19 @@ DeiT: a Vision Transformer with a class token and, in the distilled variants, a 
 Follows Touvron et al. 2021, "Training data-efficient image transformers & distillation through attention"
 (arXiv 2012.12877): the architecture is ViT-B/16 and smaller (paper §3, Table 1); the distillation token
 (paper §4, Fig. 2) is a second learned token with its own position embedding and its own linear head.
+"The reference" below is facebookresearch/deit models.py, built on timm's vision_transformer.py.
 The state_dict has exactly the key names and shapes of the official release files, so
 
     model = create_model("deit_small_distilled_patch16_224")
-    model.load_state_dict(torch.load(path, weights_only=True)["model"])
+    load_weights(model, "deit_small_distilled_patch16_224-649709d9.pth")
 
-loads a released checkpoint. This file needs only torch: copy it into your project.
+loads a released checkpoint (or a plain state dict, or one of train.py's checkpoints), and a wrong file is
+one clear ValueError. This file needs only torch: copy it into your project.
 """
 
 import math
+import os
+from collections import namedtuple
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +35,7 @@ class DeiTConfig:
     num_heads: int = 3
     mlp_ratio: float = 4.0
     distilled: bool = False
-    drop_path_rate: float = 0.0  # DeiT trains with 0.1 (REFERENCE §2); 0 here so inference code needs no flag
+    drop_path_rate: float = 0.0  # DeiT trains with 0.1 (paper Table 9); 0 here so inference code needs no flag
 
 
 # width, depth, heads (paper Table 1). "nano" is this project's size for CPU runs on 28-64 px images;
@@ -43,34 +47,35 @@ SIZES = {
     "base": (768, 12, 12),
 }
 
-# name -> (size, patch, img_size). The eight official variants, then variants for 28-64 px images: a 16-px
-# patch would leave a 28-px image with one token; patch 4 gives a 7x7 grid (8x8 at 32 px), patch 7 a 4x4 one.
-# Every variant also exists distilled: insert "_distilled" after the size, as in the official names.
-_BASE_NAMES = {
-    "deit_tiny_patch16_224": ("tiny", 16, 224),
-    "deit_small_patch16_224": ("small", 16, 224),
-    "deit_base_patch16_224": ("base", 16, 224),
-    "deit_base_patch16_384": ("base", 16, 384),
-    "deit_nano_patch4_28": ("nano", 4, 28),
-    "deit_nano_patch7_28": ("nano", 7, 28),  # train.py's CPU default: 16 tokens, 3x the images/s of patch 4
-    "deit_tiny_patch4_32": ("tiny", 4, 32),
-    "deit_small_patch4_32": ("small", 4, 32),
-}
+Variant = namedtuple("Variant", "size patch_size img_size distilled")  # size: a key of SIZES
+# The eight official variants, then variants for 28-64 px images: a 16-px patch would leave a 28-px image
+# with one token; patch 4 gives a 7x7 grid (8x8 at 32 px), patch 7 a 4x4 one. Every variant also exists
+# distilled: "_distilled" after the size, as in the official names.
 MODELS = {}
-for _name, _spec in _BASE_NAMES.items():
-    _size, _rest = _name[len("deit_"):].split("_", 1)
-    MODELS[_name] = (*_spec, False)
-    MODELS[f"deit_{_size}_distilled_{_rest}"] = (*_spec, True)
+for _name, _size, _patch, _img in [
+        ("deit_tiny_patch16_224", "tiny", 16, 224), ("deit_small_patch16_224", "small", 16, 224),
+        ("deit_base_patch16_224", "base", 16, 224), ("deit_base_patch16_384", "base", 16, 384),
+        ("deit_nano_patch4_28", "nano", 4, 28),
+        ("deit_nano_patch7_28", "nano", 7, 28),  # train.py's CPU default: 16 tokens, 3x the images/s of patch 4
+        ("deit_tiny_patch4_32", "tiny", 4, 32), ("deit_small_patch4_32", "small", 4, 32)]:
+    MODELS[_name] = Variant(_size, _patch, _img, False)
+    MODELS[_name.replace(f"_{_size}_", f"_{_size}_distilled_")] = Variant(_size, _patch, _img, True)
+
+
+def variant(name):
+    """The Variant of a model name; an unknown name is a ValueError that lists the known ones."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
+    return MODELS[name]
 
 
 def create_model(name, **overrides):
     """Build a variant by name; keyword arguments override any DeiTConfig field (num_classes, img_size,
     drop_path_rate, in_chans, or explicit sizes such as embed_dim=64, depth=2, num_heads=2)."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
-    size, patch, img, distilled = MODELS[name]
-    width, depth, heads = SIZES[size]
-    cfg = dict(embed_dim=width, depth=depth, num_heads=heads, patch_size=patch, img_size=img, distilled=distilled)
+    v = variant(name)
+    width, depth, heads = SIZES[v.size]
+    cfg = dict(embed_dim=width, depth=depth, num_heads=heads, patch_size=v.patch_size, img_size=v.img_size,
+               distilled=v.distilled)
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     return DeiT(DeiTConfig(**cfg))
 
@@ -88,7 +93,8 @@ class PatchEmbed(nn.Module):
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        assert cfg.embed_dim % cfg.num_heads == 0, "embed_dim must be divisible by num_heads"
+        if cfg.embed_dim % cfg.num_heads:
+            raise ValueError(f"embed_dim {cfg.embed_dim} is not divisible by num_heads {cfg.num_heads}")
         self.num_heads = cfg.num_heads
         self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim, bias=True)  # rows ordered q, k, v
         self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim)
@@ -141,7 +147,8 @@ class Block(nn.Module):
 class DeiT(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        assert cfg.img_size % cfg.patch_size == 0, "img_size must be a multiple of patch_size"
+        if cfg.img_size % cfg.patch_size:
+            raise ValueError(f"img_size {cfg.img_size} is not a multiple of the patch size {cfg.patch_size}")
         self.cfg = cfg
         D = cfg.embed_dim
         self.num_prefix_tokens = 2 if cfg.distilled else 1
@@ -215,3 +222,67 @@ def resize_pos_embed(pos_embed, new_grid, num_prefix_tokens):
     grid = F.interpolate(grid.float(), size=(new_grid, new_grid), mode="bicubic", align_corners=False)
     grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, D).to(pos_embed.dtype)
     return torch.cat([prefix, grid], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Weights files: the official release ({"model": state_dict}), train.py's checkpoints (the same, plus "ema",
+# "optimizer", "config", ...) or a plain state dict with the same key names (timm's ViT/DeiT).
+
+def load_weights(model, path, ema=False):
+    """Load a weights file into model (its EMA weights with ema, for a train.py checkpoint), position
+    embeddings resized to the model's grid. A wrong file is one ValueError line. Returns model."""
+    state = state_dict_of(read_file(path), path, ema)
+    load_checked(model, fit_pos_embed(state, model), path)
+    return model
+
+
+def read_file(path, what="weights file"):
+    """torch.load onto the CPU with weights_only=True: a weights file never runs pickled code."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{what} {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read {what} {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+
+
+def state_dict_of(obj, path, ema=False):
+    """The state dict in what read_file returned: "model" (official, ours), "ema" (ours), or all (plain)."""
+    if ema:
+        if not (isinstance(obj, dict) and "config" in obj):
+            raise ValueError(f"{path} is not a train.py checkpoint: it holds one set of weights, no EMA")
+        if obj.get("ema") is None:
+            raise ValueError(f"{path} has no EMA weights (trained with --no-model-ema)")
+        obj = obj["ema"]
+    state = obj["model"] if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else obj
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} is not a state dict (nor a checkpoint holding one under 'model')")
+    return state
+
+
+def fit_pos_embed(state, model):
+    """Weights trained at another resolution: their position embeddings resized to the model's patch grid
+    (resize_pos_embed). Any other mismatch is left for load_checked to name."""
+    pe, own = state.get("pos_embed"), getattr(model, "pos_embed", None)  # (a convnet teacher has none)
+    if pe is None or own is None or pe.ndim != 3 or pe.shape[1] == own.shape[1] or pe.shape[2] != own.shape[2]:
+        return state
+    prefix = model.num_prefix_tokens
+    if math.isqrt(pe.shape[1] - prefix) ** 2 != pe.shape[1] - prefix:
+        return state
+    return {**state, "pos_embed": resize_pos_embed(pe, math.isqrt(own.shape[1] - prefix), prefix)}
+
+
+def load_checked(model, state, what):
+    """model.load_state_dict(state), strict, but a mismatch is one line naming the keys and shapes, not a
+    page of traceback. Works for any nn.Module (torchvision teachers too)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    problems = [f"{n}: {', '.join(xs[:4])}" + (f" (+{len(xs) - 4} more)" if len(xs) > 4 else "")
+                for n, xs in (("missing keys", missing), ("unexpected keys", unexpected),
+                              ("shape (checkpoint vs model)", shapes)) if xs]
+    if problems:
+        raise ValueError(f"{what} does not fit the model: " + "; ".join(problems))
+    model.load_state_dict(state)

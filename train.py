@@ -1,18 +1,20 @@
 """
-Train DeiT (Touvron et al. 2021) with the reference recipe, on one CPU, one GPU, or many through torchrun.
+Train DeiT (Touvron et al. 2021) with the reference recipe (facebookresearch/deit main.py), on one CPU, one
+GPU, or many through torchrun.
 
     python train.py                       # a small DeiT on the bundled Fashion-MNIST subset: 82.4% in 4 min
                                           # on 2 CPU cores (README "Results": command, machine, date)
     torchrun --nproc_per_node=8 train.py --data /imagenet --model deit_small_patch16_224 \
-        --epochs 300 --batch-size 1024 --lr 5e-4 --warmup-epochs 5      # DeiT-S as in the paper (§5)
+        --epochs 300 --batch-size 1024 --lr 5e-4 --warmup-epochs 5      # DeiT-S as in the paper (Table 9)
     python train.py --model deit_nano_distilled_patch7_28 --distill hard --teacher out/teacher/ckpt.pt
                                           # distillation through attention (§4, distill.py)
 
-The optimisation recipe defaults to DeiT's (REFERENCE.md §2). Six defaults fit the bundled demo instead
-(model, epochs, batch size, lr, warm-up, no padded crop on Fashion-MNIST); the help text gives DeiT's
-value beside each. --batch-size is global, the batch of all processes together, so the learning rate
-(lr = base_lr * global_batch / 512, paper §5), the logs and the checkpoints mean the same for any number
-of processes.
+The optimisation recipe defaults to DeiT's (paper §6 and Table 9; facebookresearch/deit main.py). Six
+defaults fit the bundled demo instead (model, epochs, batch size, lr, warm-up, no padded crop on
+Fashion-MNIST); the help text gives DeiT's value beside each. --batch-size is global, the batch of all
+processes together, so the learning rate (lr = base_lr * global_batch / 512, paper §6), the logs and the
+checkpoints mean the same for any number of processes. Every deliberate difference from the reference
+is listed in the README ("Differences from the reference").
 """
 
 import argparse
@@ -30,9 +32,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import augment as A
-from data import HERE, UserError, die, load_data, make_loaders, steps_per_epoch, train_batches, val_batches
-from distill import CONVNETS, DistillationLoss, create_convnet, load_teacher, read_file, state_dict_of
-from model import MODELS, create_model, resize_pos_embed
+from data import HERE, EpochSampler, load_data, train_batches, val_batches
+from distill import CONVNETS, DistillationLoss, create_convnet, load_teacher
+from model import MODELS, create_model, fit_pos_embed, load_checked, read_file, state_dict_of, variant
 
 
 def get_parser():
@@ -51,7 +53,7 @@ def get_parser():
     a("--img-size", type=int, default=None, help="input size (default: the model's); images are resized to it, "
       "and a checkpoint of another size gets its pos_embed resized")
     a("--drop-path", type=float, default=0.1, help="stochastic depth rate of the last block (DeiT: 0.1)")
-    # augmentation (augment.py; DeiT defaults, REFERENCE §3; paper Table 8 for what each part is worth)
+    # augmentation (augment.py; DeiT's defaults, facebookresearch/deit main.py; paper Table 8: what each is worth)
     a("--crop-pad", type=int, default=None, help="padded random crop for <= 32 px inputs (default: DeiT's 4; "
       "0 for Fashion-MNIST, whose centred items a 4-px shift cuts off); larger inputs get RandomResizedCrop")
     a("--hflip", type=float, default=0.5, help="horizontal flip probability")
@@ -63,14 +65,14 @@ def get_parser():
     a("--mixup-switch-prob", type=float, default=0.5, help="probability of CutMix rather than Mixup per batch")
     a("--repeated-aug", action=argparse.BooleanOptionalAction, default=True,
       help="3 repeats of each image on different processes (distributed runs only)")
-    # distillation (distill.py; paper §4, REFERENCE §4): the student must be a *_distilled_* model
+    # distillation (distill.py; paper §4): the student must be a *_distilled_* model
     a("--distill", default="none", choices=["none", "soft", "hard"], help="distillation through the dist token")
     a("--teacher", default="regnet_y_16gf", help="a torchvision model name (DeiT's: regnet_y_16gf, with "
       "torchvision's ImageNet weights), convnet or a DeiT name with --teacher-weights, or a train.py ckpt.pt")
     a("--teacher-weights", default=None, help="a weights file for --teacher NAME (instead of downloading)")
     a("--distill-alpha", type=float, default=0.5, help="weight of the distillation loss")
     a("--distill-tau", type=float, default=1.0, help="soft distillation temperature (paper's soft runs: 3.0)")
-    # optimisation (DeiT defaults, REFERENCE §2, except epochs and batch size)
+    # optimisation (DeiT's defaults, paper Table 9, except epochs, batch size, lr and warm-up)
     a("--epochs", type=int, default=36, help="DeiT: 300")
     a("--batch-size", type=int, default=128, help="global batch over all processes (DeiT: 1024)")
     a("--lr", type=float, default=8e-3, help="base lr per 512 images, scaled by global batch / 512 (DeiT: 5e-4)")
@@ -123,12 +125,15 @@ def all_sum(values, ctx):
     return t.tolist()
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Augmentation: augment.py's ops composed into DeiT's pipeline, on each process's batch, on the device
+
 def parse_aa(spec):
     """timm's RandAugment string, e.g. rand-m9-mstd0.5-inc1 (DeiT's): magnitude 9, its std 0.5, the
     'increasing' op set; -nN sets the number of ops (2)."""
     parts = spec.split("-")
     if parts[0] != "rand":
-        die(f"--aa {spec!r}: expected 'none' or a RandAugment string like rand-m9-mstd0.5-inc1")
+        raise ValueError(f"--aa {spec!r}: expected 'none' or a RandAugment string like rand-m9-mstd0.5-inc1")
     kw = dict(num_ops=2, magnitude=9.0, magnitude_std=0.0)
     for p in parts[1:]:
         key = next((k for k in ("mstd", "inc", "m", "n") if p.startswith(k)), None)
@@ -137,16 +142,17 @@ def parse_aa(spec):
         except ValueError:
             value = None
         if value is None or (key == "inc" and value != 1):
-            die(f"--aa {spec!r}: cannot read {p!r} (known: mN, mstdX, nN, inc1)")
+            raise ValueError(f"--aa {spec!r}: cannot read {p!r} (known: mN, mstdX, nN, inc1)")
         if key != "inc":
             kw[{"m": "magnitude", "mstd": "magnitude_std", "n": "num_ops"}[key]] = int(value) if key == "n" else value
     return kw
 
 
 def augment_batch(x, y, data, args, gen):
-    """DeiT's training pipeline (REFERENCE §3) on this process's uint8 batch, on the device: crop + flip,
-    RandAugment (or 3-Augment), normalise, random erasing, then Mixup/CutMix. Returns (images, targets):
-    soft targets (B, classes) with label smoothing folded in when mixing, else the labels."""
+    """DeiT's training pipeline (facebookresearch/deit datasets.py, then main.py's Mixup) on this process's
+    uint8 batch, on the device: crop + flip, RandAugment (or 3-Augment), normalise, random erasing, then
+    Mixup/CutMix. Returns (images, targets): soft targets (B, classes) with label smoothing folded in when
+    mixing, else the labels."""
     if data.tensors and x.shape[-1] > 32:
         x = A.random_resized_crop(x, gen, x.shape[-1], hflip=args.hflip)
     else:  # <= 32 px: the padded crop; ImageFolder files were cropped in the workers, so flip only (pad 0)
@@ -156,71 +162,13 @@ def augment_batch(x, y, data, args, gen):
     elif args.aa != "none":
         fill = tuple(round(255 * m) for m in data.mean)  # geometric fill: the dataset's mean colour
         x = A.rand_augment(x, gen, fill=fill, **parse_aa(args.aa))
-    x = normalize(x, data)
+    x = A.normalize(x, data.mean, data.std)
     if args.reprob > 0 and not args.three_augment:  # 3-Augment goes without erasing (DeiT III)
         x = A.random_erasing(x, gen, args.reprob)
     if args.mixup > 0 or args.cutmix > 0:
         return A.mixup_cutmix(x, y, data.num_classes, gen, args.mixup, args.cutmix, args.mixup_switch_prob,
                               args.smoothing)
     return x, y
-
-
-def normalize(x, data):
-    """uint8 (B, C, H, W) on the device -> (x / 255 - mean) / std as float, in one pass after the cast."""
-    mean, std = (torch.tensor(v, device=x.device).view(1, -1, 1, 1) for v in (data.mean, data.std))
-    return torch.addcmul(-mean / std, x.float(), 1 / (255 * std))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Checkpoints: plain types and tensors only, so torch.load(weights_only=True) reads them.
-
-def load_checked(model, state, what):
-    """load_state_dict(strict=True), but a mismatch is named in one line instead of a long traceback."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-              if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    if missing or unexpected or shapes:
-        def some(xs):
-            return ", ".join(xs[:4]) + (f" (+{len(xs) - 4} more)" if len(xs) > 4 else "")
-        parts = [f"{n}: {some(xs)}" for n, xs in (("missing keys", missing), ("unexpected keys", unexpected),
-                                                   ("shape (checkpoint vs model)", shapes)) if xs]
-        die(f"{what} does not fit the model: " + "; ".join(parts))
-    model.load_state_dict(state)
-
-
-def fit_pos_embed(state, model):
-    """A checkpoint trained at another resolution: resize its position embeddings to the model's patch grid
-    (bicubic, class/distillation rows kept; paper §3). Other mismatches are left for load_checked to name."""
-    pe, own = state.get("pos_embed"), getattr(model, "pos_embed", None)  # (a convnet has none)
-    if pe is not None and own is not None and pe.ndim == 3 and pe.shape[1] != own.shape[1] and pe.shape[2] == own.shape[2]:
-        prefix = model.num_prefix_tokens
-        if math.isqrt(pe.shape[1] - prefix) ** 2 == pe.shape[1] - prefix:
-            new_grid = math.isqrt(own.shape[1] - prefix)
-            state = {**state, "pos_embed": resize_pos_embed(pe, new_grid, prefix)}
-    return state
-
-
-def read_checkpoint(path):
-    try:
-        return read_file(path, "checkpoint")
-    except ValueError as e:
-        die(str(e))
-
-
-def model_weights(ckpt, path):
-    """The state dict in ours ({"model": ..., "ema": ...}), the official release ({"model": ...}) or a plain one."""
-    try:
-        return state_dict_of(ckpt, path)
-    except ValueError as e:
-        die(str(e))
-
-
-def save_checkpoint(path, state):
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous checkpoint intact
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -248,7 +196,7 @@ def lr_at(epoch_float, args, peak):
 
 def compute_loss(out, targets, args):
     """Cross-entropy with the soft targets of Mixup/CutMix (smoothing already folded in), or with label
-    smoothing, (1-s)*nll + s*mean_c(-log p), when nothing is mixed (paper §5: smoothing 0.1). A distilled
+    smoothing, (1-s)*nll + s*mean_c(-log p), when nothing is mixed (paper Table 9: smoothing 0.1). A distilled
     model trained without distillation: only its class head is trained, as in the reference."""
     logits = (out[0] if isinstance(out, tuple) else out).float()
     if targets.ndim == 2:
@@ -266,10 +214,8 @@ def evaluate(model, data, ctx, batch_size):
     distilled = raw.cfg.distilled
     model.eval()
     loss = top1 = top5 = n = cls1 = dist1 = 0.0
-    for x, y, _ in val_batches(data, ctx, batch_size):
-        if x is None:
-            continue
-        x, y = normalize(x.to(ctx.device, non_blocking=True), data), y.to(ctx.device, non_blocking=True)
+    for x, y in val_batches(data, batch_size, ctx.device, ctx.rank, ctx.world):
+        x = A.normalize(x, data.mean, data.std)
         with ctx.autocast:
             out = raw.forward_heads(x) if distilled else model(x)
         if distilled:
@@ -288,19 +234,24 @@ def evaluate(model, data, ctx, batch_size):
     return {"val_loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n, **heads}
 
 
-def default_img_size(args):
-    """--img-size, else the DeiT variant's size; a convnet takes the data's own size (None)."""
-    return args.img_size or (MODELS[args.model][2] if args.model in MODELS else None)
+# ----------------------------------------------------------------------------------------------------------
+# The models
+
+def check_model(args):
+    """--model and --distill, checked before anything loads (model.variant names the known models). Returns
+    the input size: --img-size, else the variant's (a convnet: None, the data's own)."""
+    v = None if args.model in CONVNETS else variant(args.model)
+    if args.distill != "none" and not (v and v.distilled):
+        raise ValueError(f"--distill {args.distill} needs a student with a distillation token, and {args.model} has "
+                         f"none; distilled models: {', '.join(m for m, v in MODELS.items() if v.distilled)}")
+    return args.img_size or (v.img_size if v else None)
 
 
 def build_model(args, data, ctx, img_size):
     if args.model in CONVNETS:
         return create_convnet(args.model, data.num_classes, data.in_chans).to(ctx.device)
-    try:
-        return create_model(args.model, num_classes=data.num_classes, img_size=img_size,
-                            in_chans=data.in_chans, drop_path_rate=args.drop_path).to(ctx.device)
-    except (ValueError, AssertionError) as e:
-        die(str(e))
+    return create_model(args.model, num_classes=data.num_classes, img_size=img_size, in_chans=data.in_chans,
+                        drop_path_rate=args.drop_path).to(ctx.device)
 
 
 def build_teacher(args, data, img_size, log):
@@ -308,155 +259,98 @@ def build_teacher(args, data, img_size, log):
     if args.distill == "none":
         return None
     size = data.train[0].shape[-1] if data.tensors else img_size
-    try:
-        teacher = load_teacher(args.teacher, args.teacher_weights, data.num_classes, data.in_chans, size)
-    except ValueError as e:
-        die(str(e))
+    teacher = load_teacher(args.teacher, args.teacher_weights, data.num_classes, data.in_chans, size)
     log(f"teacher {args.teacher}: {sum(p.numel() for p in teacher.parameters()) / 1e6:.2f}M params, {args.distill} "
         f"distillation, alpha {args.distill_alpha}" + (f", tau {args.distill_tau}" if args.distill == "soft" else ""))
     return teacher
 
 
-def fmt_time(s):
-    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
-
-
-def train(args, ctx, model, data, log=print, teacher=None):
-    """The training loop; finetune.py calls it with a model it prepared. With args.distill other than
-    none, teacher (eval mode, no grad) trains the distillation head (distill.py)."""
-    raw_model = model
-    os.makedirs(args.out_dir, exist_ok=True)
-    ckpt_path, log_path = os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "log.jsonl")
-    if not data.tensors:
-        make_loaders(data, args, ctx)
-    spe = steps_per_epoch(data, args, ctx)
-    peak = args.lr * args.batch_size / 512  # DeiT's linear scaling rule (paper §5)
-    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=peak, betas=(0.9, 0.999), eps=1e-8,
-                            fused=ctx.device.type == "cuda")
-    ema = copy.deepcopy(raw_model).eval().requires_grad_(False) if args.model_ema else None
-    start_epoch = 0
-    if args.resume:
-        ckpt = read_checkpoint(ckpt_path)
-        load_checked(raw_model, ckpt["model"], ckpt_path)
-        opt.load_state_dict(ckpt["optimizer"])
-        if ema is not None and ckpt.get("ema") is not None:
-            ema.load_state_dict(ckpt["ema"])
-        start_epoch = ckpt["epoch"]  # epochs completed
-        rng = ckpt["rng"][ctx.rank] if len(ckpt["rng"]) == ctx.world else None
-        if rng is not None:
-            torch.set_rng_state(rng["cpu"])
-            if "cuda" in rng and ctx.device.type == "cuda":
-                torch.cuda.set_rng_state(rng["cuda"], ctx.device)
-        elif ctx.master:
-            log(f"note: checkpoint was written by {len(ckpt['rng'])} processes, now {ctx.world}: fresh RNG streams")
-        if ctx.master:  # keep the log of the epochs the checkpoint holds, drop any written after it
-            lines = open(log_path).read().splitlines() if os.path.exists(log_path) else []
-            with open(log_path, "w") as f:
-                f.writelines(l + "\n" for l in lines if json.loads(l)["epoch"] <= start_epoch)
-            log(f"resumed from {ckpt_path} after epoch {start_epoch}")
-    elif os.path.exists(ckpt_path):
-        die(f"{ckpt_path} exists: add --resume to continue that run, or choose another --out-dir")
-    elif ctx.master and os.path.exists(log_path):
-        os.remove(log_path)
-
-    compile_ = ctx.device.type == "cuda" if args.compile is None else args.compile
+def wrap(args, ctx, model, teacher, compile_):
+    """What a training step calls: the model compiled and in DDP as asked, and the loss, whose teacher is on
+    the device, frozen, and on CUDA in channels_last and compiled like the student."""
+    unused = model.cfg.distilled and args.distill == "none"  # head_dist then gets no gradient
     if compile_:
         model = torch.compile(model)
-    if ctx.ddp:  # a distilled model trained without distillation leaves head_dist without gradient
+    if ctx.ddp:
         model = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-                    find_unused_parameters=raw_model.cfg.distilled and args.distill == "none")
-    if teacher is not None:  # on CUDA: bf16 (autocast), channels_last, compiled, as the student
+                    find_unused_parameters=unused)
+    if teacher is not None:
         teacher = teacher.to(ctx.device).eval().requires_grad_(False)
         if ctx.device.type == "cuda":
             teacher = teacher.to(memory_format=torch.channels_last)
         teacher = torch.compile(teacher) if compile_ else teacher
-    criterion = DistillationLoss(lambda logits, t: compute_loss(logits, t, args), teacher,
-                                 args.distill, args.distill_alpha, args.distill_tau)
-    if ctx.master:
-        n_params = sum(p.numel() for p in raw_model.parameters())
-        log(f"{args.model}: {n_params / 1e6:.2f}M params | {spe} steps/epoch x {args.epochs} epochs | global batch "
-            f"{args.batch_size} on {ctx.world} process(es), {ctx.device.type} | peak lr {peak:.2e} | compile {compile_}")
+    return model, DistillationLoss(lambda logits, t: compute_loss(logits, t, args), teacher, args.distill,
+                                   args.distill_alpha, args.distill_tau)
 
-    # nonfinite_at: the first step whose loss was nan/inf, kept on the device so the check costs no sync
-    never = torch.tensor(2 ** 62, device=ctx.device)
-    nonfinite_at = never.clone()
-    t_start, done_steps = time.time(), 0
-    for epoch in range(start_epoch, args.epochs):
-        model.train()
-        t0 = t_log = time.time()
-        seen = seen_log = loss_n = 0  # images (all processes), at the last progress line, steps
-        skipped, loss_sum = [], torch.zeros((), device=ctx.device)  # loss summed on the device: no sync per step
-        for i, (x, y, bad) in enumerate(train_batches(data, args, ctx, epoch)):
-            step = epoch * spe + i
-            skipped += bad
-            if ctx.master:
-                for b in bad:
-                    log(f"warning: skipped an image that cannot be decoded: {b}")
-            if x is None:
-                continue
-            # this step's augmentation draws: a function of (seed, step, rank), so a resumed run repeats them
-            gen = torch.Generator(ctx.device).manual_seed((args.seed * 1_000_003 + step) * 1009 + ctx.rank)
-            x, targets = augment_batch(x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True),
-                                       data, args, gen)
-            lr = lr_at(step / spe, args, peak)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            with ctx.autocast:  # the teacher sees x too: the same mixed, augmented batch (reference)
-                loss = criterion(x, model(x), targets)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.clip_grad is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            opt.step()
-            if ema is not None:
-                torch._foreach_lerp_(list(ema.parameters()), list(raw_model.parameters()), 1 - args.model_ema_decay)
-            loss = loss.detach()
-            nonfinite_at = torch.where(torch.isfinite(loss) | (nonfinite_at < never), nonfinite_at, step)
-            loss_sum += loss
-            loss_n += 1
-            seen += len(y) * ctx.world
-            done_steps += 1
-            if (i + 1) % args.log_interval == 0 or i + 1 == spe:
-                check_finite(nonfinite_at, never, ctx, spe, ckpt_path)
-                if ctx.master and (i + 1) % args.log_interval == 0 and i + 1 < spe:
-                    rate = (seen - seen_log) / (time.time() - t_log)
-                    eta = (time.time() - t_start) / done_steps * ((args.epochs - epoch) * spe - i - 1)
-                    log(f"epoch {epoch + 1} step {i + 1}/{spe} | loss {loss.item():.4f} | lr {lr:.2e} | "
-                        f"{rate:.0f} img/s | eta {fmt_time(eta)}")
-                    t_log, seen_log = time.time(), seen
-        train_time = time.time() - t0
-        metrics = evaluate(model, data, ctx, max(256, args.batch_size // ctx.world))
-        if ema is not None and args.eval_ema:
-            metrics["ema_top1"] = evaluate(ema, data, ctx, max(256, args.batch_size // ctx.world))["top1"]
-        train_loss, = all_sum([loss_sum.item() / max(loss_n, 1)], ctx)
-        n_skipped, = all_sum([len(skipped)], ctx)
-        rng = {"cpu": torch.get_rng_state()}
-        if ctx.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(ctx.device)
-        rngs = [rng]
-        if ctx.ddp:  # every process's RNG state, so a resumed run draws what the uninterrupted one would
-            rngs = [None] * ctx.world
-            dist.all_gather_object(rngs, rng)
-        if ctx.master:
-            record = {"epoch": epoch + 1, "step": (epoch + 1) * spe, "train_loss": train_loss / ctx.world, **metrics,
-                      "lr": lr, "img_per_s": seen / train_time, "epoch_time": train_time, "skipped_images": int(n_skipped)}
-            # the log line first, then the checkpoint: a kill between the two leaves a line past the
-            # checkpoint, which --resume drops, never a checkpoint without its line
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            save_checkpoint(ckpt_path, {
-                "model": raw_model.state_dict(), "optimizer": opt.state_dict(),
-                "ema": ema.state_dict() if ema is not None else None,
-                "epoch": epoch + 1, "step": (epoch + 1) * spe, "rng": rngs, "config": vars(args),
-                "model_config": vars(raw_model.cfg) if hasattr(raw_model, "cfg") else None,
-                "num_classes": data.num_classes, "mean": list(data.mean), "std": list(data.std)})
-            eta = (time.time() - t_start) / (epoch + 1 - start_epoch) * (args.epochs - epoch - 1)
-            log(f"epoch {epoch + 1}/{args.epochs} | loss {record['train_loss']:.4f} | lr {lr:.2e} | "
-                f"{record['img_per_s']:.0f} img/s | val loss {metrics['val_loss']:.4f} top1 {metrics['top1']:.2f} "
-                f"top5 {metrics['top5']:.2f}" + (f" (cls {metrics['top1_cls']:.2f} dist {metrics['top1_dist']:.2f})"
-                                                 if "top1_cls" in metrics else "") + (f" ema top1 {metrics['ema_top1']:.2f}" if "ema_top1" in metrics else "")
-                + (f" | skipped {int(n_skipped)} images" if n_skipped else "") + f" | eta {fmt_time(eta)}")
-    return raw_model
+
+# ----------------------------------------------------------------------------------------------------------
+# A run's state on disk: out_dir/ckpt.pt (plain types and tensors only, so torch.load(weights_only=True)
+# reads it) and out_dir/log.jsonl, one JSON line per epoch.
+
+def resume_or_start(args, ctx, run, log):
+    """With --resume: the weights, optimizer, EMA and every process's RNG state of out_dir/ckpt.pt, and the
+    log lines of the epochs it holds. Without: refuse to overwrite a run. Returns the epochs already done."""
+    if not args.resume:
+        if os.path.exists(run.ckpt_path):
+            raise ValueError(f"{run.ckpt_path} exists: add --resume to continue that run, or choose another --out-dir")
+        if ctx.master and os.path.exists(run.log_path):
+            os.remove(run.log_path)
+        return 0
+    ckpt = read_file(run.ckpt_path, "checkpoint")
+    load_checked(run.model, ckpt["model"], run.ckpt_path)
+    run.opt.load_state_dict(ckpt["optimizer"])
+    if run.ema is not None and ckpt.get("ema") is not None:
+        run.ema.load_state_dict(ckpt["ema"])
+    rng = ckpt["rng"][ctx.rank] if len(ckpt["rng"]) == ctx.world else None
+    if rng is not None:
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and ctx.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], ctx.device)
+    elif ctx.master:
+        log(f"note: checkpoint was written by {len(ckpt['rng'])} processes, now {ctx.world}: fresh RNG streams")
+    if ctx.master:  # keep the log of the epochs the checkpoint holds, drop any written after it
+        lines = open(run.log_path).read().splitlines() if os.path.exists(run.log_path) else []
+        with open(run.log_path, "w") as f:
+            f.writelines(l + "\n" for l in lines if json.loads(l)["epoch"] <= ckpt["epoch"])
+        log(f"resumed from {run.ckpt_path} after epoch {ckpt['epoch']}")
+    return ckpt["epoch"]
+
+
+def end_of_epoch(args, ctx, run, net, data, epoch, stats, log):
+    """Evaluate, then write the epoch's log line, save the checkpoint and print the line. stats: this
+    process's train_loss (mean over its steps), lr, img_per_s, epoch_time."""
+    metrics = evaluate(net, data, ctx, max(256, args.batch_size // ctx.world))
+    if run.ema is not None and args.eval_ema:
+        metrics["ema_top1"] = evaluate(run.ema, data, ctx, max(256, args.batch_size // ctx.world))["top1"]
+    train_loss, n_skipped = all_sum([stats["train_loss"], len(data.skipped)], ctx)
+    rng = {"cpu": torch.get_rng_state()}
+    if ctx.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(ctx.device)
+    rngs = [rng]
+    if ctx.ddp:  # every process's RNG state, so a resumed run draws what the uninterrupted one would
+        rngs = [None] * ctx.world
+        dist.all_gather_object(rngs, rng)
+    if not ctx.master:
+        return
+    record = {"epoch": epoch + 1, "step": (epoch + 1) * run.spe, "train_loss": train_loss / ctx.world, **metrics,
+              "lr": stats["lr"], "img_per_s": stats["img_per_s"], "epoch_time": stats["epoch_time"],
+              "skipped_images": int(n_skipped)}
+    # the log line first, then the checkpoint: a kill between the two leaves a line past the checkpoint,
+    # which --resume drops, never a checkpoint without its line
+    with open(run.log_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    torch.save({"model": run.model.state_dict(), "optimizer": run.opt.state_dict(),
+                "ema": run.ema.state_dict() if run.ema is not None else None,
+                "epoch": epoch + 1, "step": (epoch + 1) * run.spe, "rng": rngs, "config": vars(args),
+                "model_config": vars(run.model.cfg) if hasattr(run.model, "cfg") else None,
+                "num_classes": data.num_classes, "mean": list(data.mean), "std": list(data.std)}, run.ckpt_path + ".tmp")
+    os.replace(run.ckpt_path + ".tmp", run.ckpt_path)  # atomic: a kill mid-write leaves the last checkpoint intact
+    eta = (time.time() - run.t_start) / (epoch + 1 - run.start_epoch) * (args.epochs - epoch - 1)
+    heads = f" (cls {metrics['top1_cls']:.2f} dist {metrics['top1_dist']:.2f})" if "top1_cls" in metrics else ""
+    log(f"epoch {epoch + 1}/{args.epochs} | loss {record['train_loss']:.4f} | lr {stats['lr']:.2e} | "
+        f"{record['img_per_s']:.0f} img/s | val loss {metrics['val_loss']:.4f} top1 {metrics['top1']:.2f} "
+        f"top5 {metrics['top5']:.2f}" + heads + (f" ema top1 {metrics['ema_top1']:.2f}" if "ema_top1" in metrics else "")
+        + (f" | skipped {int(n_skipped)} images" if n_skipped else "") + f" | eta {fmt_time(eta)}")
 
 
 def check_finite(nonfinite_at, never, ctx, spe, ckpt_path):
@@ -467,8 +361,79 @@ def check_finite(nonfinite_at, never, ctx, spe, ckpt_path):
     if bad.item() < never.item():
         s = int(bad.item())
         kept = f"the last good checkpoint {ckpt_path} is kept" if os.path.exists(ckpt_path) else "no checkpoint was written"
-        die(f"loss became nan/inf at step {s} (epoch {s // spe + 1}); stopped, {kept}. "
-            "Try a lower --lr or --clip-grad")
+        raise ValueError(f"loss became nan/inf at step {s} (epoch {s // spe + 1}); stopped, {kept}. "
+                         "Try a lower --lr or --clip-grad")
+
+
+def fmt_time(s):
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop
+
+def train(args, ctx, model, data, log=print, teacher=None):
+    """The training loop; finetune.py calls it with a model it prepared. With args.distill other than
+    none, teacher (eval mode, no grad) trains the distillation head (distill.py)."""
+    os.makedirs(args.out_dir, exist_ok=True)
+    n_train = len(data.train[1]) if data.tensors else len(data.train)
+    sampler = EpochSampler(n_train, args.batch_size, args.seed, ctx.rank, ctx.world, 3 if args.repeated_aug else 1)
+    spe = sampler.steps
+    peak = args.lr * args.batch_size / 512  # DeiT's linear scaling rule (paper §6)
+    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=peak, betas=(0.9, 0.999), eps=1e-8,
+                            fused=ctx.device.type == "cuda")
+    ema = copy.deepcopy(model).eval().requires_grad_(False) if args.model_ema else None
+    run = argparse.Namespace(model=model, opt=opt, ema=ema, spe=spe, ckpt_path=os.path.join(args.out_dir, "ckpt.pt"),
+                             log_path=os.path.join(args.out_dir, "log.jsonl"))
+    run.start_epoch = resume_or_start(args, ctx, run, log)
+    compile_ = ctx.device.type == "cuda" if args.compile is None else args.compile
+    net, criterion = wrap(args, ctx, model, teacher, compile_)
+    if ctx.master:
+        log(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params | {spe} steps/epoch x "
+            f"{args.epochs} epochs | global batch {args.batch_size} on {ctx.world} process(es), {ctx.device.type} | "
+            f"peak lr {peak:.2e} | compile {compile_}")
+
+    # nonfinite_at: the first step whose loss was nan/inf, kept on the device so the check costs no sync
+    never = torch.tensor(2 ** 62, device=ctx.device)
+    nonfinite_at = never.clone()
+    run.t_start, done_steps = time.time(), 0
+    for epoch in range(run.start_epoch, args.epochs):
+        net.train()
+        t0 = t_log = time.time()
+        seen = seen_log = loss_n = 0  # images (all processes), at the last progress line, steps
+        loss_sum = torch.zeros((), device=ctx.device)  # summed on the device: no sync per step
+        for i, (x, y) in enumerate(train_batches(data, sampler, epoch, ctx.device)):
+            step = epoch * spe + i
+            # this step's augmentation draws: a function of (seed, step, rank), so a resumed run repeats them
+            gen = torch.Generator(ctx.device).manual_seed((args.seed * 1_000_003 + step) * 1009 + ctx.rank)
+            x, targets = augment_batch(x, y, data, args, gen)
+            lr = lr_at(step / spe, args, peak)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            with ctx.autocast:  # the teacher sees x too: the same mixed, augmented batch (reference)
+                loss = criterion(x, net(x), targets)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.clip_grad is not None:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), args.clip_grad)
+            opt.step()
+            if ema is not None:
+                torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - args.model_ema_decay)
+            loss = loss.detach()
+            nonfinite_at = torch.where(torch.isfinite(loss) | (nonfinite_at < never), nonfinite_at, step)
+            loss_sum += loss
+            loss_n, seen, done_steps = loss_n + 1, seen + len(y) * ctx.world, done_steps + 1
+            if (i + 1) % args.log_interval == 0 and i + 1 < spe:
+                check_finite(nonfinite_at, never, ctx, spe, run.ckpt_path)
+                eta = (time.time() - run.t_start) / done_steps * ((args.epochs - epoch) * spe - i - 1)
+                log(f"epoch {epoch + 1} step {i + 1}/{spe} | loss {loss.item():.4f} | lr {lr:.2e} | "
+                    f"{(seen - seen_log) / (time.time() - t_log):.0f} img/s | eta {fmt_time(eta)}")
+                t_log, seen_log = time.time(), seen
+        check_finite(nonfinite_at, never, ctx, spe, run.ckpt_path)
+        train_time = time.time() - t0
+        end_of_epoch(args, ctx, run, net, data, epoch, dict(train_loss=loss_sum.item() / max(loss_n, 1), lr=lr,
+                     img_per_s=seen / train_time, epoch_time=train_time), log)
+    return model
 
 
 def main(argv=None):
@@ -477,44 +442,42 @@ def main(argv=None):
     torch.manual_seed(args.seed + ctx.rank)  # seed + rank, as the reference (drop path differs per process)
     log = print if ctx.master else (lambda *a, **k: None)
     if args.batch_size % ctx.world:
-        die(f"--batch-size {args.batch_size} is not divisible by the {ctx.world} processes")
-    if args.model not in MODELS and args.model not in CONVNETS:
-        die(f"unknown model {args.model!r}; known models: {', '.join([*MODELS, *CONVNETS])}")
-    if args.distill != "none" and not (args.model in MODELS and MODELS[args.model][3]):
-        die(f"--distill {args.distill} needs a student with a distillation token, and {args.model} has none; "
-            f"distilled models: {', '.join(m for m in MODELS if MODELS[m][3])}")
+        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {ctx.world} processes")
     if args.aa != "none":
         parse_aa(args.aa)  # a malformed string fails now, not at the first step
-
-    if args.eval_only:  # the model's shape comes from the checkpoint when it is one of ours
-        path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
-        ckpt = read_checkpoint(path)
-        if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict):
-            args.model, args.img_size = ckpt["config"]["model"], args.img_size or ckpt["config"]["img_size"]
-            args.classes = args.classes or ckpt["config"].get("classes")  # the class subset it was trained on
-            ckpt = ckpt["ema"] if args.eval_ema else ckpt["model"]
-        img_size = default_img_size(args)
-        data = load_data(args, ctx, img_size)
-        model = build_model(args, data, ctx, img_size)
-        load_checked(model, fit_pos_embed(model_weights(ckpt, path), model), path)
-        if not data.tensors:
-            make_loaders(data, args, ctx)
-        metrics = evaluate(model, data, ctx, max(256, args.batch_size // ctx.world))
-        log(f"{path}: val loss {metrics['val_loss']:.4f} | top1 {metrics['top1']:.2f} | top5 {metrics['top5']:.2f}"
-            + (f" | class head {metrics['top1_cls']:.2f} | dist head {metrics['top1_dist']:.2f}" if "top1_cls" in metrics else ""))
-        return metrics
-
-    img_size = default_img_size(args)
-    data = load_data(args, ctx, img_size)
+    if args.eval_only:
+        return eval_only(args, ctx, log)
+    img_size = check_model(args)
+    data = load_data(args, ctx.device, img_size)
     model = build_model(args, data, ctx, img_size)
     return train(args, ctx, model, data, log, build_teacher(args, data, img_size, log))
 
 
+def eval_only(args, ctx, log):
+    """--eval-only: evaluate --ckpt (ours, an official release file or a state dict). The model's shape
+    comes from the checkpoint when it is one of ours, else from --model."""
+    path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
+    ckpt = read_file(path, "checkpoint")
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict):
+        args.model, args.img_size = ckpt["config"]["model"], args.img_size or ckpt["config"]["img_size"]
+        args.classes = args.classes or ckpt["config"].get("classes")  # the class subset it was trained on
+    img_size = check_model(args)
+    data = load_data(args, ctx.device, img_size)
+    model = build_model(args, data, ctx, img_size)
+    load_checked(model, fit_pos_embed(state_dict_of(ckpt, path, args.eval_ema), model), path)
+    metrics = evaluate(model, data, ctx, max(256, args.batch_size // ctx.world))
+    log(f"{path}: val loss {metrics['val_loss']:.4f} | top1 {metrics['top1']:.2f} | top5 {metrics['top5']:.2f}"
+        + (f" | class head {metrics['top1_cls']:.2f} | dist head {metrics['top1_dist']:.2f}" if "top1_cls" in metrics else ""))
+    return metrics
+
+
 def cli(main):
-    """Run main() as a command: a UserError is one line on stderr and exit code 2, not a traceback."""
+    """Run main() as a command. The convention of every file here: a problem the user can fix (a bad flag,
+    a missing file, weights that do not fit, a diverged run) raises ValueError with a one-line message, and
+    this is the one place that turns it into "error: ..." on stderr and exit code 2 instead of a traceback."""
     try:
         main()
-    except UserError as e:
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
