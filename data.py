@@ -47,7 +47,7 @@ def load_cifar(name, root):
             cls(root, train=True, download=True)
         except Exception as e:
             raise ValueError(f"could not download {name} to {root} ({type(e).__name__}: {e}); offline? "
-                f"put the extracted {folder}/ folder in --data-dir {root}")
+                             f"put the extracted {folder}/ folder in --data-dir {root}")
     key = "labels" if name == "cifar10" else "fine_labels"
 
     def read(batch_files):
