@@ -4,7 +4,8 @@ DeiT's data augmentation, from scratch, on batched uint8 tensors (B, C, H, W) on
 Paper §6 and Table 8: without Mixup and CutMix DeiT-B falls from 81.8 to 75.8% top-1, without RandAugment
 to 79.6, and without random erasing training diverges. The reference runs RandAugment image by image in
 PIL on the CPU; here every op works on a whole batch on the device, and every image draws its own ops,
-magnitudes, boxes and rectangles from a torch.Generator. Semantics: the reference's (timm's auto_augment.py,
+magnitudes, boxes and rectangles, on the host, from a numpy Generator (below: the host decides, the device
+computes, and nothing waits for the device). Semantics: the reference's (timm's auto_augment.py,
 mixup.py, random_erasing.py and transforms.py as facebookresearch/deit datasets.py and main.py set them up);
 the ops follow PIL's ImageOps / ImageEnhance / Image.transform, and the tests compare them with PIL.
 
@@ -12,11 +13,12 @@ Each op is usable alone, on a uint8 batch:
 
     apply_op(images, "Rotate", level=0.9, sign=-1)   # level in [0, 1] (= magnitude / 10), scalar or (B,)
 
-This file needs only torch: copy it into your project.
+This file needs only torch and numpy: copy it into your project.
 """
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -117,7 +119,7 @@ def affine(img, matrix, fill):
     """PIL's Image.transform(size, AFFINE, matrix, BICUBIC, fillcolor=fill), batched: output pixel centre
     (x + 0.5, y + 0.5) samples the input at (a x' + b y' + c, d x' + e y' + f); a sample outside the image
     takes the fill colour (PIL's rule); inside, a bicubic with edge pixels repeated, truncated to uint8.
-    matrix: (B, 6) in pixels; fill: C values in 0..255.
+    matrix: (B, 6) in pixels; fill: C values in 0..255 (a uint8 tensor on the device costs no copy).
     Deliberate difference: grid_sample's bicubic is the a = -0.75 cubic, PIL's transform uses a = -1: one
     fused kernel instead of gathering PIL's 16 taps (README, "Differences from the reference"). On the
     bundled 28-px images they differ by about 1 grey level on average, up to ~20 on sharp edges
@@ -137,8 +139,10 @@ def affine(img, matrix, fill):
 
 
 def _matrix(arg, **entries):
-    """Per-image affine matrices (B, 6), (a, b, c, d, e, f), the identity except the named entries."""
-    m = torch.tensor([1.0, 0, 0, 0, 1, 0], dtype=torch.float64, device=arg.device).repeat(len(arg), 1)
+    """Per-image affine matrices (B, 6), (a, b, c, d, e, f), the identity except the named entries. Built on
+    arg's device from fills, not copied from the host."""
+    m = torch.zeros(len(arg), 6, dtype=torch.float64, device=arg.device)
+    m[:, 0] = m[:, 4] = 1.0
     for name, value in entries.items():
         m[:, "abcdef".index(name)] = value.double()
     return m
@@ -171,11 +175,30 @@ def translate_y(img, pixels, fill=128):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The host decides, the device computes. Every random choice (which op, applied or not, magnitude, box,
+# flip, lam) is drawn on the host from a numpy Generator, so the sizes of the per-op subsets are known
+# without asking the device: a GPU never has to finish its queue so that the CPU can read a value back
+# (as .item(), .tolist(), nonzero() or a boolean mask would make it). The few numbers per image then travel
+# to the device in one pinned buffer with one non_blocking copy. Only per-pixel noise is drawn on the device.
+
+def to_device(device, *arrays):
+    """Small host arrays -> float32 tensors on device, through one buffer and one copy that does not wait:
+    pinned memory on CUDA, since a copy from ordinary (pageable) memory makes the CPU wait for the GPU."""
+    flat = [np.asarray(a, np.float32).ravel() for a in arrays]
+    buf = torch.from_numpy(np.concatenate(flat))
+    if device.type == "cuda":
+        buf = buf.pin_memory()
+    parts = buf.to(device, non_blocking=True).split([len(f) for f in flat])
+    return [p.view(np.shape(a)) for p, a in zip(parts, arrays)]
+
+
+# ---------------------------------------------------------------------------------------------------------
 # RandAugment's 15 ops (timm's "increasing" set, as DeiT's rand-m9-mstd0.5-inc1) and level -> argument.
-# level = magnitude / 10 in [0, 1]; sign = +-1 where the op's argument is randomly negated.
+# level = magnitude / 10 in [0, 1]; sign = +-1 where the op's argument is randomly negated. The arguments
+# are computed on the host in float64, as timm does in Python.
 
 def _enhance(level, sign):
-    return (1.0 + sign * 0.9 * level).clamp(min=0.1)
+    return np.maximum(1.0 + sign * 0.9 * level, 0.1)
 
 
 OP_ARGS = {  # name -> (op, argument from (level, sign, H, W)), as timm's auto_augment.py LEVEL_TO_ARG
@@ -183,9 +206,9 @@ OP_ARGS = {  # name -> (op, argument from (level, sign, H, W)), as timm's auto_a
     "Equalize": (equalize, lambda l, s, H, W: l),
     "Invert": (invert, lambda l, s, H, W: l),
     "Rotate": (rotate, lambda l, s, H, W: s * 30.0 * l),
-    "PosterizeIncreasing": (posterize, lambda l, s, H, W: 4 - (4 * l).floor()),
-    "SolarizeIncreasing": (solarize, lambda l, s, H, W: 256 - (256 * l).floor()),
-    "SolarizeAdd": (solarize_add, lambda l, s, H, W: (110 * l).floor().clamp(max=128)),
+    "PosterizeIncreasing": (posterize, lambda l, s, H, W: 4 - np.floor(4 * l)),
+    "SolarizeIncreasing": (solarize, lambda l, s, H, W: 256 - np.floor(256 * l)),
+    "SolarizeAdd": (solarize_add, lambda l, s, H, W: np.minimum(np.floor(110 * l), 128)),
     "ColorIncreasing": (color, lambda l, s, H, W: _enhance(l, s)),
     "ContrastIncreasing": (contrast, lambda l, s, H, W: _enhance(l, s)),
     "BrightnessIncreasing": (brightness, lambda l, s, H, W: _enhance(l, s)),
@@ -200,125 +223,130 @@ GEOMETRIC = {"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"}
 
 
 def op_argument(name, level, sign, H, W):
-    """The op's argument for level in [0, 1] and sign +-1 (scalars or (B,) tensors)."""
-    level, sign = torch.as_tensor(level, dtype=torch.float64), torch.as_tensor(sign, dtype=torch.float64)
-    return OP_ARGS[name][1](level, sign, H, W)
+    """The op's argument for level in [0, 1] and sign +-1 (scalars or (B,) arrays), on the host."""
+    return OP_ARGS[name][1](np.asarray(level, np.float64), np.asarray(sign, np.float64), H, W)
+
+
+def _run_op(images, name, arg, fill):
+    op = OP_ARGS[name][0]
+    return op(images, arg, fill=fill) if name in GEOMETRIC else op(images, arg)
 
 
 def apply_op(images, name, level, sign=1.0, fill=128):
     """Apply one RandAugment op to a uint8 batch; level (= magnitude / 10) and sign may be per image."""
     B, C, H, W = images.shape
-    arg = op_argument(name, level, sign, H, W).to(images.device).expand(B).float()
-    op = OP_ARGS[name][0]
-    if name in GEOMETRIC:
-        return op(images, arg, fill=fill)
-    return op(images, arg)
+    arg = np.broadcast_to(op_argument(name, level, sign, H, W), (B,))
+    arg, fill = to_device(images.device, arg, np.broadcast_to(fill, (C,)))
+    return _run_op(images, name, arg, fill.to(torch.uint8))
 
 
-def _rand(gen, *shape):
-    return torch.rand(shape, generator=gen, device=gen.device)
-
-
-def rand_augment(images, gen, num_ops=2, magnitude=9.0, magnitude_std=0.5, prob=0.5, fill=128):
+def rand_augment(images, rng, num_ops=2, magnitude=9.0, magnitude_std=0.5, prob=0.5, fill=128):
     """DeiT's RandAugment (rand-m9-mstd0.5-inc1): per image, num_ops ops drawn uniformly with replacement,
     each applied with probability prob, with magnitude ~ N(magnitude, magnitude_std) clipped to [0, 10].
     The loop is over op slots and op kinds, never over images: each op runs once on the images that drew it.
-    gen: a torch.Generator; its device (CPU or the images' GPU) is where the draws are made."""
-    B = images.shape[0]
-    images = images.clone()  # written in place below, one op kind at a time
+    rng: a numpy Generator, where every draw is made."""
+    B, C, H, W = images.shape
+    plan = []  # (op name, indices of the images that drew it, their arguments), in the order they apply
     for _ in range(num_ops):
-        which = (_rand(gen, B) * len(OP_NAMES)).long().clamp(max=len(OP_NAMES) - 1)
-        apply = _rand(gen, B) < prob
-        level = (magnitude + magnitude_std * torch.randn(B, generator=gen, device=gen.device)).clamp(0, 10) / 10
-        sign = torch.where(_rand(gen, B) < 0.5, -1.0, 1.0)
+        which = rng.integers(0, len(OP_NAMES), B)
+        apply = rng.random(B) < prob
+        level = np.clip(magnitude + magnitude_std * rng.standard_normal(B), 0, 10) / 10
+        sign = np.where(rng.random(B) < 0.5, -1.0, 1.0)
         for k, name in enumerate(OP_NAMES):
-            idx = ((which == k) & apply).nonzero()[:, 0]
+            idx = np.flatnonzero((which == k) & apply)
             if len(idx):
-                out = apply_op(images[idx.to(images.device)], name, level[idx], sign[idx], fill)
-                images.index_copy_(0, idx.to(images.device), out)
+                plan.append((name, idx, op_argument(name, level[idx], sign[idx], H, W)))
+    fill, *tensors = to_device(images.device, np.broadcast_to(fill, (C,)), *[a for _, i, g in plan for a in (i, g)])
+    fill = fill.to(torch.uint8)
+    images = images.clone()  # written in place below, one op kind at a time
+    for (name, _, _), idx, arg in zip(plan, tensors[0::2], tensors[1::2]):
+        idx = idx.long()
+        images.index_copy_(0, idx, _run_op(images.index_select(0, idx), name, arg, fill))
     return images
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Crops and flips (uint8, before RandAugment), as the reference's transforms, drawn per image.
 
-def _box_sizes(gen, B, H, W, area, ratio, attempts, fits):
+def _box_sizes(rng, B, H, W, area, ratio, attempts, fits):
     """Up to `attempts` tries per image of a box of area ~ U(area) * H * W and aspect w/h log-uniform in
     ratio, rounded to pixels; the first try that fits(h, w) wins. Returns h, w (B,) and whether one fit."""
-    a = H * W * (area[0] + (area[1] - area[0]) * _rand(gen, B, attempts))
-    aspect = torch.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * _rand(gen, B, attempts))
-    w, h = torch.sqrt(a * aspect).round(), torch.sqrt(a / aspect).round()
+    a = H * W * rng.uniform(area[0], area[1], (B, attempts))
+    aspect = np.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1]), (B, attempts)))
+    w, h = np.round(np.sqrt(a * aspect)), np.round(np.sqrt(a / aspect))
     ok = fits(h, w)
-    first = ok.float().argmax(1, keepdim=True)  # the first attempt that fits
-    return h.gather(1, first)[:, 0], w.gather(1, first)[:, 0], ok.any(1)
+    first = ok.argmax(1)[:, None]  # the first attempt that fits
+    return np.take_along_axis(h, first, 1)[:, 0], np.take_along_axis(w, first, 1)[:, 0], ok.any(1)
 
 
-def sample_boxes(gen, B, H, W, scale, ratio, attempts=10):
+def sample_boxes(rng, B, H, W, scale, ratio, attempts=10):
     """RandomResizedCrop's box per image (torchvision/timm): up to 10 tries of area ~ U(scale) * H * W and
     log-uniform aspect in ratio, the first that fits wins; none fits -> the central crop of the clamped
-    ratio. Returns top, left, height, width as (B,) float tensors."""
-    h, w, found = _box_sizes(gen, B, H, W, scale, ratio, attempts,
+    ratio. Returns top, left, height, width as (B,) float arrays."""
+    h, w, found = _box_sizes(rng, B, H, W, scale, ratio, attempts,
                              lambda h, w: (w > 0) & (h > 0) & (w <= W) & (h <= H))
     # fallback: the whole image cropped to the nearest allowed aspect ratio, centred
     r = W / H
     fw, fh = (W, round(W / ratio[0])) if r < ratio[0] else (round(H * ratio[1]), H) if r > ratio[1] else (W, H)
-    h, w = torch.where(found, h, float(fh)), torch.where(found, w, float(fw))
-    top = torch.where(found, (_rand(gen, B) * (H - h + 1)).floor(), ((H - h) / 2).floor())
-    left = torch.where(found, (_rand(gen, B) * (W - w + 1)).floor(), ((W - w) / 2).floor())
+    h, w = np.where(found, h, fh), np.where(found, w, fw)
+    top = np.where(found, np.floor(rng.random(B) * (H - h + 1)), np.floor((H - h) / 2))
+    left = np.where(found, np.floor(rng.random(B) * (W - w + 1)), np.floor((W - w) / 2))
     return top, left, h, w
 
 
-def random_resized_crop(images, gen, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5):
+def random_resized_crop(images, rng, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5):
     """RandomResizedCrop(size, scale, ratio, bicubic) + horizontal flip p hflip, batched: each image gets its
     own box, resampled to size x size with the a = -0.75 bicubic of grid_sample (no antialias: the images
     this path serves are small and mostly upsampled; decoded files are cropped in PIL). One fused kernel
     instead of PIL's a = -0.5 cubic (README, "Differences from the reference")."""
     B, C, H, W = images.shape
-    top, left, h, w = (t.to(images.device) for t in sample_boxes(gen, B, H, W, scale, ratio))
-    flip = (_rand(gen, B) < hflip).to(images.device)
+    top, left, h, w = sample_boxes(rng, B, H, W, scale, ratio)
+    top, left, h, w, flip = to_device(images.device, top, left, h, w, rng.random(B) < hflip)
     # output pixel centre u in (0, 1) maps to x = left + u * w in pixels, then to grid_sample's [-1, 1]
     u = (torch.arange(size, device=images.device) + 0.5) / size
     gx = (left[:, None] + u * w[:, None]) * 2 / W - 1  # (B, size)
-    gx = torch.where(flip[:, None], gx.flip(1), gx)
+    gx = torch.where(flip[:, None] > 0, gx.flip(1), gx)
     gy = (top[:, None] + u * h[:, None]) * 2 / H - 1
     grid = torch.stack([gx[:, None, :].expand(B, size, size), gy[:, :, None].expand(B, size, size)], -1)
     out = F.grid_sample(images.float(), grid, mode="bicubic", padding_mode="border", align_corners=False)
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
-def pad_crop_flip(images, gen, pad=4, hflip=0.5):
+def pad_crop_flip(images, rng, pad=4, hflip=0.5):
     """RandomCrop(size, padding=pad) + horizontal flip, DeiT's crop for inputs of 32 px or less: zero
     padding, every image its own offset and flip."""
     B, C, H, W = images.shape
     dev = images.device
-    top, left = ((_rand(gen, B) * (2 * pad + 1)).long().to(dev) for _ in range(2))
-    flip = (_rand(gen, B) < hflip).to(dev)
+    top, left, flip = to_device(dev, rng.integers(0, 2 * pad + 1, B), rng.integers(0, 2 * pad + 1, B),
+                                rng.random(B) < hflip)
     xp = F.pad(images, (pad, pad, pad, pad))
-    rows = (top[:, None] + torch.arange(H, device=dev))[:, :, None]  # (B, H, 1)
-    cols = left[:, None] + torch.arange(W, device=dev)
-    cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, :]  # (B, 1, W)
+    rows = (top.long()[:, None] + torch.arange(H, device=dev))[:, :, None]  # (B, H, 1)
+    cols = left.long()[:, None] + torch.arange(W, device=dev)
+    cols = torch.where(flip[:, None] > 0, cols.flip(1), cols)[:, None, :]  # (B, 1, W)
     return xp[torch.arange(B, device=dev)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)  # (B,H,W,C) -> (B,C,H,W)
 
 
-def three_augment(images, gen, jitter=0.3):
+def three_augment(images, rng, jitter=0.3):
     """DeiT III's 3-Augment (Touvron et al. 2022, §2.3): per image one of grayscale, solarize (threshold 128),
     gaussian blur (sigma U(0.1, 2)), then colour jitter 0.3 (brightness, contrast, saturation factors
     ~ U(0.7, 1.3)). Simplifications, deliberate: the jitter always runs in that order (torchvision shuffles
     it per image) and the blur kernel is cut at radius 4 (PIL approximates the gaussian with box blurs)."""
     B, C, H, W = images.shape
-    dev = images.device
-    which = (_rand(gen, B) * 3).long().clamp(max=2).to(dev)
-    sigma = (0.1 + 1.9 * _rand(gen, B)).to(dev)
+    which = rng.integers(0, 3, B)
+    idx = [np.flatnonzero(which == k) for k in range(3)]
+    sigma = rng.uniform(0.1, 2.0, B)
+    factors = rng.uniform(1 - jitter, 1 + jitter, (3, B))  # brightness, contrast, saturation
+    factors, *parts = to_device(images.device, factors, *[a for i in idx for a in (i, sigma[i])])
     ops = (lambda x, s: _grey(x).expand(x.shape).to(torch.uint8),
-           lambda x, s: solarize(x, torch.full((len(x),), 128.0, device=dev)),
+           lambda x, s: solarize(x, torch.full_like(s, 128.0)),
            _gaussian_blur)
     out = images.clone()
-    for k, op in enumerate(ops):  # each op only on the images that drew it
-        idx = (which == k).nonzero()[:, 0]
-        if len(idx):
-            out.index_copy_(0, idx, op(images[idx], sigma[idx]))
-    for op in (brightness, contrast, color):  # factors ~ U(1 - jitter, 1 + jitter)
-        out = op(out, (1 - jitter + 2 * jitter * _rand(gen, B)).to(dev))
+    for op, k, i, s in zip(ops, range(3), parts[0::2], parts[1::2]):  # each op only on the images that drew it
+        if len(idx[k]):
+            i = i.long()
+            out.index_copy_(0, i, op(images.index_select(0, i), s))
+    for op, f in zip((brightness, contrast, color), factors):
+        out = op(out, f)
     return out
 
 
@@ -339,37 +367,29 @@ def _gaussian_blur(images, sigma):
 
 def normalize(x, mean, std):
     """uint8 (B, C, H, W) -> (x / 255 - mean) / std as float, in one pass after the cast."""
-    mean, std = (torch.tensor(v, device=x.device).view(1, -1, 1, 1) for v in (mean, std))
+    mean, std = (t.view(1, -1, 1, 1) for t in to_device(x.device, mean, std))
     return torch.addcmul(-mean / std, x.float(), 1 / (255 * std))
 
 
-def random_erasing(x, gen, p=0.25, area=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), attempts=10):
+def random_erasing(x, rng, p=0.25, area=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), attempts=10, gen=None):
     """Random erasing (Zhong et al. 2017) as DeiT: with probability p per image, one rectangle of area
     ~ U(area) * H * W and log-uniform aspect, the first of 10 tries that fits, filled with N(0, 1) per
-    value (mode "pixel", on normalised images). x: normalised float (B, C, H, W), erased in place (as timm)."""
+    value (mode "pixel", on normalised images) from gen, a torch.Generator on x's device. x: normalised
+    float (B, C, H, W), erased in place (as timm)."""
     B, C, H, W = x.shape
     # timm draws the aspect as h/w; the range is symmetric (0.3 .. 1/0.3), so w/h has the same law
-    h, w, fits = _box_sizes(gen, B, H, W, area, ratio, attempts, lambda h, w: (h < H) & (w < W))
-    erase = fits & (_rand(gen, B) < p)
-    top = (_rand(gen, B) * (H - h + 1)).floor()
-    left = (_rand(gen, B) * (W - w + 1)).floor()
-    ys, xs = torch.arange(H, device=gen.device), torch.arange(W, device=gen.device)
-    inside = ((ys[None, :, None] >= top[:, None, None]) & (ys[None, :, None] < (top + h)[:, None, None])
-              & (xs[None, None, :] >= left[:, None, None]) & (xs[None, None, :] < (left + w)[:, None, None]))
-    mask = (inside & _col(erase)[:, 0]).to(x.device)[:, None]  # (B, 1, H, W)
-    idx = erase.nonzero()[:, 0].to(x.device)  # noise only for the images erased
-    noise = torch.randn((len(idx), *x.shape[1:]), generator=gen, device=gen.device).to(x.device, x.dtype)
-    return x.index_copy_(0, idx, torch.where(mask[idx], noise, x[idx]))
-
-
-def _beta(a, gen):
-    """One draw of Beta(a, a) from uniforms (Johnk's method), so that the generator alone fixes it."""
-    if a == 1.0:
-        return _rand(gen, 1).item()
-    while True:
-        u, v = (_rand(gen, 2) ** torch.tensor([1 / a, 1 / a], device=gen.device)).tolist()
-        if 0 < u + v <= 1:
-            return u / (u + v)
+    h, w, fits = _box_sizes(rng, B, H, W, area, ratio, attempts, lambda h, w: (h < H) & (w < W))
+    top, left = np.floor(rng.random(B) * (H - h + 1)), np.floor(rng.random(B) * (W - w + 1))
+    idx = np.flatnonzero(fits & (rng.random(B) < p))  # the images erased
+    if not len(idx):
+        return x
+    idx, top, left, h, w = to_device(x.device, idx, top[idx], left[idx], h[idx], w[idx])
+    ys, xs = torch.arange(H, device=x.device)[:, None], torch.arange(W, device=x.device)
+    inside = ((ys >= top[:, None, None]) & (ys < (top + h)[:, None, None])
+              & (xs >= left[:, None, None]) & (xs < (left + w)[:, None, None]))[:, None]  # (n, 1, H, W)
+    idx = idx.long()
+    noise = torch.randn((len(idx), C, H, W), generator=gen, device=x.device, dtype=x.dtype)
+    return x.index_copy_(0, idx, torch.where(inside, noise, x.index_select(0, idx)))
 
 
 def smooth_one_hot(y, num_classes, smoothing):
@@ -377,25 +397,25 @@ def smooth_one_hot(y, num_classes, smoothing):
     return torch.full((len(y), num_classes), off, device=y.device).scatter_(1, y[:, None], 1 - smoothing + off)
 
 
-def mixup_cutmix(x, y, num_classes, gen, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, smoothing=0.1):
+def mixup_cutmix(x, y, num_classes, rng, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, smoothing=0.1):
     """Mixup (Zhang et al. 2018) or CutMix (Yun et al. 2019), one per batch, as DeiT: the partner of image i
     is image B-1-i (the flipped batch, any batch size); CutMix (probability switch_prob) pastes a box whose
     area is 1 - lam, clipped to the image, and lam is recomputed from the pasted area. Targets: the
     label-smoothed one-hots of the pair, weighted lam and 1 - lam. Returns (images, targets (B, classes));
-    the images are mixed in place (as timm)."""
+    the images are mixed in place (as timm). lam and the box are drawn on the host (rng): plain numbers."""
     B, C, H, W = x.shape
-    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or _rand(gen, 1).item() < switch_prob)
+    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < switch_prob)
     if use_cutmix:
-        lam = _beta(cutmix_alpha, gen)
+        lam = rng.beta(cutmix_alpha, cutmix_alpha)
         r = math.sqrt(1 - lam)
         cut_h, cut_w = int(H * r), int(W * r)
-        cy, cx = int(_rand(gen, 1).item() * H), int(_rand(gen, 1).item() * W)
+        cy, cx = int(rng.random() * H), int(rng.random() * W)
         y1, y2 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, H)
         x1, x2 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, W)
         x[:, :, y1:y2, x1:x2] = x[:, :, y1:y2, x1:x2].flip(0)  # flip() copies the box first
         lam = 1 - (y2 - y1) * (x2 - x1) / (H * W)
     elif mixup_alpha > 0:
-        lam = _beta(mixup_alpha, gen)
+        lam = float(rng.beta(mixup_alpha, mixup_alpha))
         partner = x.flip(0)  # a copy, taken before x changes
         x = x.mul_(lam).add_(partner, alpha=1 - lam)
     else:

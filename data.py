@@ -13,6 +13,7 @@ import math
 import os
 import pickle
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -176,8 +177,8 @@ class PILRandomResizedCrop:
 
     def __call__(self, img):
         from PIL import Image
-        gen = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 62, (1,))))  # the worker's seeded stream
-        top, left, h, w = (int(v) for v in A.sample_boxes(gen, 1, img.height, img.width, (0.08, 1.0), (3 / 4, 4 / 3)))
+        rng = np.random.default_rng(int(torch.randint(0, 2 ** 62, (1,))))  # from the worker's seeded stream
+        top, left, h, w = (int(v[0]) for v in A.sample_boxes(rng, 1, img.height, img.width, (0.08, 1.0), (3 / 4, 4 / 3)))
         return img.convert("RGB").resize((self.size, self.size), Image.BICUBIC, box=(left, top, left + w, top + h))
 
 

@@ -96,7 +96,7 @@ def adapt(state, model, args):
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    ctx = T.setup_distributed()
+    ctx = T.setup_distributed(args.amp)
     torch.manual_seed(args.seed + ctx.rank)
     log = print if ctx.master else (lambda *a, **k: None)
     state, name = read_weights(args)

@@ -22,13 +22,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 import augment as A
 import data as DT
 import distill as D
 import finetune as FT
 import model as M
-from bench_augment import pil_op  # the reference: each op done by PIL, as the reference pipeline does
+from bench import pil_op  # the reference: each op done by PIL, as the reference pipeline does
 import train as T
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -102,6 +103,26 @@ def rgb_batch():
     """Real images: three bundled garments stacked as the R, G, B channels, plus grey ones in RGB."""
     x = DT.load_idx_folder(DT.BUNDLED)[0][0]
     return torch.cat([torch.cat([x[0:12], x[12:24], x[24:36]], 1), x[36:48].expand(-1, 3, -1, -1)])
+
+
+class WaitsForDevice(TorchFunctionMode):
+    """Fails on every call that makes the host wait for the device (on a GPU: until its queue is empty):
+    reading a value back (item, tolist, bool/int/float of a tensor, cpu, numpy, printing), an output whose
+    size depends on values (nonzero, a boolean mask, unique), and torch.tensor / as_tensor of host data (on
+    CUDA a copy from pageable memory, which waits). On the CPU this is the proof; on CUDA
+    torch.cuda.set_sync_debug_mode("error") checks the same."""
+    READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "__format__", "__repr__", "__array__",
+             "cpu", "numpy", "nonzero", "argwhere", "masked_select", "unique", "unique_consecutive"}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        index = args[1] if name in ("__getitem__", "__setitem__", "index_put_") and len(args) > 1 else ()
+        index = index if isinstance(index, (tuple, list)) else (index,)
+        if (name in self.READS or (name in ("tensor", "as_tensor") and not isinstance(args[0], torch.Tensor))
+                or any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index)
+                or (name == "where" and len(args) == 1)):
+            raise AssertionError(f"{name} makes the host wait for the device")
+        return func(*args, **(kwargs or {}))
 
 
 def finetune_run(tmp_path, name, weights, *extra):
@@ -303,8 +324,8 @@ def test_level_to_argument_mapping():
 
 def test_rand_augment_draws_per_image_and_is_seeded(rgb_batch):
     same = rgb_batch[:1].expand(64, -1, -1, -1).contiguous()  # 64 copies of one image
-    out = A.rand_augment(same, torch.Generator().manual_seed(0), fill=(124, 116, 104))
-    assert torch.equal(out, A.rand_augment(same, torch.Generator().manual_seed(0), fill=(124, 116, 104)))
+    out = A.rand_augment(same, np.random.default_rng(0), fill=(124, 116, 104))
+    assert torch.equal(out, A.rand_augment(same, np.random.default_rng(0), fill=(124, 116, 104)))
     distinct = len({o.numpy().tobytes() for o in out})
     # each image: 2 ops, each applied with p 0.5 -> about a quarter untouched, the rest mostly all different
     assert distinct > 30
@@ -314,8 +335,8 @@ def test_rand_augment_draws_per_image_and_is_seeded(rgb_batch):
 
 def test_pad_crop_flip_is_a_padded_crop_per_image():
     x = torch.randint(0, 256, (16, 1, 28, 28), dtype=torch.uint8)
-    out = A.pad_crop_flip(x, torch.Generator().manual_seed(1))
-    assert torch.equal(out, A.pad_crop_flip(x, torch.Generator().manual_seed(1)))  # seeded: same batch twice
+    out = A.pad_crop_flip(x, np.random.default_rng(1))
+    assert torch.equal(out, A.pad_crop_flip(x, np.random.default_rng(1)))  # seeded: same batch twice
     xp = F.pad(x, (4, 4, 4, 4))
     found = []
     for i in range(16):  # each output is one crop of its zero-padded input, possibly mirrored
@@ -328,23 +349,24 @@ def test_pad_crop_flip_is_a_padded_crop_per_image():
 
 def test_random_resized_crop():
     x = torch.randint(0, 256, (6, 3, 20, 20), dtype=torch.uint8)
-    g = torch.Generator().manual_seed(0)
+    g = np.random.default_rng(0)
     assert torch.equal(A.random_resized_crop(x, g, 20, scale=(1, 1), ratio=(1, 1), hflip=0), x)  # whole image
     assert torch.equal(A.random_resized_crop(x, g, 20, scale=(1, 1), ratio=(1, 1), hflip=1), x.flip(3))
     # boxes as torchvision: area in scale * H * W, aspect in ratio, inside the image
-    top, left, h, w = A.sample_boxes(torch.Generator().manual_seed(0), 1000, 30, 40, (0.08, 1), (3 / 4, 4 / 3))
+    top, left, h, w = A.sample_boxes(np.random.default_rng(0), 1000, 30, 40, (0.08, 1), (3 / 4, 4 / 3))
     assert (top >= 0).all() and (left >= 0).all() and (top + h <= 30).all() and (left + w <= 40).all()
     # h and w are rounded, so each is within 0.5 of the drawn size
     assert ((h + 0.5) * (w + 0.5) >= 0.08 * 1200).all() and ((w + 0.5) / (h - 0.5) >= 3 / 4).all() and ((w - 0.5) / (h + 0.5) <= 4 / 3).all()
     assert (h * w).max() > 0.9 * 1200 and (h * w).min() < 0.1 * 1200  # the whole scale range is used
     # nothing fits -> the central crop at the clamped ratio: a 10x40 image gives 10 x round(10 * 4/3)
-    t, l, h, w = A.sample_boxes(torch.Generator().manual_seed(0), 3, 10, 40, (0.9, 1), (3 / 4, 4 / 3))
+    t, l, h, w = A.sample_boxes(np.random.default_rng(0), 3, 10, 40, (0.9, 1), (3 / 4, 4 / 3))
     assert h.tolist() == [10] * 3 and w.tolist() == [13] * 3 and l.tolist() == [13] * 3
 
 
 def test_random_erasing_one_rectangle_per_image():
     x = torch.zeros(64, 3, 24, 32)
-    out = A.random_erasing(x.clone(), torch.Generator().manual_seed(0), p=1.0)  # erases in place
+    erase = lambda x, seed, p: A.random_erasing(x, np.random.default_rng(seed), p, gen=torch.Generator().manual_seed(seed))  # noqa: E731
+    out = erase(x.clone(), 0, 1.0)  # erases in place
     boxes = set()
     for img in (out != 0).any(1):  # every image: exactly one filled rectangle inside the bounds
         rows, cols = img.any(1).nonzero()[:, 0], img.any(0).nonzero()[:, 0]
@@ -354,23 +376,23 @@ def test_random_erasing_one_rectangle_per_image():
         boxes.add((rows[0].item(), cols[0].item(), h.item(), w.item()))
     assert len(boxes) > 50  # independent draws per image
     assert abs(out[out != 0].std().item() - 1) < 0.1  # N(0, 1) fill
-    n_erased = (A.random_erasing(x.clone(), torch.Generator().manual_seed(1), p=0.25) != 0).flatten(1).any(1).sum()
+    n_erased = (erase(x.clone(), 1, 0.25) != 0).flatten(1).any(1).sum()
     assert 5 <= n_erased <= 28  # p 0.25 of 64
-    assert torch.equal(out, A.random_erasing(x.clone(), torch.Generator().manual_seed(0), p=1.0))
+    assert torch.equal(out, erase(x.clone(), 0, 1.0))
 
 
 def test_mixup_and_cutmix_targets_and_areas():
     torch.manual_seed(0)
     x, y = torch.rand(7, 3, 16, 20), torch.tensor([0, 1, 2, 3, 4, 5, 6])  # odd batch: the middle pairs with itself
     # mixup only: x = lam x + (1 - lam) x.flip(0); the targets' weight on the true class gives lam
-    xm, t = A.mixup_cutmix(x.clone(), y, 10, torch.Generator().manual_seed(1), cutmix_alpha=0.0, smoothing=0.1)  # in place
+    xm, t = A.mixup_cutmix(x.clone(), y, 10, np.random.default_rng(1), cutmix_alpha=0.0, smoothing=0.1)  # in place
     assert torch.allclose(t.sum(1), torch.ones(7))
     lam = (t[0, 0].item() - 0.01) / 0.9
     assert 0 < lam < 1 and torch.allclose(xm, lam * x + (1 - lam) * x.flip(0), atol=1e-6)
     assert t[3, 3] == pytest.approx(0.91) and t[0, 6] == pytest.approx((1 - lam) * 0.9 + 0.01)  # off s/C, on 1-s+s/C
     # cutmix only: one box pasted from the partner; lam = 1 - the pasted fraction
     for seed in range(20):
-        xc, t = A.mixup_cutmix(x.clone(), y, 10, torch.Generator().manual_seed(seed), mixup_alpha=0.0, smoothing=0.0)
+        xc, t = A.mixup_cutmix(x.clone(), y, 10, np.random.default_rng(seed), mixup_alpha=0.0, smoothing=0.0)
         changed = (xc != x).any(1)  # (B, H, W)
         lam = t[0, 0].item()
         assert changed[0].float().mean().item() == pytest.approx(1 - lam, abs=1e-6)
@@ -379,15 +401,15 @@ def test_mixup_and_cutmix_targets_and_areas():
         if len(rows):  # a rectangle
             assert changed[0].sum() == len(rows) * len(cols) == (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)
     # neither: smoothed one-hots
-    _, t = A.mixup_cutmix(x, y, 10, torch.Generator(), mixup_alpha=0, cutmix_alpha=0, smoothing=0.1)
+    _, t = A.mixup_cutmix(x, y, 10, np.random.default_rng(), mixup_alpha=0, cutmix_alpha=0, smoothing=0.1)
     assert torch.allclose(t, F.one_hot(y, 10) * 0.9 + 0.01)
 
 
 def test_three_augment_runs_per_image():
     x = torch.randint(0, 256, (32, 3, 16, 16), dtype=torch.uint8)
-    out = A.three_augment(x, torch.Generator().manual_seed(0))
+    out = A.three_augment(x, np.random.default_rng(0))
     assert out.shape == x.shape and out.dtype == torch.uint8
-    assert torch.equal(out, A.three_augment(x, torch.Generator().manual_seed(0)))
+    assert torch.equal(out, A.three_augment(x, np.random.default_rng(0)))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -527,14 +549,80 @@ def test_soft_target_loss_and_pipeline():
     # the whole pipeline on a uint8 batch: normalised floats and soft targets that sum to one
     x, y = DT.load_idx_folder(DT.BUNDLED)[0]
     data = argparse.Namespace(tensors=True, crop_pad=0, mean=(0.286,), std=(0.353,), num_classes=10)
-    xb, tb = T.augment_batch(x[:32], y[:32], data, parse(), torch.Generator().manual_seed(0))
+    rngs = lambda: (np.random.default_rng(0), torch.Generator().manual_seed(0))  # noqa: E731
+    xb, tb = T.augment_batch(x[:32], y[:32], data, parse(), *rngs())
     assert xb.shape == (32, 1, 28, 28) and xb.dtype == torch.float32 and tb.shape == (32, 10)
     assert torch.allclose(tb.sum(1), torch.ones(32)) and tb.min() >= 0.01 - 1e-6  # smoothing 0.1 folded in
-    xb2, tb2 = T.augment_batch(x[:32], y[:32], data, parse(), torch.Generator().manual_seed(0))
+    xb2, tb2 = T.augment_batch(x[:32], y[:32], data, parse(), *rngs())
     assert torch.equal(xb, xb2) and torch.equal(tb, tb2)
     xo, yo = T.augment_batch(x[:32], y[:32], data, parse("--aa", "none", "--reprob", "0", "--mixup", "0", "--cutmix", "0",
-                                                         "--hflip", "0"), torch.Generator())
+                                                         "--hflip", "0"), *rngs())
     assert torch.equal(yo, y[:32]) and torch.allclose(xo, A.normalize(x[:32], data.mean, data.std))  # everything off: identity
+
+
+def test_wait_detector_catches_what_waits():
+    x = torch.randn(8)
+    for wait in (lambda: x.item(), lambda: x[x > 0], lambda: x.nonzero(), lambda: bool(x.sum() > 0),
+                 lambda: torch.tensor([1.0, 2.0]), lambda: x.tolist(), lambda: f"{x.sum()}"):
+        with pytest.raises(AssertionError, match="makes the host wait"), WaitsForDevice():
+            wait()
+    with WaitsForDevice():  # what a step does instead: shapes, slices, index tensors, where(c, a, b), from_numpy
+        torch.where(x > 0, x, 0).index_select(0, torch.from_numpy(np.arange(3))) + x[2:5] * len(x)
+
+
+@pytest.mark.parametrize("recipe", ["default", "hard distillation", "3-Augment"])
+def test_training_step_never_waits(tmp_path, recipe):
+    """Real training steps (augmentation, Mixup/CutMix, loss, distillation, AdamW, EMA, lr, nan check) make no
+    call that waits for the device: the host decides, the device computes."""
+    extra = {"default": [], "3-Augment": ["--three-augment"],
+             "hard distillation": ["--model", "deit_nano_distilled_patch7_28", "--distill", "hard"]}[recipe]
+    args = parse(*QUICK, *extra, "--clip-grad", "5", "--out-dir", str(tmp_path))
+    ctx = T.setup_distributed()
+    data = DT.load_data(args, ctx.device, 28)
+    teacher = D.create_convnet("convnet", 10, 1) if args.distill != "none" else None
+    run = T.start_run(args, ctx, T.build_model(args, data, ctx, 28), data, teacher, log=lambda *a: None)
+    for step, (x, y) in zip(range(6), DT.train_batches(data, run.sampler, 0, ctx.device)):  # Mixup and CutMix
+        with WaitsForDevice():
+            loss, lr = T.train_step(args, ctx, run, data, x, y, step)
+    assert torch.isfinite(loss) and run.nonfinite_at == run.never
+    if torch.cuda.is_available():  # the same steps on a GPU, under CUDA's own detector
+        ctx = T.setup_distributed()
+        data = DT.load_data(args, ctx.device, 28)
+        run = T.start_run(parse(*QUICK, *extra, "--out-dir", str(tmp_path / "cuda")), ctx,
+                          T.build_model(args, data, ctx, 28), data, teacher, log=lambda *a: None)
+        for step, (x, y) in zip(range(6), DT.train_batches(data, run.sampler, 0, ctx.device)):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                T.train_step(args, ctx, run, data, x, y, step)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+
+def distilled_run_args(tmp_path):
+    """A distilled student with a (random) convnet teacher: both go through compile and autocast."""
+    torch.manual_seed(0)
+    torch.save(D.create_convnet("convnet", 10, 1).state_dict(), tmp_path / "teacher.pt")
+    return [*QUICK, "--epochs", "2", "--model", "deit_nano_distilled_patch7_28", "--distill", "hard",
+            "--teacher", "convnet", "--teacher-weights", str(tmp_path / "teacher.pt")]
+
+
+def test_compile_and_bf16_autocast_on_the_cpu(tmp_path):
+    """The CUDA path's two ingredients, on the CPU: torch.compile (inductor) and bf16 autocast each train the
+    student and its teacher with losses close to the fp32 eager run's. Compiled: no graph break, and nothing
+    compiled after the first epoch (the step's lr and Mixup's lam are plain numbers outside the graph)."""
+    common, logs = distilled_run_args(tmp_path), {}
+    for name, extra in (("eager", []), ("compile", ["--compile"]), ("bf16", ["--amp", "bf16"])):
+        r = run_cli([*common, *extra, "--out-dir", str(tmp_path / name)])
+        assert r.returncode == 0, r.stderr
+        logs[name] = read_log(tmp_path / name)
+    assert "autocast True" in r.stdout
+    for name, tol in (("compile", 1e-3), ("bf16", 2e-2)):
+        for a, b in zip(logs["eager"], logs[name]):
+            assert b["train_loss"] == pytest.approx(a["train_loss"], rel=tol), name
+            assert b["val_loss"] == pytest.approx(a["val_loss"], rel=tol), name
+    first, last = logs["compile"]
+    assert first["graph_breaks"] == last["graph_breaks"] == 0
+    assert first["compiled_frames"] == last["compiled_frames"] == 2  # the student's training graph, the teacher
 
 
 def test_cli_errors_unknown_model_and_missing_data(tmp_path):
@@ -761,6 +849,15 @@ def test_two_process_run_with_the_full_recipe(tmp_path):
     assert r.returncode == 0, r.stderr
     log = read_log(tmp_path)  # repeated augmentation: 600 // 256 * 256 / 2 = 256 samples a process, 8 steps of 32
     assert log[0]["step"] == 8 and math.isfinite(log[0]["train_loss"])
+
+
+def test_two_process_run_compiled_with_bf16_autocast(tmp_path):
+    r = run_cli([*distilled_run_args(tmp_path), "--compile", "--amp", "bf16", "--out-dir", str(tmp_path / "run")],
+                cmd=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"))
+    assert r.returncode == 0, r.stderr
+    first, last = read_log(tmp_path / "run")
+    assert math.isfinite(last["train_loss"]) and last["train_loss"] < first["train_loss"]
+    assert last["graph_breaks"] == 0 and last["compiled_frames"] == first["compiled_frames"]
 
 
 def test_kill_then_resume_equals_uninterrupted(tmp_path):

@@ -26,6 +26,7 @@ import sys
 import time
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -92,6 +93,7 @@ def get_parser():
     a("--eval-only", action="store_true", help="evaluate a checkpoint (--ckpt, default out-dir/ckpt.pt) and exit")
     a("--ckpt", default=None, help="checkpoint for --eval-only: ours, an official DeiT .pth, or a state dict")
     a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on with CUDA)")
+    a("--amp", choices=["bf16", "none"], default=None, help="bf16 autocast (default: bf16 with CUDA, none on CPU)")
     a("--log-interval", type=int, default=100, help="steps between progress lines within an epoch")
     return p
 
@@ -99,7 +101,9 @@ def get_parser():
 # ----------------------------------------------------------------------------------------------------------
 # Processes and devices. torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without it this is a single process.
 
-def setup_distributed():
+def setup_distributed(amp=None):
+    """Processes, device, and the autocast context: bf16 by default on CUDA, on any device with amp="bf16"
+    (so the tests run the CUDA path's autocast on the CPU)."""
     ddp = "RANK" in os.environ
     cuda = torch.cuda.is_available()
     if ddp:
@@ -113,13 +117,14 @@ def setup_distributed():
     if cuda:  # TF32 for any fp32 matmul left outside autocast
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    bf16 = cuda if amp is None else amp == "bf16"
     return argparse.Namespace(ddp=ddp, rank=rank, world=world, device=device, master=rank == 0,
-                              autocast=torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext())
+                              autocast=torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext())
 
 
 def all_sum(values, ctx):
-    """Sum a list of numbers over all processes."""
-    t = torch.tensor(values, dtype=torch.float64, device=ctx.device)
+    """Sum a list of numbers (or a float64 tensor) over all processes; the result is read back to the host."""
+    t = torch.as_tensor(values, dtype=torch.float64, device=ctx.device)
     if ctx.ddp:
         dist.all_reduce(t)
     return t.tolist()
@@ -148,25 +153,27 @@ def parse_aa(spec):
     return kw
 
 
-def augment_batch(x, y, data, args, gen):
+def augment_batch(x, y, data, args, rng, gen):
     """DeiT's training pipeline (facebookresearch/deit datasets.py, then main.py's Mixup) on this process's
     uint8 batch, on the device: crop + flip, RandAugment (or 3-Augment), normalise, random erasing, then
     Mixup/CutMix. Returns (images, targets): soft targets (B, classes) with label smoothing folded in when
-    mixing, else the labels."""
+    mixing, else the labels. rng (numpy) draws every choice on the host; gen (torch, on the device) only the
+    erasing noise: nothing here waits for the device (augment.py)."""
+    pad = data.crop_pad if data.tensors else 0
     if data.tensors and x.shape[-1] > 32:
-        x = A.random_resized_crop(x, gen, x.shape[-1], hflip=args.hflip)
-    else:  # <= 32 px: the padded crop; ImageFolder files were cropped in the workers, so flip only (pad 0)
-        x = A.pad_crop_flip(x, gen, data.crop_pad if data.tensors else 0, args.hflip)
+        x = A.random_resized_crop(x, rng, x.shape[-1], hflip=args.hflip)
+    elif pad or args.hflip:  # <= 32 px: the padded crop; ImageFolder files were cropped in the workers: flip only
+        x = A.pad_crop_flip(x, rng, pad, args.hflip)
     if args.three_augment:
-        x = A.three_augment(x, gen)
+        x = A.three_augment(x, rng)
     elif args.aa != "none":
         fill = tuple(round(255 * m) for m in data.mean)  # geometric fill: the dataset's mean colour
-        x = A.rand_augment(x, gen, fill=fill, **parse_aa(args.aa))
+        x = A.rand_augment(x, rng, fill=fill, **parse_aa(args.aa))
     x = A.normalize(x, data.mean, data.std)
     if args.reprob > 0 and not args.three_augment:  # 3-Augment goes without erasing (DeiT III)
-        x = A.random_erasing(x, gen, args.reprob)
+        x = A.random_erasing(x, rng, args.reprob, gen=gen)
     if args.mixup > 0 or args.cutmix > 0:
-        return A.mixup_cutmix(x, y, data.num_classes, gen, args.mixup, args.cutmix, args.mixup_switch_prob,
+        return A.mixup_cutmix(x, y, data.num_classes, rng, args.mixup, args.cutmix, args.mixup_switch_prob,
                               args.smoothing)
     return x, y
 
@@ -213,22 +220,19 @@ def evaluate(model, data, ctx, batch_size):
     raw = getattr(raw, "_orig_mod", raw)
     distilled = raw.cfg.distilled
     model.eval()
-    loss = top1 = top5 = n = cls1 = dist1 = 0.0
+    sums = torch.zeros(6, dtype=torch.float64, device=ctx.device)  # loss, top1, top5, n, cls1, dist1: no wait
     for x, y in val_batches(data, batch_size, ctx.device, ctx.rank, ctx.world):
         x = A.normalize(x, data.mean, data.std)
         with ctx.autocast:
             out = raw.forward_heads(x) if distilled else model(x)
-        if distilled:
-            cls1 += (out[0].argmax(1) == y).sum().item()
-            dist1 += (out[1].argmax(1) == y).sum().item()
-            out = (out[0] + out[1]) / 2  # = model(x) in eval mode
-        logits = out.float()
-        loss += F.cross_entropy(logits, y, reduction="sum").item()
+        logits = ((out[0] + out[1]) / 2 if distilled else out).float()  # the mean = model(x) in eval mode
         topk = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        top1 += (topk[:, 0] == y).sum().item()
-        top5 += (topk == y[:, None]).any(1).sum().item()
-        n += len(y)
-    loss, top1, top5, n, cls1, dist1 = all_sum([loss, top1, top5, n, cls1, dist1], ctx)
+        sums[0] += F.cross_entropy(logits, y, reduction="sum").double()
+        sums[3] += len(y)
+        hits = [topk[:, 0] == y, (topk == y[:, None]).any(1)] + ([o.argmax(1) == y for o in out] if distilled else [])
+        for k, hit in zip((1, 2, 4, 5), hits):
+            sums[k] += hit.sum()
+    loss, top1, top5, n, cls1, dist1 = all_sum(sums, ctx)
     model.train()
     heads = {"top1_cls": 100 * cls1 / n, "top1_dist": 100 * dist1 / n} if distilled else {}
     return {"val_loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n, **heads}
@@ -316,10 +320,10 @@ def resume_or_start(args, ctx, run, log):
     return ckpt["epoch"]
 
 
-def end_of_epoch(args, ctx, run, net, data, epoch, stats, log):
+def end_of_epoch(args, ctx, run, data, epoch, stats, log):
     """Evaluate, then write the epoch's log line, save the checkpoint and print the line. stats: this
     process's train_loss (mean over its steps), lr, img_per_s, epoch_time."""
-    metrics = evaluate(net, data, ctx, max(256, args.batch_size // ctx.world))
+    metrics = evaluate(run.net, data, ctx, max(256, args.batch_size // ctx.world))
     if run.ema is not None and args.eval_ema:
         metrics["ema_top1"] = evaluate(run.ema, data, ctx, max(256, args.batch_size // ctx.world))["top1"]
     train_loss, n_skipped = all_sum([stats["train_loss"], len(data.skipped)], ctx)
@@ -335,6 +339,9 @@ def end_of_epoch(args, ctx, run, net, data, epoch, stats, log):
     record = {"epoch": epoch + 1, "step": (epoch + 1) * run.spe, "train_loss": train_loss / ctx.world, **metrics,
               "lr": stats["lr"], "img_per_s": stats["img_per_s"], "epoch_time": stats["epoch_time"],
               "skipped_images": int(n_skipped)}
+    if run.compile:  # every recompile or graph break costs time: one graph for training, one for evaluation
+        c = torch._dynamo.utils.counters
+        record.update(compiled_frames=c["frames"]["total"], graph_breaks=sum(c["graph_break"].values()))
     # the log line first, then the checkpoint: a kill between the two leaves a line past the checkpoint,
     # which --resume drops, never a checkpoint without its line
     with open(run.log_path, "a") as f:
@@ -350,18 +357,20 @@ def end_of_epoch(args, ctx, run, net, data, epoch, stats, log):
     log(f"epoch {epoch + 1}/{args.epochs} | loss {record['train_loss']:.4f} | lr {stats['lr']:.2e} | "
         f"{record['img_per_s']:.0f} img/s | val loss {metrics['val_loss']:.4f} top1 {metrics['top1']:.2f} "
         f"top5 {metrics['top5']:.2f}" + heads + (f" ema top1 {metrics['ema_top1']:.2f}" if "ema_top1" in metrics else "")
-        + (f" | skipped {int(n_skipped)} images" if n_skipped else "") + f" | eta {fmt_time(eta)}")
+        + (f" | skipped {int(n_skipped)} images" if n_skipped else "") + f" | eta {fmt_time(eta)}"
+        + (f" | compiled {record['compiled_frames']} frames, {record['graph_breaks']} graph breaks" if run.compile else ""))
 
 
-def check_finite(nonfinite_at, never, ctx, spe, ckpt_path):
-    """Stop at a nan/inf loss before anything is saved: the last checkpoint stays the last good one."""
-    bad = nonfinite_at.clone()
+def check_finite(run, ctx):
+    """Stop at a nan/inf loss before anything is saved: the last checkpoint stays the last good one. It reads
+    a value back from the device, so it runs at log intervals and at the end of an epoch only."""
+    bad = run.nonfinite_at.clone()
     if ctx.ddp:
         dist.all_reduce(bad, op=dist.ReduceOp.MIN)
-    if bad.item() < never.item():
-        s = int(bad.item())
-        kept = f"the last good checkpoint {ckpt_path} is kept" if os.path.exists(ckpt_path) else "no checkpoint was written"
-        raise ValueError(f"loss became nan/inf at step {s} (epoch {s // spe + 1}); stopped, {kept}. "
+    s = int(bad.item())
+    if s < 2 ** 62:
+        kept = f"the last good checkpoint {run.ckpt_path} is kept" if os.path.exists(run.ckpt_path) else "no checkpoint was written"
+        raise ValueError(f"loss became nan/inf at step {s} (epoch {s // run.spe + 1}); stopped, {kept}. "
                          "Try a lower --lr or --clip-grad")
 
 
@@ -372,73 +381,86 @@ def fmt_time(s):
 # ----------------------------------------------------------------------------------------------------------
 # The loop
 
-def train(args, ctx, model, data, log=print, teacher=None):
-    """The training loop; finetune.py calls it with a model it prepared. With args.distill other than
-    none, teacher (eval mode, no grad) trains the distillation head (distill.py)."""
+def start_run(args, ctx, model, data, teacher, log):
+    """Everything a run holds besides the model and the data: the sampler, AdamW, the EMA, the compiled / DDP
+    model and the loss, resumed from out_dir with --resume."""
     os.makedirs(args.out_dir, exist_ok=True)
     n_train = len(data.train[1]) if data.tensors else len(data.train)
     sampler = EpochSampler(n_train, args.batch_size, args.seed, ctx.rank, ctx.world, 3 if args.repeated_aug else 1)
-    spe = sampler.steps
     peak = args.lr * args.batch_size / 512  # DeiT's linear scaling rule (paper §6)
-    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=peak, betas=(0.9, 0.999), eps=1e-8,
-                            fused=ctx.device.type == "cuda")
+    # fused: one kernel for all parameters, and no .item() on the step counts (the for-each AdamW reads them)
+    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=peak, betas=(0.9, 0.999), eps=1e-8, fused=True)
     ema = copy.deepcopy(model).eval().requires_grad_(False) if args.model_ema else None
-    run = argparse.Namespace(model=model, opt=opt, ema=ema, spe=spe, ckpt_path=os.path.join(args.out_dir, "ckpt.pt"),
-                             log_path=os.path.join(args.out_dir, "log.jsonl"))
+    run = argparse.Namespace(model=model, opt=opt, ema=ema, sampler=sampler, spe=sampler.steps, peak=peak,
+                             ckpt_path=os.path.join(args.out_dir, "ckpt.pt"), log_path=os.path.join(args.out_dir, "log.jsonl"))
     run.start_epoch = resume_or_start(args, ctx, run, log)
-    compile_ = ctx.device.type == "cuda" if args.compile is None else args.compile
-    net, criterion = wrap(args, ctx, model, teacher, compile_)
+    run.compile = ctx.device.type == "cuda" if args.compile is None else args.compile
+    run.net, run.criterion = wrap(args, ctx, model, teacher, run.compile)
+    # the first step whose loss was nan/inf, kept on the device so that the check costs no wait
+    run.never = torch.tensor(2 ** 62, device=ctx.device)
+    run.nonfinite_at = run.never.clone()
     if ctx.master:
-        log(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params | {spe} steps/epoch x "
+        log(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params | {run.spe} steps/epoch x "
             f"{args.epochs} epochs | global batch {args.batch_size} on {ctx.world} process(es), {ctx.device.type} | "
-            f"peak lr {peak:.2e} | compile {compile_}")
+            f"peak lr {peak:.2e} | compile {run.compile} | autocast {not isinstance(ctx.autocast, nullcontext)}")
+    return run
 
-    # nonfinite_at: the first step whose loss was nan/inf, kept on the device so the check costs no sync
-    never = torch.tensor(2 ** 62, device=ctx.device)
-    nonfinite_at = never.clone()
+
+def train_step(args, ctx, run, data, x, y, step):
+    """One step on this process's uint8 batch: augment, forward, backward, AdamW, EMA. Nothing in it waits for
+    the device (test_training_step_never_waits): its random choices are drawn on the host, and the loss and
+    the nan check stay on the device. Returns the loss (a device tensor) and the lr."""
+    # this step's draws: a function of (seed, step, rank), so a resumed run repeats them
+    rng = np.random.default_rng([args.seed, step, ctx.rank])
+    gen = torch.Generator(ctx.device).manual_seed((args.seed * 1_000_003 + step) * 1009 + ctx.rank)  # noise only
+    x, targets = augment_batch(x, y, data, args, rng, gen)
+    lr = lr_at(step / run.spe, args, run.peak)
+    for g in run.opt.param_groups:
+        g["lr"] = lr
+    with ctx.autocast:  # the teacher sees x too: the same mixed, augmented batch (reference)
+        loss = run.criterion(x, run.net(x), targets)
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if args.clip_grad is not None:
+        torch.nn.utils.clip_grad_norm_(run.net.parameters(), args.clip_grad)
+    run.opt.step()
+    if run.ema is not None:
+        torch._foreach_lerp_(list(run.ema.parameters()), list(run.model.parameters()), 1 - args.model_ema_decay)
+    loss = loss.detach()
+    run.nonfinite_at = torch.where(torch.isfinite(loss) | (run.nonfinite_at < run.never), run.nonfinite_at, step)
+    return loss, lr
+
+
+def train(args, ctx, model, data, log=print, teacher=None):
+    """The training loop; finetune.py calls it with a model it prepared. With args.distill other than
+    none, teacher (eval mode, no grad) trains the distillation head (distill.py)."""
+    run = start_run(args, ctx, model, data, teacher, log)
     run.t_start, done_steps = time.time(), 0
     for epoch in range(run.start_epoch, args.epochs):
-        net.train()
+        run.net.train()
         t0 = t_log = time.time()
         seen = seen_log = loss_n = 0  # images (all processes), at the last progress line, steps
-        loss_sum = torch.zeros((), device=ctx.device)  # summed on the device: no sync per step
-        for i, (x, y) in enumerate(train_batches(data, sampler, epoch, ctx.device)):
-            step = epoch * spe + i
-            # this step's augmentation draws: a function of (seed, step, rank), so a resumed run repeats them
-            gen = torch.Generator(ctx.device).manual_seed((args.seed * 1_000_003 + step) * 1009 + ctx.rank)
-            x, targets = augment_batch(x, y, data, args, gen)
-            lr = lr_at(step / spe, args, peak)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            with ctx.autocast:  # the teacher sees x too: the same mixed, augmented batch (reference)
-                loss = criterion(x, net(x), targets)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.clip_grad is not None:
-                torch.nn.utils.clip_grad_norm_(net.parameters(), args.clip_grad)
-            opt.step()
-            if ema is not None:
-                torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - args.model_ema_decay)
-            loss = loss.detach()
-            nonfinite_at = torch.where(torch.isfinite(loss) | (nonfinite_at < never), nonfinite_at, step)
+        loss_sum = torch.zeros((), device=ctx.device)  # summed on the device: no wait per step
+        for i, (x, y) in enumerate(train_batches(data, run.sampler, epoch, ctx.device)):
+            loss, lr = train_step(args, ctx, run, data, x, y, epoch * run.spe + i)
             loss_sum += loss
             loss_n, seen, done_steps = loss_n + 1, seen + len(y) * ctx.world, done_steps + 1
-            if (i + 1) % args.log_interval == 0 and i + 1 < spe:
-                check_finite(nonfinite_at, never, ctx, spe, run.ckpt_path)
-                eta = (time.time() - run.t_start) / done_steps * ((args.epochs - epoch) * spe - i - 1)
-                log(f"epoch {epoch + 1} step {i + 1}/{spe} | loss {loss.item():.4f} | lr {lr:.2e} | "
+            if (i + 1) % args.log_interval == 0 and i + 1 < run.spe:  # the one place a step may wait
+                check_finite(run, ctx)
+                eta = (time.time() - run.t_start) / done_steps * ((args.epochs - epoch) * run.spe - i - 1)
+                log(f"epoch {epoch + 1} step {i + 1}/{run.spe} | loss {loss.item():.4f} | lr {lr:.2e} | "
                     f"{(seen - seen_log) / (time.time() - t_log):.0f} img/s | eta {fmt_time(eta)}")
                 t_log, seen_log = time.time(), seen
-        check_finite(nonfinite_at, never, ctx, spe, run.ckpt_path)
+        check_finite(run, ctx)
         train_time = time.time() - t0
-        end_of_epoch(args, ctx, run, net, data, epoch, dict(train_loss=loss_sum.item() / max(loss_n, 1), lr=lr,
+        end_of_epoch(args, ctx, run, data, epoch, dict(train_loss=loss_sum.item() / max(loss_n, 1), lr=lr,
                      img_per_s=seen / train_time, epoch_time=train_time), log)
     return model
 
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    ctx = setup_distributed()
+    ctx = setup_distributed(args.amp)
     torch.manual_seed(args.seed + ctx.rank)  # seed + rank, as the reference (drop path differs per process)
     log = print if ctx.master else (lambda *a, **k: None)
     if args.batch_size % ctx.world:

@@ -1,0 +1,241 @@
+"""
+Benchmark: how fast train.py trains and evaluates DeiT on whatever device exists, every figure in one run.
+
+    python bench.py                        # CUDA: DeiT-Ti/S/B at 224 (< 8 min on an H100/H200); CPU: a few minutes
+    python bench.py --models deit_small_patch16_224 --steps 50
+
+Per model, train images/s of train.py's own step (train.train_step: forward, backward, fused AdamW, EMA),
+with the device's defaults (CUDA: bf16 autocast and torch.compile; CPU: fp32 eager):
+  (a) the model alone, on a uint8 batch already on the device (normalised, nothing else);
+  (b) + DeiT's full augmentation (crop, flip, RandAugment, erasing, Mixup/CutMix; train.augment_batch);
+  (c) + hard distillation from a teacher (regnet_y_16gf, DeiT's, with random weights: no download);
+  (d) evaluation (train.evaluate);
+and on CUDA the model FLOP utilisation of (a) (FLOPs counted by torch.utils.flop_counter) and the number
+of times one step (b) waits for the GPU (sync debug mode "warn"). Then the augmentation alone at 224,
+batch 256, beside the reference's per-image PIL pipeline (CPU time per image, one thread). With timm
+importable (never required), timm's DeiT in (a)'s setting, as a ratio. Results: README ("Speed").
+"""
+
+import argparse
+import json
+import os
+import random
+import tempfile
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import augment as A
+import distill as D
+import train as T
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+FILL = (124, 116, 104)
+# bf16 dense peak of the chip, for MFU (spec sheets); an unknown chip gets no MFU
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+# (model, image size, batch) per device: DeiT's sizes on CUDA; on a CPU the default job and a small DeiT-Ti
+CONFIGS = {"cuda": [("deit_tiny_patch16_224", 224, 256), ("deit_small_patch16_224", 224, 256),
+                    ("deit_base_patch16_224", 224, 256)],
+           "cpu": [("deit_nano_patch7_28", 28, 128), ("deit_tiny_patch16_224", 224, 16)]}
+
+
+def pil_op(name, im, arg, fill=FILL):
+    """One RandAugment op as the reference pipeline does it, in PIL (the tests compare augment.py with it)."""
+    from PIL import Image, ImageEnhance, ImageOps
+    if name == "AutoContrast":
+        return ImageOps.autocontrast(im)
+    if name == "Equalize":
+        return ImageOps.equalize(im)
+    if name == "Invert":
+        return ImageOps.invert(im)
+    if name == "PosterizeIncreasing":
+        return ImageOps.posterize(im, int(arg)) if int(arg) > 0 else Image.new("RGB", im.size)
+    if name == "SolarizeIncreasing":
+        return ImageOps.solarize(im, arg)
+    if name == "SolarizeAdd":
+        return im.point([min(255, i + int(arg)) if i < 128 else i for i in range(256)] * 3)
+    enhance = {"ColorIncreasing": ImageEnhance.Color, "ContrastIncreasing": ImageEnhance.Contrast,
+               "BrightnessIncreasing": ImageEnhance.Brightness, "SharpnessIncreasing": ImageEnhance.Sharpness}
+    if name in enhance:
+        return enhance[name](im).enhance(arg)
+    if name == "Rotate":
+        return im.rotate(arg, resample=Image.BICUBIC, fillcolor=fill)
+    matrix = {"ShearX": (1, arg, 0, 0, 1, 0), "ShearY": (1, 0, 0, arg, 1, 0),
+              "TranslateXRel": (1, 0, arg, 0, 1, 0), "TranslateYRel": (1, 0, 0, 0, 1, arg)}[name]
+    return im.transform(im.size, Image.AFFINE, matrix, resample=Image.BICUBIC, fillcolor=fill)
+
+
+def pil_pipeline(images, size):
+    """The reference's per-image path: PIL crop/flip/RandAugment, to tensor, normalise, erase."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
+    out = []
+    for im in images:
+        t, l, h, w = (int(v[0]) for v in A.sample_boxes(rng, 1, im.height, im.width, (0.08, 1), (3 / 4, 4 / 3)))
+        im = im.resize((size, size), Image.BICUBIC, box=(l, t, l + w, t + h))
+        if random.random() < 0.5:
+            im = im.transpose(Image.FLIP_LEFT_RIGHT)
+        for _ in range(2):
+            if random.random() < 0.5:
+                name = random.choice(A.OP_NAMES)
+                level = min(max(random.gauss(9, 0.5), 0), 10) / 10
+                im = pil_op(name, im, A.op_argument(name, level, random.choice((-1, 1)), size, size).item())
+        x = (torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255 - mean) / std
+        out.append(A.random_erasing(x[None], rng, 0.25)[0])
+    return torch.stack(out)
+
+
+def timed(fn, n_images, steps, device, warmup=2):
+    """images/s of fn over steps calls after warm-up calls (compilation), and CPU seconds per image."""
+    for _ in range(warmup):
+        fn()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t, c = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        fn()
+    sync()
+    return n_images * steps / (time.perf_counter() - t), (time.process_time() - c) / (n_images * steps)
+
+
+def synthetic(n, size, chans, device, crop_pad=4):
+    """A uint8 image batch and labels on the device, as train.py's data namespace (1000 classes)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n, chans, size, size), dtype=torch.uint8, generator=g).to(device)
+    y = torch.randint(0, 1000, (n,), generator=g).to(device)
+    return argparse.Namespace(train=(x, y), val=(x, y), num_classes=1000, in_chans=chans, mean=MEAN[:chans],
+                              std=STD[:chans], tensors=True, crop_pad=crop_pad, skipped=[])
+
+
+def model_rows(name, size, batch, ctx, args, out_dir):
+    """(a)-(d) and the timm ratio for one model; returns result rows (dicts)."""
+    chans = 1 if size <= 32 else 3  # the default job trains on greyscale Fashion-MNIST
+    data = synthetic(batch, size, chans, ctx.device, crop_pad=0 if chans == 1 else 4)
+    x, y = data.train
+    off = ["--aa", "none", "--reprob", "0", "--mixup", "0", "--cutmix", "0", "--hflip", "0"]
+    rows = []
+
+    def run_for(model_name, extra, teacher=None, model=None):
+        targs = T.get_parser().parse_args(["--model", model_name, "--img-size", str(size), "--batch-size", str(batch),
+                                           "--out-dir", tempfile.mkdtemp(dir=out_dir), *extra])
+        model = model if model is not None else T.build_model(targs, data, ctx, size)
+        return targs, T.start_run(targs, ctx, model, data, teacher, log=lambda *a: None)
+
+    def step_rate(targs, run, d=data):
+        return timed(lambda: T.train_step(targs, ctx, run, d, x, y, 0), batch, args.steps, ctx.device)[0]
+
+    # (a): data already cropped (tensors=False: as if decoded and cropped by workers), every augmentation off
+    plain = argparse.Namespace(**{**vars(data), "tensors": False})
+    targs, run = run_for(name, off)
+    a = step_rate(targs, run, plain)
+    row = {"model": name, "img": size, "batch": batch, "(a) model alone": a}
+    if ctx.device.type == "cuda":
+        from torch.utils.flop_counter import FlopCounterMode
+        with FlopCounterMode(display=False) as fc, ctx.autocast:  # forward + backward of one batch
+            F.cross_entropy(run.model(A.normalize(x, data.mean, data.std)), y).backward()
+        peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name()), None)
+        row["MFU (a)"] = fc.get_total_flops() * a / batch / peak if peak else None
+    full_args = T.get_parser().parse_args(["--model", name, "--img-size", str(size), "--batch-size", str(batch)])
+    row["(b) + augmentation"] = step_rate(full_args, run)
+    if ctx.device.type == "cuda":  # how often one full step waits for the GPU
+        torch.cuda.set_sync_debug_mode("warn")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            T.train_step(full_args, ctx, run, data, x, y, 1)
+        torch.cuda.set_sync_debug_mode("default")
+        row["waits per step (b)"] = sum("synchroniz" in str(w.message) for w in caught)
+    row["(d) evaluation"] = timed(lambda: T.evaluate(run.net, data, ctx, batch), batch, args.steps, ctx.device)[0]
+    del run
+    if not args.no_teacher:  # (c): the distilled variant of the model, taught by DeiT's teacher (or convnet)
+        import torchvision
+        row["teacher"] = "convnet" if chans == 1 else "regnet_y_16gf"
+        teacher = (D.create_convnet("convnet", 1000, 1) if chans == 1 else
+                   torchvision.models.regnet_y_16gf(weights=None, num_classes=1000))
+        size_name = name.split("_")[1]
+        targs, run = run_for(name.replace(f"_{size_name}_", f"_{size_name}_distilled_"), ["--distill", "hard"], teacher)
+        row["(c) + hard distillation"] = step_rate(targs, run)
+        del run
+    try:
+        import timm
+    except ImportError:
+        timm = None
+    if timm is not None and chans == 3:  # timm's DeiT in (a)'s setting: train.py's step, their model
+        tm = timm.create_model(name, num_classes=1000).to(ctx.device)
+        tm.cfg = argparse.Namespace(distilled=False)  # what train.py's wrap() asks of a model
+        targs, run = run_for(name, off, model=tm)
+        row["timm (a)"] = step_rate(targs, run, plain)
+        row["ours / timm (a)"] = a / row["timm (a)"]
+        del run
+    rows.append(row)
+    return rows
+
+
+def augmentation_rows(ctx, steps):
+    """DeiT's augmentation alone at 224, batch 256: on the device (train.augment_batch), crop included (tensor
+    data) and after the crop (image files, cropped by the workers); the reference's PIL path per image."""
+    from PIL import Image
+    args = T.get_parser().parse_args([])
+    src = synthetic(256, 256, 3, ctx.device)
+    x256, y = src.train
+    rows = []
+    for label, x, tensors in (("crop included", x256, True), ("after the crop", x256[..., :224, :224].contiguous(), False)):
+        data = argparse.Namespace(**{**vars(src), "tensors": tensors})
+        rng, gen = np.random.default_rng(0), torch.Generator(ctx.device).manual_seed(0)
+        rate, cpu = timed(lambda: T.augment_batch(x, y, data, args, rng, gen), 256, steps, ctx.device)
+        rows.append({"augmentation": f"augment.py, batch 256, {label}", "device": ctx.device.type,
+                     "images/s": rate, "CPU ms/image": 1000 * cpu})
+    pil = [Image.fromarray(a.permute(1, 2, 0).cpu().numpy()) for a in x256[:64]]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one DataLoader worker's share
+    rate, cpu = timed(lambda: pil_pipeline(pil, 224), len(pil), 2, torch.device("cpu"), warmup=1)
+    torch.set_num_threads(threads)
+    rows.append({"augmentation": "PIL, per image (the reference's path)", "device": "cpu, 1 thread",
+                 "images/s": rate, "CPU ms/image": 1000 * cpu})
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="*", default=None, help="model names (default: per device, see CONFIGS)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per figure (default: 20 on CUDA, 3 on CPU)")
+    p.add_argument("--no-teacher", action="store_true", help="skip (c), the distillation row")
+    p.add_argument("--json", default=os.path.join("out", "bench.json"))
+    args = p.parse_args()
+    ctx = T.setup_distributed()
+    kind = ctx.device.type
+    args.steps = args.steps or (20 if kind == "cuda" else 3)
+    configs = [c for c in CONFIGS[kind] if not args.models or c[0] in args.models]
+    configs += [(m, 224, CONFIGS[kind][-1][2]) for m in args.models or [] if m not in [c[0] for c in configs]]
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+    device_name = torch.cuda.get_device_name() if kind == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"{device_name} | torch {torch.__version__} | compile {kind == 'cuda'} | bf16 autocast {kind == 'cuda'}")
+    out_dir = tempfile.mkdtemp()
+    rows = []
+    for name, size, batch in configs:
+        t = time.time()
+        rows += model_rows(name, size, batch, ctx, args, out_dir)
+        print(f"  {name} at {size} px: {time.time() - t:.0f} s", flush=True)
+    aug = augmentation_rows(ctx, args.steps)
+    keys = [k for k in ("(a) model alone", "(b) + augmentation", "(c) + hard distillation", "(d) evaluation",
+                        "timm (a)", "ours / timm (a)", "MFU (a)", "waits per step (b)") if any(k in r for r in rows)]
+    print(f"\ntrain images/s (one process), batch per row; {device_name}")
+    print(f"{'model':26s} {'img':>4s} {'batch':>5s} " + " ".join(f"{k:>24s}" for k in keys) + f" {'(b)/(a)':>8s}")
+    for r in rows:
+        cells = [("-" if r.get(k) is None else f"{r[k]:.2f}" if k in ("ours / timm (a)", "MFU (a)") else f"{r[k]:.0f}")
+                 for k in keys]
+        print(f"{r['model']:26s} {r['img']:4d} {r['batch']:5d} " + " ".join(f"{c:>24s}" for c in cells)
+              + f" {r['(b) + augmentation'] / r['(a) model alone']:8.2f}")
+    print(f"\n{'augmentation':45s} {'device':16s} {'images/s':>10s} {'CPU ms/image':>13s}")
+    for r in aug:
+        print(f"{r['augmentation']:45s} {r['device']:16s} {r['images/s']:10.0f} {r['CPU ms/image']:13.2f}")
+    with open(args.json, "w") as f:
+        json.dump({"device": device_name, "torch": torch.__version__, "train": rows, "augmentation": aug}, f, indent=1)
+    print(f"\nwritten: {args.json}")
+
+
+if __name__ == "__main__":
+    main()
