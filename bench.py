@@ -1,14 +1,15 @@
 """
 Benchmark: how fast train.py trains and evaluates DeiT on whatever device exists, every figure in one run.
 
-    python bench.py                        # CUDA: DeiT-Ti/S/B at 224 (< 8 min on an H100/H200); CPU: a few minutes
-    python bench.py --models deit_small_patch16_224 --steps 50
+    python bench.py                        # CUDA: DeiT-Ti/S/B at 224 (< 8 min on an H100/H200); CPU: a minute
+    python bench.py --models deit_small_patch16_224 --steps 50 --compare all
 
 Per model, train images/s of train.py's own step (train.train_step: forward, backward, fused AdamW, EMA),
 with the device's defaults (CUDA: bf16 autocast and torch.compile; CPU: fp32 eager):
   (a) the model alone, on a uint8 batch already on the device (normalised, nothing else);
   (b) + DeiT's full augmentation (crop, flip, RandAugment, erasing, Mixup/CutMix; train.augment_batch);
-  (c) + hard distillation from a teacher (regnet_y_16gf, DeiT's, with random weights: no download);
+  (c) + hard distillation from a teacher (regnet_y_16gf, DeiT's, with random weights: no download; on CUDA
+      for DeiT-S only by default, as timm's row: --compare);
   (d) evaluation (train.evaluate);
 and on CUDA the model FLOP utilisation of (a) (FLOPs counted by torch.utils.flop_counter) and the number
 of times one step (b) waits for the GPU (sync debug mode "warn"). Then the augmentation alone at 224,
@@ -150,7 +151,7 @@ def model_rows(name, size, batch, ctx, args, out_dir):
         row["waits per step (b)"] = sum("synchroniz" in str(w.message) for w in caught)
     row["(d) evaluation"] = timed(lambda: T.evaluate(run.net, data, ctx, batch), batch, args.steps, ctx.device)[0]
     del run
-    if not args.no_teacher:  # (c): the distilled variant of the model, taught by DeiT's teacher (or convnet)
+    if args.compare in ("all", name):  # (c): the distilled variant of the model, taught by DeiT's teacher
         import torchvision
         row["teacher"] = "convnet" if chans == 1 else "regnet_y_16gf"
         teacher = (D.create_convnet("convnet", 1000, 1) if chans == 1 else
@@ -163,7 +164,7 @@ def model_rows(name, size, batch, ctx, args, out_dir):
         import timm
     except ImportError:
         timm = None
-    if timm is not None and chans == 3:  # timm's DeiT in (a)'s setting: train.py's step, their model
+    if timm is not None and chans == 3 and args.compare in ("all", name):  # timm's DeiT: train.py's step, its model
         tm = timm.create_model(name, num_classes=1000).to(ctx.device)
         tm.cfg = argparse.Namespace(distilled=False)  # what train.py's wrap() asks of a model
         targs, run = run_for(name, off, model=tm)
@@ -202,12 +203,14 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="*", default=None, help="model names (default: per device, see CONFIGS)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per figure (default: 20 on CUDA, 3 on CPU)")
-    p.add_argument("--no-teacher", action="store_true", help="skip (c), the distillation row")
+    p.add_argument("--compare", default=None, help="the model that also gets (c) and timm's row, or 'all' (default: "
+                   "deit_small_patch16_224 on CUDA, where each compiles once more; all on CPU)")
     p.add_argument("--json", default=os.path.join("out", "bench.json"))
     args = p.parse_args()
     ctx = T.setup_distributed()
     kind = ctx.device.type
     args.steps = args.steps or (20 if kind == "cuda" else 3)
+    args.compare = args.compare or ("deit_small_patch16_224" if kind == "cuda" else "all")
     configs = [c for c in CONFIGS[kind] if not args.models or c[0] in args.models]
     configs += [(m, 224, CONFIGS[kind][-1][2]) for m in args.models or [] if m not in [c[0] for c in configs]]
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
