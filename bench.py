@@ -112,17 +112,19 @@ def synthetic(n, size, chans, device, crop_pad=4):
                               std=STD[:chans], tensors=True, crop_pad=crop_pad, skipped=[])
 
 
-def model_rows(name, size, batch, ctx, args, out_dir):
-    """(a)-(d) and the timm ratio for one model; returns result rows (dicts)."""
+def model_row(name, size, batch, ctx, args, out_dir):
+    """(a)-(d), and on CUDA MFU and waits, and the timm ratio for one model: a dict."""
     chans = 1 if size <= 32 else 3  # the default job trains on greyscale Fashion-MNIST
     data = synthetic(batch, size, chans, ctx.device, crop_pad=0 if chans == 1 else 4)
     x, y = data.train
     off = ["--aa", "none", "--reprob", "0", "--mixup", "0", "--cutmix", "0", "--hflip", "0"]
-    rows = []
+
+    def parse(model_name, *extra):  # train.py's flags (DeiT's recipe by default) for this model and batch
+        return T.get_parser().parse_args(["--model", model_name, "--img-size", str(size), "--batch-size", str(batch),
+                                          "--out-dir", tempfile.mkdtemp(dir=out_dir), *extra])
 
     def run_for(model_name, extra, teacher=None, model=None):
-        targs = T.get_parser().parse_args(["--model", model_name, "--img-size", str(size), "--batch-size", str(batch),
-                                           "--out-dir", tempfile.mkdtemp(dir=out_dir), *extra])
+        targs = parse(model_name, *extra)
         model = model if model is not None else T.build_model(targs, data, ctx, size)
         return targs, T.start_run(targs, ctx, model, data, teacher, log=lambda *a: None)
 
@@ -140,7 +142,7 @@ def model_rows(name, size, batch, ctx, args, out_dir):
             F.cross_entropy(run.model(A.normalize(x, data.mean, data.std)), y).backward()
         peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name()), None)
         row["MFU (a)"] = fc.get_total_flops() * a / batch / peak if peak else None
-    full_args = T.get_parser().parse_args(["--model", name, "--img-size", str(size), "--batch-size", str(batch)])
+    full_args = parse(name)
     row["(b) + augmentation"] = step_rate(full_args, run)
     if ctx.device.type == "cuda":  # how often one full step waits for the GPU
         torch.cuda.set_sync_debug_mode("warn")
@@ -171,8 +173,7 @@ def model_rows(name, size, batch, ctx, args, out_dir):
         row["timm (a)"] = step_rate(targs, run, plain)
         row["ours / timm (a)"] = a / row["timm (a)"]
         del run
-    rows.append(row)
-    return rows
+    return row
 
 
 def augmentation_rows(ctx, steps):
@@ -220,7 +221,7 @@ def main():
     rows = []
     for name, size, batch in configs:
         t = time.time()
-        rows += model_rows(name, size, batch, ctx, args, out_dir)
+        rows.append(model_row(name, size, batch, ctx, args, out_dir))
         print(f"  {name} at {size} px: {time.time() - t:.0f} s", flush=True)
     aug = augmentation_rows(ctx, args.steps)
     keys = [k for k in ("(a) model alone", "(b) + augmentation", "(c) + hard distillation", "(d) evaluation",
