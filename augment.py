@@ -17,6 +17,7 @@ This file needs only torch and numpy: copy it into your project.
 """
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -310,6 +311,62 @@ def random_resized_crop(images, rng, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 
     grid = torch.stack([gx[:, None, :].expand(B, size, size), gy[:, :, None].expand(B, size, size)], -1)
     out = F.grid_sample(images.float(), grid, mode="bicubic", padding_mode="border", align_corners=False)
     return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _pil_cubic(x, a=-0.5):
+    """PIL's bicubic kernel (a = -0.5; Resample.c)."""
+    x = x.abs()
+    return torch.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1,
+                       torch.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, torch.zeros_like(x)))
+
+
+def _resample_matrices(lo, hi, n_in, out, n_max):
+    """(B, out, n_max) float64: PIL's weights for resampling [lo, hi) of an axis of n_in pixels to out pixels,
+    zero past n_in (Resample.c precompute_coeffs): output pixel i samples centre lo + (i + 0.5) * scale; when
+    shrinking (scale > 1) the kernel is widened by scale, which is PIL's antialiasing; each row sums to 1."""
+    lo, hi, n_in = lo.double()[:, None], hi.double()[:, None], n_in.double()[:, None]
+    scale = (hi - lo) / out
+    widen = scale.clamp(min=1)
+    centre = lo + (torch.arange(out, device=lo.device, dtype=torch.float64) + 0.5) * scale  # (B, out)
+    first = (centre - 2 * widen + 0.5).trunc().clamp(min=0)[..., None]  # C's (int) cast, as PIL
+    last = torch.minimum((centre + 2 * widen + 0.5).trunc(), n_in)[..., None]
+    j = torch.arange(n_max, device=lo.device, dtype=torch.float64)
+    w = _pil_cubic((j - centre[..., None] + 0.5) / widen[..., None]) * ((j >= first) & (j < last))
+    return w / w.sum(-1, keepdim=True)
+
+
+def resized_crops(images, boxes, sizes, size, budget=2 ** 26):
+    """Decoded files of different sizes -> (B, C, size, size) uint8: each image's box (x0, y0, x1, y1 in its
+    pixels, floats) resized as PIL's img.resize((size, size), BICUBIC, box=box) does, for a whole batch at once.
+
+    An antialiased resize is linear, separable and a function of the box alone: out = Wy @ X @ Wx^T, with the
+    crop in the matrices. So the images are zero-padded to a common size (nested tensors: no Python loop)
+    and resized by two batched matmuls; like PIL, the first (horizontal) pass is rounded to uint8. sizes:
+    (B, 2) host array of (H, W). Images are taken in order of area, in groups of at most budget padded
+    pixels, so that one huge photo does not pad the whole batch to its size."""
+    dev, B = images[0].device, len(images)
+    sizes = np.asarray(sizes, dtype=np.int64).reshape(B, 2)
+    order = np.argsort(sizes[:, 0] * sizes[:, 1], kind="stable")
+    sizes = sizes[order]
+    groups, start = [], 0
+    for i in range(1, B + 1):  # a loop over groups of the sorted sizes: host integers only
+        if i == B or (i + 1 - start) * sizes[start:i + 1].max(0).prod() > budget:
+            groups.append((start, i))
+            start = i
+    boxes_d, sizes_d, inverse = to_device(dev, np.asarray(boxes)[order], sizes, np.argsort(order))
+    outs = []
+    for a, b in groups:
+        Hm, Wm = (int(v) for v in sizes[a:b].max(0))
+        with warnings.catch_warnings():  # "nested tensors are in prototype stage"
+            warnings.simplefilter("ignore")
+            x = torch.nested.as_nested_tensor([images[i] for i in order[a:b]])
+            x = torch.nested.to_padded_tensor(x, 0, output_size=(b - a, images[0].shape[0], Hm, Wm)).float()
+        bx, sz = boxes_d[a:b], sizes_d[a:b]
+        wx = _resample_matrices(bx[:, 0], bx[:, 2], sz[:, 1], size, Wm).float()  # (b, size, Wm)
+        wy = _resample_matrices(bx[:, 1], bx[:, 3], sz[:, 0], size, Hm).float()  # (b, size, Hm)
+        t = (x @ wx.transpose(1, 2)[:, None]).add_(0.5).floor_().clamp_(0, 255)  # (b, C, Hm, size): uint8 as PIL
+        outs.append((wy[:, None] @ t).add_(0.5).floor_().clamp_(0, 255).to(torch.uint8))
+    return torch.cat(outs)[inverse.long()]
 
 
 def pad_crop_flip(images, rng, pad=4, hflip=0.5):

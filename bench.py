@@ -200,6 +200,75 @@ def augmentation_rows(ctx, steps):
     return rows
 
 
+def jpeg_folder(n_train, photos=None):
+    """out/jpegs-N: an ImageNet-like JPEG folder (prepare_data.py --jpegs), made once, from photos (default:
+    mate-backgrounds' photographs when installed, larger and sharper; else the bundled ones)."""
+    from prepare_data import PHOTOS, make_jpeg_folder
+    mate = "/usr/share/backgrounds/mate/nature"
+    photos = photos or (mate if os.path.isdir(mate) else PHOTOS)
+    root = os.path.join("out", f"jpegs-{n_train}-{os.path.basename(os.path.normpath(photos))}")
+    if not os.path.isdir(os.path.join(root, "val")):
+        print(f"  making {n_train} JPEGs from {photos} in {root}", flush=True)
+        make_jpeg_folder(root + ".tmp", photos, n_train, 64)
+        os.replace(root + ".tmp", root)
+    return root
+
+
+def jpeg_worker_rows(root):
+    """CPU time per training image in one DataLoader worker (one thread), on the same files: the reference's
+    per-image pipeline (PIL decode, RandomResizedCrop, flip, RandAugment, to tensor, normalise, erasing),
+    our workers path (decode + crop; the rest is batched on the device) and the device path's worker side
+    (read the bytes, parse the header, draw the box)."""
+    from PIL import Image
+    import data as DT
+    files = DT.ImageFiles(os.path.join(root, "train"), 224, True, "workers")
+    paths = [p for p, _ in files.samples]
+    pipelines = {"reference: PIL decode + per-image augmentation": lambda i: pil_pipeline([Image.open(paths[i]).convert("RGB")], 224),
+                 "workers path: decode + crop (data.py)": lambda i: files[i]}
+    if DT.device_decoder()[0]:
+        device_side = DT.ImageFiles(os.path.join(root, "train"), 224, True, "device")
+        pipelines["device path, worker side: bytes + box"] = lambda i: device_side[i]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows = []
+    for name, fn in pipelines.items():
+        fn(0)
+        c = time.process_time()
+        for i in range(len(paths)):
+            fn(i)
+        rows.append({"path": name, "CPU ms/image": 1000 * (time.process_time() - c) / len(paths)})
+    torch.set_num_threads(threads)
+    for r in rows:
+        r["vs reference"] = rows[0]["CPU ms/image"] / r["CPU ms/image"]
+    return rows
+
+
+def jpeg_train_rows(ctx, root, model, steps, workers, batch=256):
+    """On CUDA: train images/s of the full recipe (train.py's step) fed from the JPEG folder, per --decode path."""
+    import data as DT
+    sync = torch.cuda.synchronize if ctx.device.type == "cuda" else (lambda: None)
+    rows = []
+    for decode in ("device", "workers"):
+        targs = T.get_parser().parse_args(["--model", model, "--data", root, "--decode", decode, "--workers", str(workers),
+                                           "--batch-size", str(batch), "--out-dir", tempfile.mkdtemp()])
+        data = DT.load_data(targs, ctx.device, 224)
+        run = T.start_run(targs, ctx, T.build_model(targs, data, ctx, 224), data, None, log=lambda *a: None)
+        batches = (b for epoch in range(10 ** 9) for b in DT.train_batches(data, run.sampler, epoch, ctx.device))
+        n, t = 0, time.perf_counter()
+        for step, (x, y) in enumerate(batches):
+            if step == 3:  # after compilation and the first workers' start
+                sync()
+                n, t = 0, time.perf_counter()
+            if step == steps + 3:
+                break
+            T.train_step(targs, ctx, run, data, x, y, step)
+            n += len(y)
+        sync()
+        rows.append({"decode": data.decode, "workers": workers, "images/s": n / (time.perf_counter() - t)})
+        del run
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="*", default=None, help="model names (default: per device, see CONFIGS)")
@@ -207,6 +276,9 @@ def main():
     p.add_argument("--compare", default=None, help="the model that also gets (c) and timm's row, or 'all' (default: "
                    "deit_small_patch16_224 on CUDA, where each compiles once more; all on CPU)")
     p.add_argument("--json", default=os.path.join("out", "bench.json"))
+    p.add_argument("--photos", default=None, help="photographs for the JPEG folder (default: mate-backgrounds' if "
+                   "installed, else data/photos)")
+    p.add_argument("--no-jpeg-train", action="store_true", help="on CUDA, skip training DeiT-S from JPEGs")
     args = p.parse_args()
     ctx = T.setup_distributed()
     kind = ctx.device.type
@@ -224,6 +296,12 @@ def main():
         rows.append(model_row(name, size, batch, ctx, args, out_dir))
         print(f"  {name} at {size} px: {time.time() - t:.0f} s", flush=True)
     aug = augmentation_rows(ctx, args.steps)
+    root = jpeg_folder(160, args.photos)
+    files = jpeg_worker_rows(root)
+    e2e = []
+    if kind == "cuda" and not args.no_jpeg_train:
+        e2e = jpeg_train_rows(ctx, jpeg_folder(5120, args.photos), "deit_small_patch16_224", args.steps * 2,
+                              min(12, os.cpu_count()))
     keys = [k for k in ("(a) model alone", "(b) + augmentation", "(c) + hard distillation", "(d) evaluation",
                         "timm (a)", "ours / timm (a)", "MFU (a)", "waits per step (b)") if any(k in r for r in rows)]
     print(f"\ntrain images/s (one process), batch per row; {device_name}")
@@ -236,8 +314,17 @@ def main():
     print(f"\n{'augmentation':45s} {'device':16s} {'images/s':>10s} {'CPU ms/image':>13s}")
     for r in aug:
         print(f"{r['augmentation']:45s} {r['device']:16s} {r['images/s']:10.0f} {r['CPU ms/image']:13.2f}")
+    print(f"\nimage files ({root}), per training image in one DataLoader worker, one thread")
+    print(f"{'path':50s} {'CPU ms/image':>13s} {'vs reference':>13s}")
+    for r in files:
+        print(f"{r['path']:50s} {r['CPU ms/image']:13.2f} {r['vs reference']:12.1f}x")
+    small = next((r for r in rows if r["model"] == "deit_small_patch16_224"), None)
+    for r in e2e:
+        alone = f", {r['images/s'] / small['(a) model alone']:.0%} of the model alone" if small else ""
+        print(f"DeiT-S full recipe from JPEGs, decode {r['decode']}, {r['workers']} workers: {r['images/s']:.0f} images/s{alone}")
     with open(args.json, "w") as f:
-        json.dump({"device": device_name, "torch": torch.__version__, "train": rows, "augmentation": aug}, f, indent=1)
+        json.dump({"device": device_name, "torch": torch.__version__, "train": rows, "augmentation": aug,
+                   "image files": files, "train from JPEGs": e2e}, f, indent=1)
     print(f"\nwritten: {args.json}")
 
 

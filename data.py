@@ -9,6 +9,8 @@ The reference: facebookresearch/deit datasets.py (transforms) and samplers.py (r
 """
 
 import argparse
+import functools
+import io
 import math
 import os
 import pickle
@@ -16,6 +18,7 @@ import pickle
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import augment as A
 from prepare_data import FILES, find_idx, read_idx
@@ -114,7 +117,7 @@ def load_data(args, device, img_size):
         if os.path.isdir(os.path.join(folder, "train")) or os.path.isdir(os.path.join(folder, "val")):
             if args.classes is not None:
                 raise ValueError("--classes works with idx and CIFAR data; for an image folder, make one with those classes")
-            return load_image_folder(folder, args, img_size)
+            return load_image_folder(folder, args, img_size, device)
         train, val = load_idx_folder(folder)
         C, stats = 10, ((0.2860,), (0.3530,))  # Fashion-MNIST's mean/std
         # Deliberate difference: no padded crop by default. Fashion-MNIST's items are centred and fill the
@@ -139,68 +142,186 @@ def load_data(args, device, img_size):
                               crop_pad=pad if args.crop_pad is None else args.crop_pad)
 
 
-class SafeImageFolder:
-    """torchvision's ImageFolder, except that a file that cannot be decoded is skipped with a warning
-    instead of killing the run."""
+# ---------------------------------------------------------------------------------------------------------
+# Image folders (ImageNet's layout). Each file becomes one box of its pixels resized to img_size x img_size:
+# in training RandomResizedCrop's random box, in evaluation the centre crop of the reference's
+# Resize(int(size / 0.875)) + CenterCrop(size) (facebookresearch/deit datasets.py), which is one box as well.
+# Two paths (--decode): "workers" decodes and resizes in the DataLoader workers with PIL; "device" has the
+# workers only read the bytes and the header and pick the box, and decodes and resizes the whole batch on
+# the device (nvJPEG through TorchCodec on CUDA; augment.resized_crops). Both resize as PIL's bicubic
+# does (antialiased), so they give the same pixels within 1 level (test_all.py). Deliberately as the
+# reference's loader (torchvision's pil_loader): EXIF orientation is not applied, on either path.
 
-    def __init__(self, root, transform):
+@functools.lru_cache(None)
+def device_decoder():
+    """(name, decode(list of byte tensors, device) -> list of (3, H, W) uint8) of the batched JPEG decoder,
+    or (None, None): TorchCodec's (optional; CUDA through nvJPEG), else torchvision.io's (deprecated since
+    torchvision 0.29, used while it exists)."""
+    try:
+        from torchcodec.decoders import decode_jpeg as codec_decode
+        return "torchcodec", lambda data, device: codec_decode(data, mode="RGB", device=device)
+    except Exception:  # not installed, or its native libraries do not load
+        pass
+    try:
+        import warnings
+        from torchvision.io import ImageReadMode, decode_jpeg as vision_decode
+
+        def decode(data, device):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the deprecation notice, once per batch
+                return vision_decode(data, mode=ImageReadMode.RGB, device=device)
+        return "torchvision.io", decode
+    except Exception:
+        return None, None
+
+
+def eval_box(W, H, size, crop_ratio=0.875):
+    """The reference's evaluation transform, Resize(int(size / crop_ratio)) of the shorter side then
+    CenterCrop(size), as one box (x0, y0, x1, y1) in the file's pixels: resizing that box to size x size
+    gives PIL's pixels of the two steps (the same sampling positions; the margins are never resized)."""
+    short = int(size / crop_ratio)
+    nw, nh = (short, int(short * H / W)) if W <= H else (int(short * W / H), short)  # torchvision's rounding
+    left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))  # torchvision's CenterCrop
+    sx, sy = W / nw, H / nh
+    return left * sx, top * sy, (left + size) * sx, (top + size) * sy
+
+
+def dct_scale(W, H, request):
+    """The reduction PIL's draft picks for a JPEG of W x H asked for at least request = (w, h): 8, 4, 2 or 1."""
+    most = min(W // request[0], H // request[1])
+    return next((s for s in (8, 4, 2) if most >= s), 1)
+
+
+def plain_jpeg(im, modes):
+    """Whether a tensor decoder gives the reference's pixels for this file: a JPEG in one of modes, without an
+    EXIF rotation (TorchCodec applies it; torchvision's pil_loader, the reference's, does not)."""
+    return (im.format == "JPEG" and im.mode in modes
+            and ("exif" not in im.info or im.getexif().get(0x0112, 1) == 1))
+
+
+def decode_crop(im, size, box=None, raw=None, decoder=None):
+    """A PIL image, opened but not decoded -> (3, size, size) uint8 tensor: the box (x0, y0, x1, y1) resized to
+    size x size, or with box None the reference's evaluation crop (eval_box). Two ways, by what saves most:
+
+    - A JPEG that needs every pixel (the common case at ImageNet's sizes) goes to decoder (raw bytes ->
+      tensor; libjpeg-turbo as PIL: the same pixels, without PIL's copy into numpy), then torch's antialiased
+      bicubic on uint8: PIL's a = -0.5 kernel, ~2.5x faster than PIL's resize on one core. It crops first,
+      as torchvision's tensor RandomResizedCrop does, so it does not read the few pixels beyond a training
+      box that PIL's resize(box=) reads: the 2 outer output pixels differ, the rest within 1 level. In
+      evaluation it resizes the whole image and crops the centre, the reference's two steps exactly.
+    - Otherwise PIL, as the reference, with one saving: a JPEG is decoded at the smallest DCT scale (1/2,
+      1/4, 1/8: PIL's draft) that keeps at least size pixels across the box, so nothing is upsampled that a
+      full decode had. It changes the pixels by resampling only: libjpeg's scaled IDCT averages each s x s
+      block before the bicubic filter instead of inside it (test_all.py bounds it against a full decode)."""
+    W, H = im.size
+    short = int(size / 0.875)
+    pil_box = box or eval_box(W, H, size)
+    request = (math.ceil(W * size / max(pil_box[2] - pil_box[0], 1)), math.ceil(H * size / max(pil_box[3] - pil_box[1], 1)))
+    jpeg = im.format == "JPEG"
+    if not (plain_jpeg(im, ("RGB", "L")) and decoder is not None and dct_scale(W, H, request) == 1):
+        if jpeg:
+            im.draft("RGB", request)
+        s = round(W / im.width)  # 1, 2, 4 or 8: pixel i now covers the file's pixels [i s, (i + 1) s)
+        if im.mode not in ("RGB", "L"):  # CMYK, palette, alpha...: to RGB first, as the reference's loader
+            im = im.convert("RGB")
+        im = im.resize((size, size), Image.BICUBIC, box=tuple(v / s for v in pil_box)).convert("RGB")
+        return torch.from_numpy(np.array(im)).permute(2, 0, 1).contiguous()
+    x = decoder([torch.frombuffer(raw, dtype=torch.uint8)], "cpu")[0][None]  # (1, 3, H, W), channels last
+    if box:
+        x0, y0, x1, y1 = (round(v) for v in box)
+        x = F.interpolate(x[..., y0:y1, x0:x1], size=(size, size), mode="bicubic", antialias=True)
+    else:  # torchvision's Resize(short) and CenterCrop(size), with their rounding
+        nh, nw = (int(short * H / W), short) if W <= H else (short, int(short * W / H))
+        x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True)
+        top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+        x = x[..., top:top + size, left:left + size]
+    return x[0].contiguous()
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """An ImageFolder's files, each read in a DataLoader worker into one of:
+      ("pixels", (3, size, size) uint8)  decode="workers", or a file the device decoder does not take;
+      ("jpeg", bytes, box, (H, W), path) decode="device": a colour JPEG that ends with its end-of-image marker;
+      ("bad", message)                   a file that cannot be read: skipped, named and counted, not fatal.
+    train: RandomResizedCrop's box (augment.sample_boxes, scale 0.08-1, ratio 3/4-4/3), else eval_box."""
+
+    def __init__(self, root, size, train, decode):
         import torchvision
-        try:
-            self.inner = torchvision.datasets.ImageFolder(root, transform=transform)
+        try:  # only the listing: files and class folders
+            folder = torchvision.datasets.ImageFolder(root, loader=str)
         except (FileNotFoundError, OSError) as e:
             raise ValueError(f"cannot read image folder {root}: {e}")
+        self.samples, self.classes = folder.samples, folder.classes
+        self.size, self.train, self.decode, self.seed = size, train, decode, None
 
     def __len__(self):
-        return len(self.inner)
+        return len(self.samples)
+
+    def box(self, W, H):
+        if not self.train:
+            return eval_box(W, H, self.size)
+        if self.seed != torch.initial_seed():  # a new worker (DataLoader seeds each: base seed + worker id)
+            self.seed, self.rng = torch.initial_seed(), np.random.default_rng(torch.initial_seed())
+        top, left, h, w = (float(v[0]) for v in A.sample_boxes(self.rng, 1, H, W, (0.08, 1.0), (3 / 4, 4 / 3)))
+        return left, top, left + w, top + h
 
     def __getitem__(self, i):
-        path, target = self.inner.samples[i]
+        path, target = self.samples[i]
         try:
-            return self.inner.transform(self.inner.loader(path)), target, None
+            with open(path, "rb") as f:
+                raw = f.read()
+            raw = bytearray(raw)
+            im = Image.open(io.BytesIO(raw))  # reads the header only
+            box = self.box(*im.size)
+            if self.decode == "device" and plain_jpeg(im, ("RGB",)) and raw.rstrip(b"\0\r\n ").endswith(b"\xff\xd9"):
+                # a JPEG without its end marker is truncated: PIL's path names it
+                return ("jpeg", torch.frombuffer(raw, dtype=torch.uint8), box, (im.height, im.width), path), target
+            return ("pixels", decode_crop(im, self.size, box if self.train else None, raw, device_decoder()[1])), target
         except Exception as e:  # PIL raises several kinds for corrupt or truncated files
-            return None, target, f"{path} ({type(e).__name__}: {e})"
+            return ("bad", f"{path} ({type(e).__name__}: {e})"), target
 
 
-def collate_skipping(batch):
-    good = [b for b in batch if b[2] is None]
-    x = torch.stack([b[0] for b in good]) if good else None
-    return x, torch.tensor([b[1] for b in good], dtype=torch.long), [b[2] for b in batch if b[2] is not None]
+def collate_files(batch):
+    """ImageFiles items -> a dict: the files already cropped (pixels (K, 3, S, S) or None, pixel_labels), those
+    left to the device decoder (jpegs: their bytes, lengths, paths, boxes, sizes, jpeg_labels), and the messages of
+    the bad ones. The device batch is the decoded files, then the cropped ones."""
+    px = [(item[1], y) for item, y in batch if item[0] == "pixels"]
+    jp = [(item, y) for item, y in batch if item[0] == "jpeg"]
+    return {"pixels": torch.stack([p for p, _ in px]) if px else None,
+            "pixel_labels": torch.tensor([y for _, y in px], dtype=torch.long),
+            # the files' bytes in one buffer (one pinned copy on CUDA, not one per file), split again on arrival
+            "jpegs": torch.cat([it[1] for it, _ in jp]) if jp else None, "lengths": [len(it[1]) for it, _ in jp],
+            "paths": [it[4] for it, _ in jp],
+            "boxes": np.array([it[2] for it, _ in jp], dtype=np.float64).reshape(-1, 4),
+            "sizes": np.array([it[3] for it, _ in jp], dtype=np.int64).reshape(-1, 2),
+            "jpeg_labels": torch.tensor([y for _, y in jp], dtype=torch.long),
+            "bad": [item[1] for item, _ in batch if item[0] == "bad"]}
 
 
-class PILRandomResizedCrop:
-    """RandomResizedCrop(size, scale 0.08-1, ratio 3/4-4/3, bicubic) of one decoded file, in a DataLoader
-    worker: the box from augment.py's sampler, the crop and resize by PIL (files differ in size, so this is
-    the one per-image step; the flip and the rest run batched on the device)."""
-
-    def __init__(self, size):
-        self.size = size
-
-    def __call__(self, img):
-        from PIL import Image
-        rng = np.random.default_rng(int(torch.randint(0, 2 ** 62, (1,))))  # from the worker's seeded stream
-        top, left, h, w = (int(v[0]) for v in A.sample_boxes(rng, 1, img.height, img.width, (0.08, 1.0), (3 / 4, 4 / 3)))
-        return img.convert("RGB").resize((self.size, self.size), Image.BICUBIC, box=(left, top, left + w, top + h))
-
-
-def load_image_folder(root, args, img_size):
-    import torchvision.transforms as T
+def load_image_folder(root, args, img_size, device):
     if img_size is None:
         raise ValueError(f"{args.model} has no input size of its own: give --img-size for an image folder")
     for split in ("train", "val"):
         if not os.path.isdir(os.path.join(root, split)):
             raise ValueError(f"image folder {root} has no {split}/ subfolder (expected DeiT's ImageNet layout: train/ and val/)")
-    bicubic = T.InterpolationMode.BICUBIC
-    train_tf = T.Compose([PILRandomResizedCrop(img_size), T.PILToTensor()])
-    # eval: resize to size/0.875 (256 for 224), centre crop (facebookresearch/deit datasets.py)
-    val_tf = T.Compose([T.Resize(int(img_size / 0.875), interpolation=bicubic), T.CenterCrop(img_size), T.PILToTensor()])
-    train, val = SafeImageFolder(os.path.join(root, "train"), train_tf), SafeImageFolder(os.path.join(root, "val"), val_tf)
-    if train.inner.classes != val.inner.classes:
+    name, decoder = device_decoder()
+    decode = getattr(args, "decode", "auto")
+    if decode == "device" and decoder is None:
+        raise ValueError("--decode device needs TorchCodec (pip install torchcodec) or torchvision.io.decode_jpeg")
+    if decode == "auto":  # on a CPU the workers decode in parallel, the main process would decode alone
+        decode = "device" if device.type == "cuda" and decoder is not None else "workers"
+    train = ImageFiles(os.path.join(root, "train"), img_size, True, decode)
+    val = ImageFiles(os.path.join(root, "val"), img_size, False, decode)
+    if train.classes != val.classes:
         raise ValueError(f"train/ and val/ of {root} have different class folders")
     if args.train_subset is not None:
-        keep = stratified_subset(torch.tensor(train.inner.targets), args.train_subset, args.seed)
-        train.inner.samples = [train.inner.samples[i] for i in keep.tolist()]
-    return argparse.Namespace(train=train, val=val, num_classes=len(train.inner.classes), in_chans=3,
+        keep = stratified_subset(torch.tensor([y for _, y in train.samples]), args.train_subset, args.seed)
+        train.samples = [train.samples[i] for i in keep.tolist()]
+    where = (f"device ({name} on {device.type})" if decode == "device" else
+             f"workers ({name + ', ' if name else ''}PIL with DCT scaling)")
+    return argparse.Namespace(train=train, val=val, num_classes=len(train.classes), in_chans=3,
                               mean=IMAGENET_MEAN, std=IMAGENET_STD, tensors=False, workers=args.workers,
+                              decoder=decoder if decode == "device" else None, decode=where,
                               skipped=[])  # this epoch's undecodable files, for the log line
 
 
@@ -257,7 +378,7 @@ def train_batches(data, sampler, epoch, device):
             yield x[b], y[b]
     else:
         data.skipped.clear()
-        yield from _folder_batches(data.train, sampler.local, device, data.workers, data.skipped, sampler=sampler,
+        yield from _folder_batches(data, data.train, sampler.local, device, data.skipped, sampler=sampler,
                                    drop_last=True)
 
 
@@ -269,15 +390,43 @@ def val_batches(data, batch_size, device, rank=0, world=1):
             yield x[b], y[b]
     else:
         shard = torch.utils.data.Subset(data.val, range(rank, len(data.val), world))
-        yield from _folder_batches(shard, batch_size, device, data.workers, [])
+        yield from _folder_batches(data, shard, batch_size, device, [])
 
 
-def _folder_batches(dataset, batch_size, device, workers, skipped, **kw):
-    # A DataLoader per epoch, as the reference's: workers decode and crop; the rest runs batched on the device.
-    for x, y, bad in torch.utils.data.DataLoader(dataset, batch_size, num_workers=workers, collate_fn=collate_skipping,
-                                                 pin_memory=device.type == "cuda", **kw):
-        for b in bad:
-            print(f"warning: skipped an image that cannot be decoded: {b}", flush=True)
+def _folder_batches(data, dataset, batch_size, device, skipped, **kw):
+    # A DataLoader per epoch, as the reference's: workers read (and on the workers path decode and crop) the
+    # files; the JPEGs left to the device are decoded as one batch and cropped by augment.resized_crops.
+    size = data.train.size
+    for b in torch.utils.data.DataLoader(dataset, batch_size, num_workers=data.workers, collate_fn=collate_files,
+                                         pin_memory=device.type == "cuda", **kw):
+        xs, ys, bad = [], [], b["bad"]
+        if b["lengths"]:
+            decoded, ok, failed = _decode(data.decoder, list(b["jpegs"].split(b["lengths"])), device)
+            bad += [f"{b['paths'][i]} ({why})" for i, why in failed]
+            if decoded:
+                xs.append(A.resized_crops(decoded, b["boxes"][ok], b["sizes"][ok], size))
+                ys.append(b["jpeg_labels"][ok])
+        if b["pixels"] is not None:
+            xs.append(b["pixels"].to(device, non_blocking=True))
+            ys.append(b["pixel_labels"])
+        for msg in bad:
+            print(f"warning: skipped an image that cannot be decoded: {msg}", flush=True)
         skipped += bad
-        if x is not None:
-            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if xs:
+            yield torch.cat(xs), torch.cat(ys).to(device, non_blocking=True)
+
+
+def _decode(decoder, jpegs, device):
+    """The batch in one call; should that fail (a file the header check let through), file by file, so that
+    only the bad ones are left out: (decoded images, indices kept, [(index, reason)])."""
+    try:
+        return decoder(jpegs, device), np.arange(len(jpegs)), []
+    except Exception:
+        out, ok, bad = [], [], []
+        for i, j in enumerate(jpegs):  # the error path only
+            try:
+                out.append(decoder([j], device)[0])
+                ok.append(i)
+            except Exception as e:
+                bad.append((i, f"{type(e).__name__}: {e}"))
+        return out, np.array(ok, dtype=np.int64), bad

@@ -1,5 +1,6 @@
 """
-Make the bundled Fashion-MNIST subset in data/fashion-mnist-subset/ from the full dataset.
+Make the bundled Fashion-MNIST subset in data/fashion-mnist-subset/ from the full dataset; or (--jpegs) an
+ImageNet-like JPEG folder from photographs, for the image-file benchmark and tests.
 
 Fashion-MNIST (Xiao, Rasul, Vollgraf 2017; MIT licence) comes from the Debian package
 `dataset-fashion-mnist` (apt-get install -y dataset-fashion-mnist), which puts the four idx files in
@@ -9,6 +10,12 @@ subset and the full set with one reader. gzip's timestamp is zeroed, so a rerun 
 
     python prepare_data.py                      # 1000 train + 200 test images per class (~4 MB)
     python prepare_data.py --src DIR --out DIR --train-per-class 600 --test-per-class 100
+    python prepare_data.py --jpegs out/jpegs    # 160 train + 40 val JPEGs from data/photos/ (or --photos DIR)
+
+The JPEG folder: each photograph is a class; each file is a random crop of it (30-100% of the area, aspect
+4:3, 3:4, 3:2 or 1:1) rescaled to a shorter side of 300-500 px and saved at quality 75-95, as ImageNet's
+files mostly are. Photographs larger than that (e.g. apt-get install -y mate-backgrounds, then
+--photos /usr/share/backgrounds/mate/nature) give sharper files than the small bundled ones.
 """
 
 import argparse
@@ -59,14 +66,54 @@ def stratified(labels, per_class, rng):
     return rng.permutation(idx)
 
 
+PHOTOS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "photos")
+
+
+def make_jpeg_folder(out, photos=PHOTOS, n_train=160, n_val=40, seed=0, short=(300, 500)):
+    """An ImageFolder (train/ and val/, one class per photograph) of JPEG crops of the photographs in
+    photos; the same seed writes the same files. Returns the paths written."""
+    from PIL import Image
+    names = sorted(f for f in os.listdir(photos) if f.lower().endswith((".jpg", ".jpeg", ".png")))
+    if not names:
+        raise SystemExit(f"error: no .jpg or .png photographs in {photos}")
+    rng, written = np.random.default_rng(seed), []
+    for split, n in (("train", n_train), ("val", n_val)):
+        for i in range(n):
+            name = names[i % len(names)]
+            with Image.open(os.path.join(photos, name)) as src:
+                im = src.convert("RGB")
+            aspect = rng.choice([4 / 3, 3 / 4, 3 / 2, 1.0])
+            area = rng.uniform(0.3, 1.0) * im.width * im.height
+            w = min(im.width, round((area * aspect) ** 0.5))
+            h = min(im.height, round(w / aspect))
+            left, top = rng.integers(0, im.width - w + 1), rng.integers(0, im.height - h + 1)
+            s = rng.integers(short[0], short[1] + 1)
+            size = (s, round(s * h / w)) if w <= h else (round(s * w / h), s)
+            im = im.resize(size, Image.BICUBIC, box=(left, top, left + w, top + h))
+            folder = os.path.join(out, split, os.path.splitext(name)[0])
+            os.makedirs(folder, exist_ok=True)
+            path = os.path.join(folder, f"{i:05d}.jpg")
+            im.save(path, quality=int(rng.integers(75, 96)))
+            written.append(path)
+    return written
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--jpegs", default=None, metavar="OUT", help="make an ImageNet-like JPEG folder in OUT instead")
+    p.add_argument("--photos", default=PHOTOS, help="the photographs for --jpegs (.jpg/.png, one class each)")
+    p.add_argument("--n-train", type=int, default=160, help="--jpegs: training files")
+    p.add_argument("--n-val", type=int, default=40, help="--jpegs: held-out files")
     p.add_argument("--src", default=DEBIAN_DIR, help="folder with the four Fashion-MNIST idx files")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "fashion-mnist-subset"))
     p.add_argument("--train-per-class", type=int, default=1000)
     p.add_argument("--test-per-class", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    if args.jpegs:
+        paths = make_jpeg_folder(args.jpegs, args.photos, args.n_train, args.n_val, args.seed)
+        print(f"{len(paths)} JPEGs from {args.photos} -> {args.jpegs}")
+        return
     rng = np.random.default_rng(args.seed)
     os.makedirs(args.out, exist_ok=True)
     for split, per_class in (("train", args.train_per_class), ("test", args.test_per_class)):

@@ -457,24 +457,198 @@ def test_cifar_reads_python_batches_and_fails_clearly_offline(tmp_path, monkeypa
         DT.load_data(parse("--data", "cifar100", "--data-dir", str(tmp_path)), ctx.device, 32)
 
 
-def test_image_folder_skips_undecodable_files(tmp_path):
+# Image folders. The reference for every crop is PIL, as facebookresearch/deit's pipeline uses it (torchvision's
+# pil_loader, RandomResizedCrop, Resize + CenterCrop), on the bundled photographs (data/photos/).
+
+def photo(name="coffee"):
+    from PIL import Image
+    with Image.open(os.path.join(HERE, "data", "photos", name + ".jpg")) as im:
+        return im.convert("RGB")
+
+
+def chw(im):
+    return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).int()
+
+
+def pil_eval(im, size=224):
+    """The reference's evaluation transform: Resize(int(size / 0.875), bicubic) of the shorter side, CenterCrop."""
+    import torchvision.transforms as TV
+    return chw(TV.CenterCrop(size)(TV.Resize(int(size / 0.875), interpolation=TV.InterpolationMode.BICUBIC)(im)))
+
+
+def close(x, ref):
+    """The same pixels up to resampling. Pillow clips to uint8 between its two passes (horizontal, vertical)
+    and, measured with Pillow 13, does them in an order that depends on the image's shape (vertical first
+    for some portrait images); augment.resized_crops always goes horizontal first and torch clips only at
+    the end. So near strong edges an overshoot is cut in one and not in the other: a level on up to 1 pixel
+    in 6, up to ~10 levels on a handful of pixels (upsampling, where the overshoot is largest)."""
+    d = (x.int() - ref.int()).abs().float()
+    return bool(d.mean() < 0.25 and d.quantile(0.999) <= 1 and d.max() <= 12)
+
+
+def close_to_eval(x, im):
+    return close(x, pil_eval(im))
+
+
+def rrc_boxes(rng, sizes):
+    boxes = []
+    for H, W in sizes:
+        t, l, h, w = (float(v[0]) for v in A.sample_boxes(rng, 1, H, W, (0.08, 1.0), (3 / 4, 4 / 3)))
+        boxes.append((l, t, l + w, t + h))
+    return boxes
+
+
+def test_batched_crops_equal_pil_resize_with_a_box():
+    """augment.resized_crops, the device path's crop of a whole batch, is PIL's img.resize(box=...)."""
     from PIL import Image
     rng = np.random.default_rng(0)
+    ims = [photo(n) for n in ("astronaut", "chelsea", "coffee", "rocket")]
+    ims += [im.resize((int(im.width * f), int(im.height * f)), Image.BICUBIC) for im, f in zip(ims, (0.55, 1.7, 0.8, 1.3))]
+    sizes = [(im.height, im.width) for im in ims] * 2
+    boxes = rrc_boxes(rng, sizes[:8]) + [DT.eval_box(W, H, 224) for H, W in sizes[8:]]  # integer, then fractional boxes
+    ref = torch.stack([chw(im.resize((224, 224), Image.BICUBIC, box=b)) for im, b in zip(ims * 2, boxes)])
+    tensors = [chw(im).to(torch.uint8) for im in ims * 2]
+    for budget in (2 ** 26, 3 * 700 * 700):  # one padded group; several (each image comes back in its place)
+        with WaitsForDevice():  # sizes and boxes are host facts: nothing is read back from the device
+            out = A.resized_crops(tensors, np.array(boxes), np.array(sizes), 224, budget=budget)
+        assert out.dtype == torch.uint8 and all(close(o, r) for o, r in zip(out, ref))
+        landscape = [i for i, (H, W) in enumerate(sizes) if W >= H]  # where PIL goes horizontal first, as we do
+        assert (out[landscape].int() - ref[landscape]).abs().max() <= 1  # only PIL's fixed-point rounding
+
+
+def test_evaluation_box_is_the_reference_resize_and_centre_crop():
+    from PIL import Image
+    for W, H in ((500, 375), (375, 500), (333, 500), (256, 256), (600, 400), (224, 300)):
+        im = photo().resize((W, H), Image.BICUBIC)
+        assert close_to_eval(chw(im.resize((224, 224), Image.BICUBIC, box=DT.eval_box(W, H, 224))), im), (W, H)
+
+
+def jpeg_file(path, im, **kw):
+    im.save(path, "JPEG", quality=90, **kw)
+    from PIL import Image
+    return Image.open(path), bytearray(open(path, "rb").read())
+
+
+def test_worker_crops_equal_pil_and_reduced_decoding_stays_close(tmp_path):
+    """The workers path: a full-scale JPEG through the tensor decoder and torch's antialiased bicubic gives
+    PIL's pixels (close) away from a training box's edges (2 outer pixels: PIL reads beyond the box);
+    evaluation and PNGs too. A JPEG decoded at a reduced DCT scale (PIL's draft) stays within resampling
+    differences of the full decode: mean < 1 level, 99% of pixels within 6."""
+    from PIL import Image
+    _, decode = DT.device_decoder()
+    rng = np.random.default_rng(1)
+    for name in ("astronaut", "chelsea", "coffee", "rocket"):  # 300-640 px: a full decode is needed
+        im, raw = jpeg_file(tmp_path / "a.jpg", photo(name))
+        full = Image.open(tmp_path / "a.jpg").convert("RGB")
+        for box in rrc_boxes(rng, [(full.height, full.width)] * 3):
+            for dec in (decode, None):  # with and without a tensor decoder
+                out = DT.decode_crop(Image.open(tmp_path / "a.jpg"), 224, box, raw, dec).int()
+                ref = chw(full.resize((224, 224), Image.BICUBIC, box=box))
+                assert out.shape == (3, 224, 224) and close(out[:, 2:-2, 2:-2], ref[:, 2:-2, 2:-2]), (name, box)
+        if min(full.size) < 512:  # astronaut.jpg, 512 px, may be decoded at 256: below
+            assert close_to_eval(DT.decode_crop(Image.open(tmp_path / "a.jpg"), 224, None, raw, decode), full)
+        full.save(tmp_path / "a.png")
+        assert close_to_eval(DT.decode_crop(Image.open(tmp_path / "a.png"), 224), full)
+    # a large file: 1/2 and 1/4 scale decoding, chosen as PIL's draft would, never below the crop's resolution
+    jpeg_file(tmp_path / "big.jpg", photo().resize((1800, 1200), Image.BICUBIC))
+    full = Image.open(tmp_path / "big.jpg").convert("RGB")
+    for box, scale in (((0, 0, 1800, 1200), 4), ((100, 50, 1100, 900), 2), ((10.5, 20.25, 1500.5, 1000.75), 4),
+                       ((300, 200, 700, 600), 1), ((0, 0, 447, 447), 1), ((0, 0, 448, 448), 2)):
+        request = (math.ceil(1800 * 224 / (box[2] - box[0])), math.ceil(1200 * 224 / (box[3] - box[1])))
+        assert DT.dct_scale(1800, 1200, request) == scale and (box[2] - box[0]) / scale >= 224
+        d = (DT.decode_crop(Image.open(tmp_path / "big.jpg"), 224, box).int()
+             - chw(full.resize((224, 224), Image.BICUBIC, box=box))).abs().float()
+        assert d.mean() < 1 and d.quantile(0.99) <= 6, (box, d.mean(), d.quantile(0.99))
+        if scale == 1:
+            assert d.max() <= 1  # PIL both sides
+    d = (DT.decode_crop(Image.open(tmp_path / "big.jpg"), 224).int() - pil_eval(full)).abs().float()
+    assert d.mean() < 1 and d.quantile(0.99) <= 6
+
+
+def odd_folder(root):
+    """An ImageFolder whose every class is one kind of file: an ordinary JPEG, greyscale, CMYK, EXIF-rotated,
+    PNG with alpha; and three that cannot be decoded: truncated, corrupt, not an image. Returns the files."""
+    from PIL import Image
+    base = photo("chelsea")
+    raw = open(os.path.join(HERE, "data", "photos", "chelsea.jpg"), "rb").read()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees to display
+    files = {"plain": lambda p: base.save(p, quality=90), "grey": lambda p: base.convert("L").save(p, quality=90),
+             "cmyk": lambda p: base.convert("CMYK").save(p, quality=90),
+             "exif": lambda p: base.save(p, quality=90, exif=exif.tobytes()),
+             "png": lambda p: base.convert("RGBA").save(p),
+             "truncated": lambda p: open(p, "wb").write(raw[:len(raw) // 2]),
+             "corrupt": lambda p: open(p, "wb").write(raw[:700] + np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes() + b"\xff\xd9"),
+             "text": lambda p: open(p, "w").write("not an image")}
+    paths = {}
     for split in ("train", "val"):
-        for cls in ("cat", "dog"):
-            (tmp_path / split / cls).mkdir(parents=True)
-            for i in range(4):
-                Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.png")
-    (tmp_path / "train" / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    out = tmp_path / "out"
-    r = run_cli(["--data", str(tmp_path), "--img-size", "32", "--model", "deit_nano_patch4_28", "--epochs", "1",
-                 "--batch-size", "3", "--workers", "0", "--out-dir", str(out)])
-    assert r.returncode == 0, r.stderr
-    assert "skipped an image that cannot be decoded" in r.stdout and "broken.png" in r.stdout
-    log = read_log(out)
-    assert log[0]["skipped_images"] == 1
-    # the ImageNet layout needs both splits
-    with pytest.raises(ValueError, match="no val/ subfolder"):
+        for kind, make in files.items():
+            (root / split / kind).mkdir(parents=True)
+            paths[kind] = str(root / split / kind / ("1.png" if kind == "png" else "1.jpg"))
+            make(paths[kind])
+    return paths
+
+
+@pytest.mark.parametrize("decode", ["workers", "device"])
+def test_odd_and_broken_image_files(tmp_path, capsys, decode):
+    """Both paths: greyscale, CMYK, EXIF-rotated (left as stored, as the reference's loader does) and PNG files
+    give the reference's pixels; truncated, corrupt and non-image files are skipped, named and counted."""
+    from PIL import Image
+    paths = odd_folder(tmp_path)
+    data = DT.load_data(parse("--data", str(tmp_path), "--decode", decode, "--workers", "0"), torch.device("cpu"), 224)
+    assert data.decode.startswith(decode)
+    x, y = next(DT.val_batches(data, 16, torch.device("cpu")))
+    got = {data.val.classes[int(c)]: img.int() for img, c in zip(x, y)}
+    assert sorted(got) == ["cmyk", "exif", "grey", "plain", "png"]
+    for kind, img in got.items():
+        assert close_to_eval(img, Image.open(paths[kind]).convert("RGB")), kind
+    assert torch.equal(got["grey"][0], got["grey"][1]) and torch.equal(got["grey"][0], got["grey"][2])
+    assert (got["exif"] - got["plain"]).abs().float().mean() < 1  # not rotated
+    printed = capsys.readouterr().out
+    assert all(f"{kind}/1.jpg" in printed for kind in ("truncated", "corrupt", "text")), printed
+    # training batches: the same three are left out and counted
+    sampler = DT.EpochSampler(len(data.train), 8, 0)
+    x, y = next(DT.train_batches(data, sampler, 0, torch.device("cpu")))
+    assert x.shape == (5, 3, 224, 224) and x.dtype == torch.uint8 and len(data.skipped) == 3
+
+
+def test_device_and_worker_paths_give_the_same_crops(tmp_path):
+    """The same files and boxes through both paths (the device one on the CPU here): the same crops, within
+    the 2-pixel edge of PIL's box; both against PIL."""
+    from PIL import Image
+    from prepare_data import make_jpeg_folder
+    make_jpeg_folder(str(tmp_path), n_train=12, n_val=4, short=(230, 440))  # below 448 px: full decodes
+    batch = {}
+    for decode in ("workers", "device"):
+        data = DT.load_data(parse("--data", str(tmp_path), "--decode", decode, "--workers", "0"), torch.device("cpu"), 224)
+        torch.manual_seed(0)  # the boxes come from the worker's seeded stream: the same for both
+        items = [data.train[i][0] for i in range(12)]
+        if decode == "workers":
+            batch[decode] = torch.stack([it[1] for it in items])
+        else:
+            assert all(it[0] == "jpeg" for it in items)
+            boxes, sizes = np.array([it[2] for it in items]), np.array([it[3] for it in items])
+            decoded = data.decoder([it[1] for it in items], torch.device("cpu"))
+            batch[decode] = A.resized_crops(decoded, boxes, sizes, 224)
+            ref = torch.stack([chw(Image.open(it[4]).convert("RGB").resize((224, 224), Image.BICUBIC, box=tuple(b)))
+                               for it, b in zip(items, boxes)])
+    assert close(batch["device"][..., 2:-2, 2:-2], batch["workers"][..., 2:-2, 2:-2])
+    assert (batch["device"].int() - batch["workers"].int()).abs().float().mean() < 0.5
+    assert all(close(o, r) for o, r in zip(batch["device"], ref))
+    # evaluation: both equal the reference's two steps
+    for decode in ("workers", "device"):
+        data = DT.load_data(parse("--data", str(tmp_path), "--decode", decode, "--workers", "0"), torch.device("cpu"), 224)
+        x, y = next(DT.val_batches(data, 4, torch.device("cpu")))
+        assert all(close_to_eval(x[i], Image.open(data.val.samples[int(i)][0]).convert("RGB")) for i in range(4)), decode
+
+
+def test_device_decode_needs_a_decoder(monkeypatch, tmp_path):
+    odd_folder(tmp_path)
+    monkeypatch.setattr(DT, "device_decoder", lambda: (None, None))
+    with pytest.raises(ValueError, match="--decode device needs TorchCodec"):
+        DT.load_data(parse("--data", str(tmp_path), "--decode", "device"), torch.device("cpu"), 32)
+    assert DT.load_data(parse("--data", str(tmp_path)), torch.device("cpu"), 32).decode.startswith("workers")
+    with pytest.raises(ValueError, match="no val/ subfolder"):  # the ImageNet layout needs both splits
         os.rename(tmp_path / "val", tmp_path / "valid")
         DT.load_data(parse("--data", str(tmp_path)), torch.device("cpu"), 32)
 
@@ -845,6 +1019,24 @@ def test_two_process_run_with_the_full_recipe(tmp_path):
     assert r.returncode == 0, r.stderr
     log = read_log(tmp_path)  # repeated augmentation: 600 // 256 * 256 / 2 = 256 samples a process, 8 steps of 32
     assert log[0]["step"] == 8 and math.isfinite(log[0]["train_loss"])
+
+
+@pytest.mark.parametrize("decode", ["workers", "device"])
+def test_two_process_run_on_an_image_folder(tmp_path, decode):
+    """torchrun, 2 processes, 1 worker each, on JPEGs made from the bundled photographs, with an undecodable
+    file: the run ends, each process names the files it skips, and the log counts them over both."""
+    from prepare_data import make_jpeg_folder
+    make_jpeg_folder(str(tmp_path / "data"), n_train=24, n_val=8, short=(40, 80))
+    for i in range(2):
+        (tmp_path / "data" / "train" / "coffee" / f"broken{i}.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    r = run_cli(["--data", str(tmp_path / "data"), "--model", "deit_nano_patch4_28", "--img-size", "32",
+                 "--decode", decode, "--workers", "1", "--batch-size", "26", "--no-repeated-aug", "--epochs", "1",
+                 "--out-dir", str(tmp_path / "out")],
+                cmd=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"))
+    assert r.returncode == 0, r.stderr
+    assert f"decode: {decode}" in r.stdout and r.stdout.count("skipped an image that cannot be decoded") == 2
+    log = read_log(tmp_path / "out")
+    assert log[0]["skipped_images"] == 2 and math.isfinite(log[0]["train_loss"]) and log[0]["step"] == 1
 
 
 def test_two_process_run_compiled_with_bf16_autocast(tmp_path):

@@ -48,6 +48,9 @@ def get_parser():
     a("--train-subset", type=float, default=None, help="train on a stratified part: a fraction (0.1) or a count (600)")
     a("--classes", default=None, help="keep only these classes, relabelled 0..k-1: '0-4' or '5,7,9'")
     a("--workers", type=int, default=8, help="DataLoader workers per process (ImageFolder only)")
+    a("--decode", choices=["auto", "device", "workers"], default="auto", help="ImageFolder JPEGs: decoded and "
+      "cropped on the training device in batches (TorchCodec/nvJPEG; the workers only read files), or by PIL in the "
+      "workers; auto: device on CUDA when a decoder is installed, else workers (data.py)")
     # model (defaults: the bundled-data demo; the paper's models are deit_{tiny,small,base}_patch16_224)
     a("--model", default="deit_nano_patch7_28", help="one of: " + ", ".join([*MODELS, *CONVNETS]) +
       " (convnet: distill.py's small teacher for 28-64 px)")
@@ -402,7 +405,8 @@ def start_run(args, ctx, model, data, teacher, log):
     if ctx.master:
         log(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params | {run.spe} steps/epoch x "
             f"{args.epochs} epochs | global batch {args.batch_size} on {ctx.world} process(es), {ctx.device.type} | "
-            f"peak lr {peak:.2e} | compile {run.compile} | autocast {not isinstance(ctx.autocast, nullcontext)}")
+            f"peak lr {peak:.2e} | compile {run.compile} | autocast {not isinstance(ctx.autocast, nullcontext)}"
+            + ("" if data.tensors else f" | decode: {data.decode}"))
     return run
 
 
