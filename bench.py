@@ -225,6 +225,9 @@ def jpeg_worker_rows(root):
     paths = [p for p, _ in files.samples]
     pipelines = {"reference: PIL decode + per-image augmentation": lambda i: pil_pipeline([Image.open(paths[i]).convert("RGB")], 224),
                  "workers path: decode + crop (data.py)": lambda i: files[i]}
+    pil_only = DT.ImageFiles(os.path.join(root, "train"), 224, True, "workers")
+    pil_only.tensor_decode = False
+    pipelines["workers path, PIL decoding only"] = lambda i: pil_only[i]
     if DT.device_decoder()[0]:
         device_side = DT.ImageFiles(os.path.join(root, "train"), 224, True, "device")
         pipelines["device path, worker side: bytes + box"] = lambda i: device_side[i]

@@ -203,12 +203,12 @@ def decode_crop(im, size, box=None, raw=None, decoder=None):
     """A PIL image, opened but not decoded -> (3, size, size) uint8 tensor: the box (x0, y0, x1, y1) resized to
     size x size, or with box None the reference's evaluation crop (eval_box). Two ways, by what saves most:
 
-    - A JPEG that needs every pixel (the common case at ImageNet's sizes) goes to decoder (raw bytes ->
-      tensor; libjpeg-turbo as PIL: the same pixels, without PIL's copy into numpy), then torch's antialiased
-      bicubic on uint8: PIL's a = -0.5 kernel, ~2.5x faster than PIL's resize on one core. It crops first,
-      as torchvision's tensor RandomResizedCrop does, so it does not read the few pixels beyond a training
-      box that PIL's resize(box=) reads: the 2 outer output pixels differ, the rest within 1 level. In
-      evaluation it resizes the whole image and crops the centre, the reference's two steps exactly.
+    - A JPEG that needs every pixel (the common case at ImageNet's sizes) is decoded whole, by decoder when
+      given (raw bytes -> tensor, libjpeg-turbo as PIL: the same pixels, without PIL's copy into numpy),
+      then resized by torch's antialiased bicubic on uint8: PIL's a = -0.5 kernel, ~2.5x faster than PIL's
+      resize on one core. It crops first, as torchvision's tensor RandomResizedCrop does, so it does not
+      read the few pixels beyond a training box that PIL's resize(box=) reads: the 2 outer output pixels
+      differ. In evaluation it resizes the whole image and crops the centre, the reference's two steps.
     - Otherwise PIL, as the reference, with one saving: a JPEG is decoded at the smallest DCT scale (1/2,
       1/4, 1/8: PIL's draft) that keeps at least size pixels across the box, so nothing is upsampled that a
       full decode had. It changes the pixels by resampling only: libjpeg's scaled IDCT averages each s x s
@@ -217,25 +217,28 @@ def decode_crop(im, size, box=None, raw=None, decoder=None):
     short = int(size / 0.875)
     pil_box = box or eval_box(W, H, size)
     request = (math.ceil(W * size / max(pil_box[2] - pil_box[0], 1)), math.ceil(H * size / max(pil_box[3] - pil_box[1], 1)))
-    jpeg = im.format == "JPEG"
-    if not (plain_jpeg(im, ("RGB", "L")) and decoder is not None and dct_scale(W, H, request) == 1):
-        if jpeg:
+    if not (plain_jpeg(im, ("RGB", "L")) and dct_scale(W, H, request) == 1):
+        if im.format == "JPEG":
             im.draft("RGB", request)
         s = round(W / im.width)  # 1, 2, 4 or 8: pixel i now covers the file's pixels [i s, (i + 1) s)
         if im.mode not in ("RGB", "L"):  # CMYK, palette, alpha...: to RGB first, as the reference's loader
             im = im.convert("RGB")
         im = im.resize((size, size), Image.BICUBIC, box=tuple(v / s for v in pil_box)).convert("RGB")
         return torch.from_numpy(np.array(im)).permute(2, 0, 1).contiguous()
-    x = decoder([torch.frombuffer(raw, dtype=torch.uint8)], "cpu")[0][None]  # (1, 3, H, W), channels last
+    if decoder is not None:
+        x = decoder([torch.frombuffer(raw, dtype=torch.uint8)], "cpu")[0]  # (3, H, W), channels last
+    else:
+        x = torch.from_numpy(np.array(im))  # (H, W, 3) or (H, W)
+        x = x.permute(2, 0, 1) if x.ndim == 3 else x[None]
     if box:
         x0, y0, x1, y1 = (round(v) for v in box)
-        x = F.interpolate(x[..., y0:y1, x0:x1], size=(size, size), mode="bicubic", antialias=True)
+        x = F.interpolate(x[None, :, y0:y1, x0:x1], size=(size, size), mode="bicubic", antialias=True)
     else:  # torchvision's Resize(short) and CenterCrop(size), with their rounding
         nh, nw = (int(short * H / W), short) if W <= H else (short, int(short * W / H))
-        x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True)
+        x = F.interpolate(x[None], size=(nh, nw), mode="bicubic", antialias=True)
         top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
         x = x[..., top:top + size, left:left + size]
-    return x[0].contiguous()
+    return x[0].expand(3, -1, -1).contiguous()  # greyscale -> RGB, as convert("RGB")
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -253,6 +256,7 @@ class ImageFiles(torch.utils.data.Dataset):
             raise ValueError(f"cannot read image folder {root}: {e}")
         self.samples, self.classes = folder.samples, folder.classes
         self.size, self.train, self.decode, self.seed = size, train, decode, None
+        self.tensor_decode = True  # full-scale JPEGs through device_decoder()'s decoder on the CPU (False: PIL)
 
     def __len__(self):
         return len(self.samples)
@@ -276,7 +280,8 @@ class ImageFiles(torch.utils.data.Dataset):
             if self.decode == "device" and plain_jpeg(im, ("RGB",)) and raw.rstrip(b"\0\r\n ").endswith(b"\xff\xd9"):
                 # a JPEG without its end marker is truncated: PIL's path names it
                 return ("jpeg", torch.frombuffer(raw, dtype=torch.uint8), box, (im.height, im.width), path), target
-            return ("pixels", decode_crop(im, self.size, box if self.train else None, raw, device_decoder()[1])), target
+            return ("pixels", decode_crop(im, self.size, box if self.train else None, raw,
+                                            device_decoder()[1] if self.tensor_decode else None)), target
         except Exception as e:  # PIL raises several kinds for corrupt or truncated files
             return ("bad", f"{path} ({type(e).__name__}: {e})"), target
 

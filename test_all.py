@@ -556,11 +556,11 @@ def test_worker_crops_equal_pil_and_reduced_decoding_stays_close(tmp_path):
                        ((300, 200, 700, 600), 1), ((0, 0, 447, 447), 1), ((0, 0, 448, 448), 2)):
         request = (math.ceil(1800 * 224 / (box[2] - box[0])), math.ceil(1200 * 224 / (box[3] - box[1])))
         assert DT.dct_scale(1800, 1200, request) == scale and (box[2] - box[0]) / scale >= 224
-        d = (DT.decode_crop(Image.open(tmp_path / "big.jpg"), 224, box).int()
-             - chw(full.resize((224, 224), Image.BICUBIC, box=box))).abs().float()
+        out, ref = DT.decode_crop(Image.open(tmp_path / "big.jpg"), 224, box), chw(full.resize((224, 224), Image.BICUBIC, box=box))
+        d = (out.int() - ref).abs().float()
         assert d.mean() < 1 and d.quantile(0.99) <= 6, (box, d.mean(), d.quantile(0.99))
-        if scale == 1:
-            assert d.max() <= 1  # PIL both sides
+        if scale == 1:  # a full decode: torch's resize
+            assert close(out[:, 2:-2, 2:-2], ref[:, 2:-2, 2:-2])
     d = (DT.decode_crop(Image.open(tmp_path / "big.jpg"), 224).int() - pil_eval(full)).abs().float()
     assert d.mean() < 1 and d.quantile(0.99) <= 6
 
