@@ -298,7 +298,7 @@ def sample_boxes(rng, B, H, W, scale, ratio, attempts=10):
 def random_resized_crop(images, rng, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5):
     """RandomResizedCrop(size, scale, ratio, bicubic) + horizontal flip p hflip, batched: each image gets its
     own box, resampled to size x size with the a = -0.75 bicubic of grid_sample (no antialias: the images
-    this path serves are small and mostly upsampled; decoded files are cropped in PIL). One fused kernel
+    this path serves are small and mostly upsampled; image files get PIL's kernel: resized_crops, data.py). One fused kernel
     instead of PIL's a = -0.5 cubic (README, "Differences from the reference")."""
     B, C, H, W = images.shape
     top, left, h, w = sample_boxes(rng, B, H, W, scale, ratio)

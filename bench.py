@@ -14,7 +14,11 @@ with the device's defaults (CUDA: bf16 autocast and torch.compile; CPU: fp32 eag
 and on CUDA the model FLOP utilisation of (a) (FLOPs counted by torch.utils.flop_counter) and the number
 of times one step (b) waits for the GPU (sync debug mode "warn"). Then the augmentation alone at 224,
 batch 256, beside the reference's per-image PIL pipeline (CPU time per image, one thread). With timm
-importable (never required), timm's DeiT in (a)'s setting, as a ratio. Results: README ("Speed").
+importable (never required), timm's DeiT in (a)'s setting, as a ratio. Then image files: the CPU time
+per training image in one DataLoader worker for the reference's pipeline and each --decode path, on a
+JPEG folder made by prepare_data.py --jpegs (from mate-backgrounds' photographs when installed); on CUDA
+also DeiT-S trained with the full recipe from a 5,120-file JPEG folder per path, and the reference's
+data loading alone on the same workers (--no-jpeg-train skips it). Results: README ("Speed").
 """
 
 import argparse
@@ -246,6 +250,38 @@ def jpeg_worker_rows(root):
     return rows
 
 
+class ReferenceFiles(torch.utils.data.Dataset):
+    """The reference's data loading, per image in the workers: PIL decode and pil_pipeline."""
+
+    def __init__(self, root):
+        import data as DT
+        self.samples = DT.ImageFiles(os.path.join(root, "train"), 224, True, "workers").samples
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        path, y = self.samples[i]
+        return pil_pipeline([Image.open(path).convert("RGB")], 224)[0], y
+
+
+def reference_loading_rate(root, steps, workers, batch=256):
+    """images/s of the reference's pipeline alone in a DataLoader with workers processes (its ceiling)."""
+    loader = torch.utils.data.DataLoader(ReferenceFiles(root), batch, shuffle=True, num_workers=workers,
+                                         drop_last=True, persistent_workers=True)
+    n, t, step = 0, None, 0
+    while step < steps + 2:
+        for x, _ in loader:
+            step += 1
+            if step == 2:  # after the workers' start
+                n, t = 0, time.perf_counter()
+            n += len(x)
+            if step == steps + 2:
+                break
+    return n / (time.perf_counter() - t)
+
+
 def jpeg_train_rows(ctx, root, model, steps, workers, batch=256):
     """On CUDA: train images/s of the full recipe (train.py's step) fed from the JPEG folder, per --decode path."""
     import data as DT
@@ -269,6 +305,8 @@ def jpeg_train_rows(ctx, root, model, steps, workers, batch=256):
         sync()
         rows.append({"decode": data.decode, "workers": workers, "images/s": n / (time.perf_counter() - t)})
         del run
+    rows.append({"decode": "the reference's pipeline, data loading alone", "workers": workers,
+                 "images/s": reference_loading_rate(root, steps, workers, batch)})
     return rows
 
 
@@ -324,7 +362,8 @@ def main():
     small = next((r for r in rows if r["model"] == "deit_small_patch16_224"), None)
     for r in e2e:
         alone = f", {r['images/s'] / small['(a) model alone']:.0%} of the model alone" if small else ""
-        print(f"DeiT-S full recipe from JPEGs, decode {r['decode']}, {r['workers']} workers: {r['images/s']:.0f} images/s{alone}")
+        ref = f", {r['images/s'] / e2e[-1]['images/s']:.1f}x the reference's loading" if r is not e2e[-1] else ""
+        print(f"DeiT-S full recipe from JPEGs: {r['decode']}, {r['workers']} workers: {r['images/s']:.0f} images/s{alone}{ref}")
     with open(args.json, "w") as f:
         json.dump({"device": device_name, "torch": torch.__version__, "train": rows, "augmentation": aug,
                    "image files": files, "train from JPEGs": e2e}, f, indent=1)

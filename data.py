@@ -1,11 +1,12 @@
 """
-Data for train.py: datasets as uint8 tensors on the device, or image folders decoded by DataLoader workers,
+Data for train.py: datasets as uint8 tensors on the device, or image folders read by DataLoader workers,
 and the order in which each process sees them.
 
 Small datasets (Fashion-MNIST idx files, CIFAR, synthetic) live on the device as uint8 (N, C, H, W) tensors
-and are batched there, as in airbench: no DataLoader, no workers. ImageFolder (ImageNet layout) decodes
-files in DataLoader workers, the one per-image step. Augmentation happens later, on the batch (augment.py).
-The reference: facebookresearch/deit datasets.py (transforms) and samplers.py (repeated augmentation).
+and are batched there, as in airbench: no DataLoader, no workers. Image folders (ImageNet's layout) are
+read by DataLoader workers, and each file becomes one crop, decoded on the device or in the workers
+(--decode; below). Augmentation happens later, on the batch (augment.py). The reference:
+facebookresearch/deit datasets.py (transforms) and samplers.py (repeated augmentation).
 """
 
 import argparse

@@ -49,7 +49,7 @@ def get_parser():
     a("--classes", default=None, help="keep only these classes, relabelled 0..k-1: '0-4' or '5,7,9'")
     a("--workers", type=int, default=8, help="DataLoader workers per process (ImageFolder only)")
     a("--decode", choices=["auto", "device", "workers"], default="auto", help="ImageFolder JPEGs: decoded and "
-      "cropped on the training device in batches (TorchCodec/nvJPEG; the workers only read files), or by PIL in the "
+      "cropped on the training device in batches (TorchCodec/nvJPEG; the workers only read files), or in the "
       "workers; auto: device on CUDA when a decoder is installed, else workers (data.py)")
     # model (defaults: the bundled-data demo; the paper's models are deit_{tiny,small,base}_patch16_224)
     a("--model", default="deit_nano_patch7_28", help="one of: " + ", ".join([*MODELS, *CONVNETS]) +
@@ -165,7 +165,7 @@ def augment_batch(x, y, data, args, rng, gen):
     pad = data.crop_pad if data.tensors else 0
     if data.tensors and x.shape[-1] > 32:
         x = A.random_resized_crop(x, rng, x.shape[-1], hflip=args.hflip)
-    elif pad or args.hflip:  # <= 32 px: the padded crop; ImageFolder files were cropped in the workers: flip only
+    elif pad or args.hflip:  # <= 32 px: the padded crop; ImageFolder files come cropped (data.py): flip only
         x = A.pad_crop_flip(x, rng, pad, args.hflip)
     if args.three_augment:
         x = A.three_augment(x, rng)
