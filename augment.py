@@ -380,7 +380,11 @@ def pad_crop_flip(images, rng, pad=4, hflip=0.5):
     rows = (top.long()[:, None] + torch.arange(H, device=dev))[:, :, None]  # (B, H, 1)
     cols = left.long()[:, None] + torch.arange(W, device=dev)
     cols = torch.where(flip[:, None] > 0, cols.flip(1), cols)[:, None, :]  # (B, 1, W)
-    return xp[torch.arange(B, device=dev)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)  # (B,H,W,C) -> (B,C,H,W)
+    out = xp[torch.arange(B, device=dev)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)  # (B,H,W,C) -> (B,C,H,W)
+    # in the usual layout: a channels-last batch makes the patch embedding's weight gradient channels-last,
+    # which DDP's buckets (laid out like the parameter) must copy, with a warning on every process. For one
+    # channel both layouts count as contiguous, so only an explicit clone changes the strides.
+    return out.clone(memory_format=torch.contiguous_format)
 
 
 def three_augment(images, rng, jitter=0.3):

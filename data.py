@@ -356,16 +356,18 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __init__(self, n, batch_size, seed, rank=0, world=1, repeats=1):
         self.n, self.batch_size, self.seed, self.rank, self.world, self.repeats = n, batch_size, seed, rank, world, repeats
-        self.epoch, self.local = 0, batch_size // world
+        self.epoch, self.start, self.local = 0, 0, batch_size // world
         self.steps = len(self) // self.local
         if self.steps == 0:
             raise ValueError(f"--batch-size {batch_size} is larger than an epoch of the training set ({n} images)")
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+    def set_epoch(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
 
     def indices(self):
-        return epoch_indices(self.n, self.batch_size, self.seed, self.epoch, self.rank, self.world, self.repeats)
+        """This epoch's indices from batch self.start on (0 unless resumed mid-epoch)."""
+        idx = epoch_indices(self.n, self.batch_size, self.seed, self.epoch, self.rank, self.world, self.repeats)
+        return idx[self.start * self.local:]
 
     def __iter__(self):
         return iter(self.indices().tolist())
@@ -374,13 +376,14 @@ class EpochSampler(torch.utils.data.Sampler):
         return len(self.indices())
 
 
-def train_batches(data, sampler, epoch, device):
-    """This process's batches of one epoch: (uint8 images, labels) on the device. From an image folder, a
-    file that cannot be decoded is left out, named in a warning and counted in data.skipped."""
-    sampler.set_epoch(epoch)
+def train_batches(data, sampler, epoch, device, start=0):
+    """This process's batches of one epoch, from batch start on (a run resumed mid-epoch): (uint8 images,
+    labels) on the device. From an image folder, a file that cannot be decoded is left out, named in a
+    warning and counted in data.skipped."""
+    sampler.set_epoch(epoch, start)
     if data.tensors:
         x, y = data.train
-        for b in sampler.indices().to(device).split(sampler.local)[:sampler.steps]:
+        for b in sampler.indices().to(device).split(sampler.local)[:sampler.steps - start]:
             yield x[b], y[b]
     else:
         data.skipped.clear()
@@ -388,15 +391,16 @@ def train_batches(data, sampler, epoch, device):
                                    drop_last=True)
 
 
-def val_batches(data, batch_size, device, rank=0, world=1):
-    """This process's share of the held-out split (disjoint shards, no padding): (uint8 images, labels)."""
+def val_batches(data, batch_size, device, rank=0, world=1, skipped=None):
+    """This process's share of the held-out split (disjoint shards, no padding): (uint8 images, labels).
+    From an image folder, a file that cannot be decoded is left out, named, and appended to skipped."""
     if data.tensors:
         x, y = data.val
         for b in torch.arange(rank, len(y), world, device=device).split(batch_size):
             yield x[b], y[b]
     else:
         shard = torch.utils.data.Subset(data.val, range(rank, len(data.val), world))
-        yield from _folder_batches(data, shard, batch_size, device, [])
+        yield from _folder_batches(data, shard, batch_size, device, [] if skipped is None else skipped)
 
 
 def _folder_batches(data, dataset, batch_size, device, skipped, **kw):

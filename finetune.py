@@ -99,6 +99,7 @@ def main(argv=None):
     ctx = T.setup_distributed(args.amp)
     torch.manual_seed(args.seed + ctx.rank)
     log = print if ctx.master else (lambda *a, **k: None)
+    T.check_args(args, ctx)
     state, name = read_weights(args)
     args.model = args.model or name
     if args.model is None:

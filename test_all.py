@@ -35,7 +35,7 @@ import train as T
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 # a small, fast run on the bundled data (the default model, 64 images per class, 10 steps an epoch)
-QUICK = ["--train-subset", "640", "--batch-size", "64", "--log-interval", "1000"]
+QUICK = ["--train-subset", "640", "--batch-size", "64", "--log-seconds", "1000"]
 
 
 def run_cli(args, cmd=(sys.executable, "train.py"), **kw):

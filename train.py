@@ -19,9 +19,11 @@ is listed in the README ("Differences from the reference").
 
 import argparse
 import copy
+import errno
 import json
 import math
 import os
+import socket
 import sys
 import time
 from contextlib import nullcontext
@@ -36,24 +38,39 @@ import augment as A
 from data import HERE, EpochSampler, load_data, train_batches, val_batches
 from distill import CONVNETS, DistillationLoss, create_convnet, load_teacher
 from model import MODELS, create_model, fit_pos_embed, load_checked, read_file, state_dict_of, variant
+from prepare_data import TEACHER as BUNDLED_TEACHER
+
+DEFAULT_MODEL = "deit_nano_patch7_28"  # the default job: 0.68M parameters, 16 tokens of 28-px Fashion-MNIST
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """--help gives each flag's default once: in its text where that says it, else appended (not for off
+    switches, and never "None": a flag whose default is None says in words what happens without it)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Train DeiT.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Train DeiT.", formatter_class=HelpFormatter)
     a = p.add_argument
     # what to train on
     a("--data", default="bundled", help="bundled | fashion-mnist | cifar10 | cifar100 | synthetic | PATH "
       "(a folder of Fashion-MNIST idx files, or an ImageFolder root with train/ and val/)")
     a("--data-dir", default=os.path.join(HERE, "data"), help="where cifar10/cifar100 are kept or downloaded")
-    a("--train-subset", type=float, default=None, help="train on a stratified part: a fraction (0.1) or a count (600)")
-    a("--classes", default=None, help="keep only these classes, relabelled 0..k-1: '0-4' or '5,7,9'")
-    a("--workers", type=int, default=8, help="DataLoader workers per process (ImageFolder only)")
+    a("--train-subset", type=float, default=None, help="train on a stratified part: a fraction (0.1) or a count (600); default: all")
+    a("--classes", default=None, help="keep only these classes, relabelled 0..k-1: '0-4' or '5,7,9'; default: all")
+    a("--workers", type=int, default=None, help="DataLoader workers per process, image folders only (default: "
+      "this machine's CPUs / its processes, at most 8)")
     a("--decode", choices=["auto", "device", "workers"], default="auto", help="ImageFolder JPEGs: decoded and "
       "cropped on the training device in batches (TorchCodec/nvJPEG; the workers only read files), or in the "
       "workers; auto: device on CUDA when a decoder is installed, else workers (data.py)")
     # model (defaults: the bundled-data demo; the paper's models are deit_{tiny,small,base}_patch16_224)
-    a("--model", default="deit_nano_patch7_28", help="one of: " + ", ".join([*MODELS, *CONVNETS]) +
-      " (convnet: distill.py's small teacher for 28-64 px)")
+    a("--model", default=None, help="one of: " + ", ".join([*MODELS, *CONVNETS]) + " (convnet: distill.py's small "
+      f"teacher for 28-64 px). Default: {DEFAULT_MODEL}, or {DEFAULT_MODEL.replace('nano_', 'nano_distilled_')} with --distill")
     a("--img-size", type=int, default=None, help="input size (default: the model's); images are resized to it, "
       "and a checkpoint of another size gets its pos_embed resized")
     a("--drop-path", type=float, default=0.1, help="stochastic depth rate of the last block (DeiT: 0.1)")
@@ -71,33 +88,41 @@ def get_parser():
       help="3 repeats of each image on different processes (distributed runs only)")
     # distillation (distill.py; paper §4): the student must be a *_distilled_* model
     a("--distill", default="none", choices=["none", "soft", "hard"], help="distillation through the dist token")
-    a("--teacher", default="regnet_y_16gf", help="a torchvision model name (DeiT's: regnet_y_16gf, with "
-      "torchvision's ImageNet weights), convnet or a DeiT name with --teacher-weights, or a train.py ckpt.pt")
-    a("--teacher-weights", default=None, help="a weights file for --teacher NAME (instead of downloading)")
+    a("--teacher", default=None, help="a torchvision model name (DeiT's: regnet_y_16gf, with torchvision's ImageNet "
+      "weights), convnet or a DeiT name with --teacher-weights, or a train.py ckpt.pt. Default: on the bundled data "
+      "the convnet trained on it (data/teachers/, made by prepare_data.py --teacher), elsewhere regnet_y_16gf")
+    a("--teacher-weights", default=None, help="a weights file for --teacher NAME (default: download torchvision's)")
     a("--distill-alpha", type=float, default=0.5, help="weight of the distillation loss")
     a("--distill-tau", type=float, default=1.0, help="soft distillation temperature (paper's soft runs: 3.0)")
     # optimisation (DeiT's defaults, paper Table 9, except epochs, batch size, lr and warm-up)
     a("--epochs", type=int, default=36, help="DeiT: 300")
     a("--batch-size", type=int, default=128, help="global batch over all processes (DeiT: 1024)")
     a("--lr", type=float, default=8e-3, help="base lr per 512 images, scaled by global batch / 512 (DeiT: 5e-4)")
-    a("--min-lr", type=float, default=1e-5)
-    a("--warmup-lr", type=float, default=1e-6)
+    a("--min-lr", type=float, default=1e-5, help="the cosine's end")
+    a("--warmup-lr", type=float, default=1e-6, help="the linear warm-up's start")
     a("--warmup-epochs", type=float, default=2, help="DeiT: 5")
-    a("--weight-decay", type=float, default=0.05)
+    a("--weight-decay", type=float, default=0.05, help="AdamW's, none on biases, norms and tokens")
     a("--smoothing", type=float, default=0.1, help="label smoothing")
-    a("--clip-grad", type=float, default=None, help="max gradient norm (DeiT: off)")
+    a("--clip-grad", type=float, default=None, help="max gradient norm (default and DeiT: off)")
     a("--model-ema", action=argparse.BooleanOptionalAction, default=True, help="keep an EMA of the weights")
-    a("--model-ema-decay", type=float, default=0.99996)
+    a("--model-ema-decay", type=float, default=0.99996, help="per step")
     a("--eval-ema", action="store_true", help="also evaluate the EMA weights each epoch (with --eval-only: only them)")
     # running
-    a("--seed", type=int, default=0)
-    a("--out-dir", default="out")
-    a("--resume", action="store_true", help="continue the run in --out-dir from its ckpt.pt")
+    a("--seed", type=int, default=0, help="all random draws derive from it (and the process rank)")
+    a("--out-dir", default="out", help="ckpt.pt and log.jsonl; one run at a time")
+    a("--resume", nargs="?", const="yes", choices=["yes", "auto"], default=None, help="continue the run in --out-dir "
+      "from its ckpt.pt; --resume auto: continue if there is one, else start (for torchrun --max-restarts); "
+      "default: start a new run")
+    a("--ckpt-every-minutes", type=float, default=10, help="also write ckpt.pt within an epoch after this long "
+      "(at the next --check-interval step), so that a killed run loses minutes, not the epoch")
     a("--eval-only", action="store_true", help="evaluate a checkpoint (--ckpt, default out-dir/ckpt.pt) and exit")
-    a("--ckpt", default=None, help="checkpoint for --eval-only: ours, an official DeiT .pth, or a state dict")
+    a("--ckpt", default=None, help="checkpoint for --eval-only: ours, an official DeiT .pth, or a state dict; "
+      "default: out-dir/ckpt.pt")
     a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on with CUDA)")
     a("--amp", choices=["bf16", "none"], default=None, help="bf16 autocast (default: bf16 with CUDA, none on CPU)")
-    a("--log-interval", type=int, default=100, help="steps between progress lines within an epoch")
+    a("--log-seconds", type=float, default=5, help="seconds between progress lines within an epoch")
+    a("--check-interval", type=int, default=100, help="steps between checks for a nan/inf loss (the one wait "
+      "for the device within an epoch), which is also when a mid-epoch checkpoint may be written")
     return p
 
 
@@ -113,7 +138,12 @@ def setup_distributed(amp=None):
         rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
         if cuda:
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        # under torchrun --max-restarts, each restart meets in the same store as the processes it replaces:
+        # a key prefix of its own keeps the new processes from finding the dead ones' addresses (gloo then
+        # fails with "connection refused", or waits out its 30-minute timeout)
+        store, _, _ = next(dist.rendezvous("env://"))
+        store = dist.PrefixStore(f"restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group(backend="nccl" if cuda else "gloo", store=store, rank=rank, world_size=world)
     else:
         rank, world, local_rank = 0, 1, 0
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
@@ -224,7 +254,8 @@ def evaluate(model, data, ctx, batch_size):
     distilled = raw.cfg.distilled
     model.eval()
     sums = torch.zeros(6, dtype=torch.float64, device=ctx.device)  # loss, top1, top5, n, cls1, dist1: no wait
-    for x, y in val_batches(data, batch_size, ctx.device, ctx.rank, ctx.world):
+    skipped = []  # image folders: files that cannot be decoded, named as they are met
+    for x, y in val_batches(data, batch_size, ctx.device, ctx.rank, ctx.world, skipped):
         x = A.normalize(x, data.mean, data.std)
         with ctx.autocast:
             out = raw.forward_heads(x) if distilled else model(x)
@@ -235,19 +266,34 @@ def evaluate(model, data, ctx, batch_size):
         hits = [topk[:, 0] == y, (topk == y[:, None]).any(1)] + ([o.argmax(1) == y for o in out] if distilled else [])
         for k, hit in zip((1, 2, 4, 5), hits):
             sums[k] += hit.sum()
-    loss, top1, top5, n, cls1, dist1 = all_sum(sums, ctx)
+    loss, top1, top5, n, cls1, dist1, n_skipped = all_sum([*sums.tolist(), len(skipped)], ctx)
     model.train()
+    if n == 0:
+        raise ValueError("no held-out image could be read: check the val/ split of --data")
     heads = {"top1_cls": 100 * cls1 / n, "top1_dist": 100 * dist1 / n} if distilled else {}
-    return {"val_loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n, **heads}
+    return {"val_loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n, **heads, "skipped": int(n_skipped)}
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The models
 
+def default_model(args):
+    """Without --model: the default job's model, its distilled variant with --distill."""
+    if args.model is None:
+        args.model = DEFAULT_MODEL.replace("nano_", "nano_distilled_") if args.distill != "none" else DEFAULT_MODEL
+    return args.model
+
+
 def check_model(args):
-    """--model and --distill, checked before anything loads (model.variant names the known models). Returns
-    the input size: --img-size, else the variant's (a convnet: None, the data's own)."""
+    """--model and --distill, checked before anything loads (model.variant names the known models). Without
+    --model: the default job's model, its distilled variant with --distill (so that `torchrun ... train.py
+    --distill hard` runs as typed). Returns the input size: --img-size, else the variant's (a convnet:
+    None, the data's own)."""
+    default_model(args)
     v = None if args.model in CONVNETS else variant(args.model)
+    if v and args.img_size and args.img_size % v.patch_size:
+        raise ValueError(f"--img-size {args.img_size} is not a multiple of {args.model}'s patch size {v.patch_size}: "
+                         f"try {max(1, round(args.img_size / v.patch_size)) * v.patch_size}")
     if args.distill != "none" and not (v and v.distilled):
         raise ValueError(f"--distill {args.distill} needs a student with a distillation token, and {args.model} has "
                          f"none; distilled models: {', '.join(m for m, v in MODELS.items() if v.distilled)}")
@@ -255,16 +301,29 @@ def check_model(args):
 
 
 def build_model(args, data, ctx, img_size):
-    if args.model in CONVNETS:
+    if default_model(args) in CONVNETS:
         return create_convnet(args.model, data.num_classes, data.in_chans).to(ctx.device)
     return create_model(args.model, num_classes=data.num_classes, img_size=img_size, in_chans=data.in_chans,
                         drop_path_rate=args.drop_path).to(ctx.device)
+
+
+def default_teacher(args):
+    """--teacher, or without it DeiT's teacher, except on the bundled data, which ships its own."""
+    if args.teacher is not None:
+        return args.teacher
+    if args.data != "bundled":
+        return "regnet_y_16gf"
+    if not os.path.isfile(BUNDLED_TEACHER):
+        raise ValueError(f"the bundled data's teacher {BUNDLED_TEACHER} is missing: make it with "
+                         "python prepare_data.py --teacher (85 s on a 2-core CPU)")
+    return BUNDLED_TEACHER
 
 
 def build_teacher(args, data, img_size, log):
     """The teacher for --distill soft/hard (distill.py), checked against the data before training starts."""
     if args.distill == "none":
         return None
+    args.teacher = default_teacher(args)
     size = data.train[0].shape[-1] if data.tensors else img_size
     teacher = load_teacher(args.teacher, args.teacher_weights, data.num_classes, data.in_chans, size)
     log(f"teacher {args.teacher}: {sum(p.numel() for p in teacher.parameters()) / 1e6:.2f}M params, {args.distill} "
@@ -294,33 +353,118 @@ def wrap(args, ctx, model, teacher, compile_):
 # A run's state on disk: out_dir/ckpt.pt (plain types and tensors only, so torch.load(weights_only=True)
 # reads it) and out_dir/log.jsonl, one JSON line per epoch.
 
+def lock_out_dir(args, ctx):
+    """One out-dir, one run: process 0 holds an exclusive lock on out_dir/lock for its whole life. The OS
+    releases it when the process ends in any way, kill -9 included, so a dead run never blocks a new one.
+    Also where an out-dir that cannot be written is found, before any training. Returns the open file."""
+    if not ctx.master:
+        return None
+    path = os.path.join(args.out_dir, "lock")
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+        f = open(path, "a+")
+    except OSError as e:
+        raise ValueError(f"cannot write to --out-dir {args.out_dir}: {e.strerror or e}")
+    try:
+        import fcntl
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # not on Linux/macOS: no lock
+        pass
+    except OSError:
+        f.seek(0)
+        raise ValueError(f"--out-dir {args.out_dir} is in use by another run ({f.read().strip() or 'starting'}): "
+                         "wait for it to end, or choose another --out-dir")
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    for name in os.listdir(args.out_dir):  # temp files of a run killed while writing: no one else writes here
+        if name.endswith(".tmp"):
+            os.remove(os.path.join(args.out_dir, name))
+    return f
+
+
+def write_atomic(path, save):
+    """save(tmp) writes to a temp file of this process, then it replaces path in one step: a kill or a full
+    disk mid-write leaves the previous file intact and no temp file behind, and a disk problem is one line."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        save(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        full = " (the disk is full)" if e.errno == errno.ENOSPC else ""
+        raise ValueError(f"cannot write {path}: {e.strerror or e}{full}; the previous checkpoint is kept") from None
+
+
 def resume_or_start(args, ctx, run, log):
-    """With --resume: the weights, optimizer, EMA and every process's RNG state of out_dir/ckpt.pt, and the
-    log lines of the epochs it holds. Without: refuse to overwrite a run. Returns the epochs already done."""
-    if not args.resume:
-        if os.path.exists(run.ckpt_path):
+    """With --resume: the weights, optimizer, EMA and every process's RNG state and partial epoch sums of
+    out_dir/ckpt.pt, and the log lines of the epochs it holds (--resume auto: only if there is one). Without:
+    refuse to overwrite a run. Returns (epochs done, steps done in the next epoch, this process's partial
+    sums of that epoch or None)."""
+    exists = os.path.exists(run.ckpt_path)
+    if args.resume is None or (args.resume == "auto" and not exists):
+        if exists:
             raise ValueError(f"{run.ckpt_path} exists: add --resume to continue that run, or choose another --out-dir")
         if ctx.master and os.path.exists(run.log_path):
             os.remove(run.log_path)
-        return 0
+        return 0, 0, None
+    if not exists:
+        raise ValueError(f"--resume: there is no {run.ckpt_path} to continue; drop --resume to start a new run "
+                         "(--resume auto does either)")
     ckpt = read_file(run.ckpt_path, "checkpoint")
+    epoch, epoch_step = ckpt["epoch"], ckpt.get("epoch_step", 0)
+    if epoch >= args.epochs and args.resume == "yes":
+        raise ValueError(f"the run in {args.out_dir} is finished ({epoch} of {args.epochs} epochs): raise --epochs "
+                         f"to train on, or evaluate it: python train.py --eval-only --out-dir {args.out_dir}")
     load_checked(run.model, ckpt["model"], run.ckpt_path)
     run.opt.load_state_dict(ckpt["optimizer"])
     if run.ema is not None and ckpt.get("ema") is not None:
         run.ema.load_state_dict(ckpt["ema"])
-    rng = ckpt["rng"][ctx.rank] if len(ckpt["rng"]) == ctx.world else None
-    if rng is not None:
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and ctx.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], ctx.device)
+    state = ckpt["rng"][ctx.rank] if len(ckpt["rng"]) == ctx.world else None
+    if state is not None:
+        torch.set_rng_state(state["cpu"])
+        if "cuda" in state and ctx.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"], ctx.device)
     elif ctx.master:
         log(f"note: checkpoint was written by {len(ckpt['rng'])} processes, now {ctx.world}: fresh RNG streams")
     if ctx.master:  # keep the log of the epochs the checkpoint holds, drop any written after it
         lines = open(run.log_path).read().splitlines() if os.path.exists(run.log_path) else []
-        with open(run.log_path, "w") as f:
-            f.writelines(l + "\n" for l in lines if json.loads(l)["epoch"] <= ckpt["epoch"])
-        log(f"resumed from {run.ckpt_path} after epoch {ckpt['epoch']}")
-    return ckpt["epoch"]
+        write_atomic(run.log_path, lambda tmp: open(tmp, "w").writelines(
+            l + "\n" for l in lines if json.loads(l)["epoch"] <= epoch))
+        log(f"resumed from {run.ckpt_path} after epoch {epoch}" + (f", step {epoch_step}" if epoch_step else "")
+            + (" (the run is finished)" if epoch >= args.epochs else ""))
+    return epoch, epoch_step, (state or {}).get("partial")
+
+
+def save_checkpoint(args, ctx, run, data, epoch, epoch_step, partial, record=None):
+    """Every process calls it (it gathers their RNG states and partial sums); process 0 appends the log line
+    (record, at the end of an epoch) and writes out_dir/ckpt.pt: epochs done, steps done in the next one."""
+    state = {"cpu": torch.get_rng_state(), "partial": partial}
+    if ctx.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(ctx.device)
+    states = [state]
+    if ctx.ddp:  # every process's RNG state, so a resumed run draws what the uninterrupted one would
+        states = [None] * ctx.world
+        dist.all_gather_object(states, state)
+    if not ctx.master:
+        return
+    # the log line first, then the checkpoint: a kill between the two leaves a line past the checkpoint,
+    # which --resume drops, never a checkpoint without its line
+    if record is not None:
+        try:
+            with open(run.log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise ValueError(f"cannot write {run.log_path}: {e.strerror or e}") from None
+    ckpt = {"model": run.model.state_dict(), "optimizer": run.opt.state_dict(),
+            "ema": run.ema.state_dict() if run.ema is not None else None,
+            "epoch": epoch, "epoch_step": epoch_step, "step": epoch * run.spe + epoch_step, "rng": states,
+            "config": vars(args), "model_config": vars(run.model.cfg) if hasattr(run.model, "cfg") else None,
+            "num_classes": data.num_classes, "mean": list(data.mean), "std": list(data.std)}
+    write_atomic(run.ckpt_path, lambda tmp: torch.save(ckpt, tmp))
+    run.t_ckpt = time.time()
 
 
 def end_of_epoch(args, ctx, run, data, epoch, stats, log):
@@ -330,51 +474,40 @@ def end_of_epoch(args, ctx, run, data, epoch, stats, log):
     if run.ema is not None and args.eval_ema:
         metrics["ema_top1"] = evaluate(run.ema, data, ctx, max(256, args.batch_size // ctx.world))["top1"]
     train_loss, n_skipped = all_sum([stats["train_loss"], len(data.skipped)], ctx)
-    rng = {"cpu": torch.get_rng_state()}
-    if ctx.device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(ctx.device)
-    rngs = [rng]
-    if ctx.ddp:  # every process's RNG state, so a resumed run draws what the uninterrupted one would
-        rngs = [None] * ctx.world
-        dist.all_gather_object(rngs, rng)
-    if not ctx.master:
-        return
     record = {"epoch": epoch + 1, "step": (epoch + 1) * run.spe, "train_loss": train_loss / ctx.world, **metrics,
               "lr": stats["lr"], "img_per_s": stats["img_per_s"], "epoch_time": stats["epoch_time"],
-              "skipped_images": int(n_skipped)}
+              "skipped_images": int(n_skipped), "skipped_val_images": metrics.pop("skipped")}
     if run.compile:  # every recompile or graph break costs time: one graph for training, one for evaluation
         c = torch._dynamo.utils.counters
         record.update(compiled_frames=c["frames"]["total"], graph_breaks=sum(c["graph_break"].values()))
-    # the log line first, then the checkpoint: a kill between the two leaves a line past the checkpoint,
-    # which --resume drops, never a checkpoint without its line
-    with open(run.log_path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-    torch.save({"model": run.model.state_dict(), "optimizer": run.opt.state_dict(),
-                "ema": run.ema.state_dict() if run.ema is not None else None,
-                "epoch": epoch + 1, "step": (epoch + 1) * run.spe, "rng": rngs, "config": vars(args),
-                "model_config": vars(run.model.cfg) if hasattr(run.model, "cfg") else None,
-                "num_classes": data.num_classes, "mean": list(data.mean), "std": list(data.std)}, run.ckpt_path + ".tmp")
-    os.replace(run.ckpt_path + ".tmp", run.ckpt_path)  # atomic: a kill mid-write leaves the last checkpoint intact
-    eta = (time.time() - run.t_start) / (epoch + 1 - run.start_epoch) * (args.epochs - epoch - 1)
+    save_checkpoint(args, ctx, run, data, epoch + 1, 0, None, record)
+    if not ctx.master:
+        return
+    eta = (time.time() - run.t_start) / max(run.done_steps, 1) * (args.epochs - epoch - 1) * run.spe
     heads = f" (cls {metrics['top1_cls']:.2f} dist {metrics['top1_dist']:.2f})" if "top1_cls" in metrics else ""
     log(f"epoch {epoch + 1}/{args.epochs} | loss {record['train_loss']:.4f} | lr {stats['lr']:.2e} | "
         f"{record['img_per_s']:.0f} img/s | val loss {metrics['val_loss']:.4f} top1 {metrics['top1']:.2f} "
         f"top5 {metrics['top5']:.2f}" + heads + (f" ema top1 {metrics['ema_top1']:.2f}" if "ema_top1" in metrics else "")
-        + (f" | skipped {int(n_skipped)} images" if n_skipped else "") + f" | eta {fmt_time(eta)}"
+        + (f" | skipped {int(n_skipped)} images" if n_skipped else "")
+        + (f" | skipped {record['skipped_val_images']} val images" if record["skipped_val_images"] else "")
+        + f" | eta {fmt_time(eta)}"
         + (f" | compiled {record['compiled_frames']} frames, {record['graph_breaks']} graph breaks" if run.compile else ""))
 
 
-def check_finite(run, ctx):
+def check_finite(run, ctx, want_checkpoint=False):
     """Stop at a nan/inf loss before anything is saved: the last checkpoint stays the last good one. It reads
-    a value back from the device, so it runs at log intervals and at the end of an epoch only."""
-    bad = run.nonfinite_at.clone()
+    values back from the device, so it runs every --check-interval steps and at the end of an epoch only,
+    on every process at the same step; it also tells all of them whether process 0 asks for a mid-epoch
+    checkpoint (its clock alone decides, so that all agree). Returns that answer."""
+    flags = torch.stack([run.nonfinite_at, torch.full_like(run.nonfinite_at, -int(want_checkpoint))])
     if ctx.ddp:
-        dist.all_reduce(bad, op=dist.ReduceOp.MIN)
-    s = int(bad.item())
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    s, want = flags.tolist()
     if s < 2 ** 62:
         kept = f"the last good checkpoint {run.ckpt_path} is kept" if os.path.exists(run.ckpt_path) else "no checkpoint was written"
         raise ValueError(f"loss became nan/inf at step {s} (epoch {s // run.spe + 1}); stopped, {kept}. "
                          "Try a lower --lr or --clip-grad")
+    return want < 0
 
 
 def fmt_time(s):
@@ -387,16 +520,16 @@ def fmt_time(s):
 def start_run(args, ctx, model, data, teacher, log):
     """Everything a run holds besides the model and the data: the sampler, AdamW, the EMA, the compiled / DDP
     model and the loss, resumed from out_dir with --resume."""
-    os.makedirs(args.out_dir, exist_ok=True)
+    lock = lock_out_dir(args, ctx)
     n_train = len(data.train[1]) if data.tensors else len(data.train)
     sampler = EpochSampler(n_train, args.batch_size, args.seed, ctx.rank, ctx.world, 3 if args.repeated_aug else 1)
     peak = args.lr * args.batch_size / 512  # DeiT's linear scaling rule (paper §6)
     # fused: one kernel for all parameters, and no .item() on the step counts (the for-each AdamW reads them)
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=peak, betas=(0.9, 0.999), eps=1e-8, fused=True)
     ema = copy.deepcopy(model).eval().requires_grad_(False) if args.model_ema else None
-    run = argparse.Namespace(model=model, opt=opt, ema=ema, sampler=sampler, spe=sampler.steps, peak=peak,
+    run = argparse.Namespace(model=model, opt=opt, ema=ema, sampler=sampler, spe=sampler.steps, peak=peak, lock=lock,
                              ckpt_path=os.path.join(args.out_dir, "ckpt.pt"), log_path=os.path.join(args.out_dir, "log.jsonl"))
-    run.start_epoch = resume_or_start(args, ctx, run, log)
+    run.start_epoch, run.start_step, run.partial = resume_or_start(args, ctx, run, log)
     run.compile = ctx.device.type == "cuda" if args.compile is None else args.compile
     run.net, run.criterion = wrap(args, ctx, model, teacher, run.compile)
     # the first step whose loss was nan/inf, kept on the device so that the check costs no wait
@@ -439,19 +572,25 @@ def train(args, ctx, model, data, log=print, teacher=None):
     """The training loop; finetune.py calls it with a model it prepared. With args.distill other than
     none, teacher (eval mode, no grad) trains the distillation head (distill.py)."""
     run = start_run(args, ctx, model, data, teacher, log)
-    run.t_start, done_steps = time.time(), 0
+    run.t_start = run.t_ckpt = time.time()
+    run.done_steps = 0
     for epoch in range(run.start_epoch, args.epochs):
+        start = run.start_step if epoch == run.start_epoch else 0  # > 0: resumed from a mid-epoch checkpoint
         run.net.train()
         t0 = t_log = time.time()
-        seen = seen_log = loss_n = 0  # images (all processes), at the last progress line, steps
-        loss_sum = torch.zeros((), device=ctx.device)  # summed on the device: no wait per step
-        for i, (x, y) in enumerate(train_batches(data, run.sampler, epoch, ctx.device)):
+        seen = seen_log = 0  # images (all processes), at the last progress line
+        partial = run.partial if start else None
+        loss_n = partial["loss_n"] if partial else 0
+        loss_sum = torch.tensor(partial["loss_sum"] if partial else 0.0, device=ctx.device)  # summed on the device
+        for i, (x, y) in enumerate(train_batches(data, run.sampler, epoch, ctx.device, start), start):
             loss, lr = train_step(args, ctx, run, data, x, y, epoch * run.spe + i)
             loss_sum += loss
-            loss_n, seen, done_steps = loss_n + 1, seen + len(y) * ctx.world, done_steps + 1
-            if (i + 1) % args.log_interval == 0 and i + 1 < run.spe:  # the one place a step may wait
-                check_finite(run, ctx)
-                eta = (time.time() - run.t_start) / done_steps * ((args.epochs - epoch) * run.spe - i - 1)
+            loss_n, seen, run.done_steps = loss_n + 1, seen + len(y) * ctx.world, run.done_steps + 1
+            if (i + 1) % args.check_interval == 0 and i + 1 < run.spe:  # the one place a step may wait
+                if check_finite(run, ctx, ctx.master and time.time() - run.t_ckpt > 60 * args.ckpt_every_minutes):
+                    save_checkpoint(args, ctx, run, data, epoch, i + 1, {"loss_sum": loss_sum.item(), "loss_n": loss_n})
+            if ctx.master and time.time() - t_log > args.log_seconds and i + 1 < run.spe:  # process 0's clock
+                eta = (time.time() - run.t_start) / run.done_steps * ((args.epochs - epoch) * run.spe - i - 1)
                 log(f"epoch {epoch + 1} step {i + 1}/{run.spe} | loss {loss.item():.4f} | lr {lr:.2e} | "
                     f"{(seen - seen_log) / (time.time() - t_log):.0f} img/s | eta {fmt_time(eta)}")
                 t_log, seen_log = time.time(), seen
@@ -459,7 +598,38 @@ def train(args, ctx, model, data, log=print, teacher=None):
         train_time = time.time() - t0
         end_of_epoch(args, ctx, run, data, epoch, dict(train_loss=loss_sum.item() / max(loss_n, 1), lr=lr,
                      img_per_s=seen / train_time, epoch_time=train_time), log)
+    if ctx.master:
+        summary(args, run, log)
     return model
+
+
+def summary(args, run, log):
+    """The last lines of a run: where it ended, where its files are, what to do next."""
+    records = [json.loads(l) for l in open(run.log_path)] if os.path.exists(run.log_path) else []
+    if not records:
+        return
+    best = max(records, key=lambda r: r["top1"])
+    log(f"done: {records[-1]['epoch']} epochs in {fmt_time(time.time() - run.t_start)} (this session) | final top1 "
+        f"{records[-1]['top1']:.2f} | best top1 {best['top1']:.2f} (epoch {best['epoch']})\n"
+        f"  checkpoint {run.ckpt_path}, log {run.log_path}\n"
+        f"  evaluate: python train.py --eval-only --out-dir {args.out_dir}\n"
+        f"  train on: python train.py --resume --epochs {2 * args.epochs} --out-dir {args.out_dir} (and the same flags)")
+
+
+def check_args(args, ctx):
+    """Flags that cannot work, each one line before anything loads; the --workers default."""
+    for flag, value, least in (("--batch-size", args.batch_size, 1), ("--epochs", args.epochs, 1),
+                               ("--check-interval", args.check_interval, 1), ("--workers", args.workers, 0),
+                               ("--ckpt-every-minutes", args.ckpt_every_minutes, 0), ("--log-seconds", args.log_seconds, 0)):
+        if value is not None and value < least:
+            raise ValueError(f"{flag} must be at least {least}, not {value}")
+    if args.batch_size % ctx.world:
+        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {ctx.world} processes")
+    if args.aa != "none":
+        parse_aa(args.aa)  # a malformed string fails now, not at the first step
+    if args.workers is None:  # the machine's CPUs shared by the processes on it (torchrun's LOCAL_WORLD_SIZE)
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        args.workers = max(1, min(8, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 
 
 def main(argv=None):
@@ -467,10 +637,7 @@ def main(argv=None):
     ctx = setup_distributed(args.amp)
     torch.manual_seed(args.seed + ctx.rank)  # seed + rank, as the reference (drop path differs per process)
     log = print if ctx.master else (lambda *a, **k: None)
-    if args.batch_size % ctx.world:
-        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {ctx.world} processes")
-    if args.aa != "none":
-        parse_aa(args.aa)  # a malformed string fails now, not at the first step
+    check_args(args, ctx)
     if args.eval_only:
         return eval_only(args, ctx, log)
     img_size = check_model(args)
