@@ -674,7 +674,7 @@ def cli(main):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted; the last checkpoint is the last completed epoch", file=sys.stderr)
+        print("interrupted; the last checkpoint written is kept: continue with --resume", file=sys.stderr)
         sys.exit(130)
     finally:
         if dist.is_initialized():
