@@ -379,7 +379,7 @@ class EpochSampler(torch.utils.data.Sampler):
 def train_batches(data, sampler, epoch, device, start=0):
     """This process's batches of one epoch, from batch start on (a run resumed mid-epoch): (uint8 images,
     labels) on the device. From an image folder, a file that cannot be decoded is left out, named in a
-    warning and counted in data.skipped."""
+    warning and counted in data.skipped; a batch with no good file is replaced by the previous batch."""
     sampler.set_epoch(epoch, start)
     if data.tensors:
         x, y = data.train
@@ -387,8 +387,15 @@ def train_batches(data, sampler, epoch, device, start=0):
             yield x[b], y[b]
     else:
         data.skipped.clear()
-        yield from _folder_batches(data, data.train, sampler.local, device, data.skipped, sampler=sampler,
-                                   drop_last=True)
+        last = None
+        for x, y in _folder_batches(data, data.train, sampler.local, device, data.skipped, sampler=sampler,
+                                    drop_last=True, keep_empty=True):
+            if len(y) == 0:  # every file of the batch was bad: every process must still take its step
+                if last is None:
+                    raise ValueError("no file of the first training batch could be decoded: check --data")
+                x, y = last  # (under DDP a missing step would leave the other processes waiting forever)
+            last = x, y
+            yield x, y
 
 
 def val_batches(data, batch_size, device, rank=0, world=1, skipped=None):
@@ -403,7 +410,7 @@ def val_batches(data, batch_size, device, rank=0, world=1, skipped=None):
         yield from _folder_batches(data, shard, batch_size, device, [] if skipped is None else skipped)
 
 
-def _folder_batches(data, dataset, batch_size, device, skipped, **kw):
+def _folder_batches(data, dataset, batch_size, device, skipped, keep_empty=False, **kw):
     # A DataLoader per epoch, as the reference's: workers read (and on the workers path decode and crop) the
     # files; the JPEGs left to the device are decoded as one batch and cropped by augment.resized_crops.
     size = data.train.size
@@ -424,6 +431,8 @@ def _folder_batches(data, dataset, batch_size, device, skipped, **kw):
         skipped += bad
         if xs:
             yield torch.cat(xs), torch.cat(ys).to(device, non_blocking=True)
+        elif keep_empty:
+            yield None, torch.zeros(0, dtype=torch.long)
 
 
 def _decode(decoder, jpegs, device):

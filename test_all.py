@@ -644,6 +644,21 @@ def test_device_and_worker_paths_give_the_same_crops(tmp_path):
         assert all(close_to_eval(x[i], Image.open(data.val.samples[int(i)][0]).convert("RGB")) for i in range(4)), decode
 
 
+def test_a_batch_of_only_bad_files_still_makes_a_step(monkeypatch):
+    """Every process takes every step (DDP would wait forever for one that skipped): a batch whose files all
+    failed is replaced by the previous one; with no previous one, one line."""
+    good = (torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.tensor([1, 2]))
+    empty = (None, torch.zeros(0, dtype=torch.long))
+    data = argparse.Namespace(tensors=False, skipped=[], train=None)
+    sampler = DT.EpochSampler(8, 2, 0)
+    monkeypatch.setattr(DT, "_folder_batches", lambda *a, **k: iter([good, empty, good, good]))
+    batches = list(DT.train_batches(data, sampler, 0, torch.device("cpu")))
+    assert len(batches) == 4 and batches[1][0] is good[0]
+    monkeypatch.setattr(DT, "_folder_batches", lambda *a, **k: iter([empty, good]))
+    with pytest.raises(ValueError, match="no file of the first training batch"):
+        list(DT.train_batches(data, sampler, 0, torch.device("cpu")))
+
+
 def test_device_decode_needs_a_decoder(monkeypatch, tmp_path):
     odd_folder(tmp_path)
     monkeypatch.setattr(DT, "device_decoder", lambda: (None, None))
@@ -1032,14 +1047,17 @@ def test_two_process_run_on_an_image_folder(tmp_path, decode):
     make_jpeg_folder(str(tmp_path / "data"), n_train=24, n_val=8, short=(40, 80))
     for i in range(2):
         (tmp_path / "data" / "train" / "coffee" / f"broken{i}.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    (tmp_path / "data" / "val" / "coffee" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     r = run_cli(["--data", str(tmp_path / "data"), "--model", "deit_nano_patch4_28", "--img-size", "32",
-                 "--decode", decode, "--workers", "1", "--batch-size", "26", "--no-repeated-aug", "--epochs", "1",
+                 "--decode", decode, "--batch-size", "26", "--no-repeated-aug", "--epochs", "1",
                  "--out-dir", str(tmp_path / "out")],
                 cmd=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"))
     assert r.returncode == 0, r.stderr
-    assert f"decode: {decode}" in r.stdout and r.stdout.count("skipped an image that cannot be decoded") == 2
+    assert "Grad strides" not in r.stderr and "suggested max number of worker" not in r.stderr  # --workers default
+    assert f"decode: {decode}" in r.stdout and r.stdout.count("skipped an image that cannot be decoded") == 3
     log = read_log(tmp_path / "out")
     assert log[0]["skipped_images"] == 2 and math.isfinite(log[0]["train_loss"]) and log[0]["step"] == 1
+    assert log[0]["skipped_val_images"] == 1  # named and counted like train/
 
 
 def test_two_process_run_compiled_with_bf16_autocast(tmp_path):
