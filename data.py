@@ -247,16 +247,16 @@ class ImageFiles(torch.utils.data.Dataset):
       ("pixels", (3, size, size) uint8)  decode="workers", or a file the device decoder does not take;
       ("jpeg", bytes, box, (H, W), path) decode="device": a colour JPEG that ends with its end-of-image marker;
       ("bad", message)                   a file that cannot be read: skipped, named and counted, not fatal.
-    train: RandomResizedCrop's box (augment.sample_boxes, scale 0.08-1, ratio 3/4-4/3), else eval_box."""
+    train: RandomResizedCrop's box (augment.sample_boxes, scale min_scale-1, ratio 3/4-4/3), else eval_box."""
 
-    def __init__(self, root, size, train, decode):
+    def __init__(self, root, size, train, decode, min_scale=0.08):
         import torchvision
         try:  # only the listing: files and class folders
             folder = torchvision.datasets.ImageFolder(root, loader=str)
         except (FileNotFoundError, OSError) as e:
             raise ValueError(f"cannot read image folder {root}: {e}")
         self.samples, self.classes = folder.samples, folder.classes
-        self.size, self.train, self.decode, self.seed = size, train, decode, None
+        self.size, self.train, self.decode, self.seed, self.min_scale = size, train, decode, None, min_scale
         self.tensor_decode = True  # full-scale JPEGs through device_decoder()'s decoder on the CPU (False: PIL)
 
     def __len__(self):
@@ -267,7 +267,7 @@ class ImageFiles(torch.utils.data.Dataset):
             return eval_box(W, H, self.size)
         if self.seed != torch.initial_seed():  # a new worker (DataLoader seeds each: base seed + worker id)
             self.seed, self.rng = torch.initial_seed(), np.random.default_rng(torch.initial_seed())
-        top, left, h, w = (float(v[0]) for v in A.sample_boxes(self.rng, 1, H, W, (0.08, 1.0), (3 / 4, 4 / 3)))
+        top, left, h, w = (float(v[0]) for v in A.sample_boxes(self.rng, 1, H, W, (self.min_scale, 1.0), (3 / 4, 4 / 3)))
         return left, top, left + w, top + h
 
     def __getitem__(self, i):
@@ -316,7 +316,7 @@ def load_image_folder(root, args, img_size, device):
         raise ValueError("--decode device needs TorchCodec (pip install torchcodec) or torchvision.io.decode_jpeg")
     if decode == "auto":  # on a CPU the workers decode in parallel, the main process would decode alone
         decode = "device" if device.type == "cuda" and decoder is not None else "workers"
-    train = ImageFiles(os.path.join(root, "train"), img_size, True, decode)
+    train = ImageFiles(os.path.join(root, "train"), img_size, True, decode, getattr(args, "rrc_scale", None) or 0.08)
     val = ImageFiles(os.path.join(root, "val"), img_size, False, decode)
     if train.classes != val.classes:
         raise ValueError(f"train/ and val/ of {root} have different class folders")

@@ -33,6 +33,10 @@ def get_parser():
     a("--freeze", action="store_true", help="linear probe: freeze the backbone, train only the head(s)")
     a("--plain", action="store_true", help="make a distilled checkpoint a plain model (drop dist_token, head_dist)")
     a("--keep-head", action="store_true", help="keep the pretrained head(s) (same classes) instead of new ones")
+    a("--layer-decay", type=float, default=1.0, help="layer-wise lr decay: block i of L trains at lr x decay^(L - i) "
+      "(MAE's fine-tuning: 0.75; 0.65 for ViT-B in its code); 1: off")
+    a("--global-pool", action="store_true", help="classify the mean of the patch tokens (MAE's fine-tuning) "
+      "instead of the class token")
     # The reference's fine-tune at 384 (its README): lr 5e-6 (per 512), weight decay 1e-8, 30 epochs, min lr
     # 5e-6. A quirk we keep: at any global batch up to 512 (it used 32 per GPU) the scaled peak lr is at most
     # the min lr, so the "cosine decay" is flat or climbs to 5e-6. --model defaults to the checkpoint's.
@@ -90,6 +94,11 @@ def adapt(state, model, args):
         for k in heads:
             del state[k]
         notes.append(f"left out the pretrained head(s): {', '.join(heads)}" if heads else "no pretrained head")
+    extra = [k for k in state if k not in own]  # an MAE checkpoint's decoder; norm.* under --global-pool
+    if extra:
+        state = {k: v for k, v in state.items() if k in own}
+        notes.append(f"left out what the model has not: {', '.join(sorted({k.split('.')[0] for k in extra}))} "
+                     f"({len(extra)} tensors)")
     new = [k for k in own if k not in state]
     return state, new, notes
 

@@ -36,6 +36,7 @@ class DeiTConfig:
     mlp_ratio: float = 4.0
     distilled: bool = False
     drop_path_rate: float = 0.0  # DeiT trains with 0.1 (paper Table 9); 0 here so inference code needs no flag
+    global_pool: bool = False  # classify the mean of the patch tokens (MAE's fine-tuning) instead of the class token
 
 
 # width, depth, heads (paper Table 1). "nano" is this project's size for CPU runs on 28-64 px images;
@@ -162,7 +163,13 @@ class DeiT(nn.Module):
         # stochastic depth rate rises linearly from 0 at the first block to drop_path_rate at the last
         rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList([Block(cfg, r) for r in rates])
-        self.norm = nn.LayerNorm(D, eps=1e-6)
+        if cfg.global_pool and cfg.distilled:
+            raise ValueError("global_pool replaces the class token's output: it has no distilled variant")
+        # global_pool: MAE's models_vit.py, which normalises the pooled patch tokens (fc_norm) in place of the
+        # final norm of every token
+        self.norm = nn.Identity() if cfg.global_pool else nn.LayerNorm(D, eps=1e-6)
+        if cfg.global_pool:
+            self.fc_norm = nn.LayerNorm(D, eps=1e-6)
         self.head = nn.Linear(D, cfg.num_classes)
         if cfg.distilled:
             self.head_dist = nn.Linear(D, cfg.num_classes)
@@ -194,6 +201,8 @@ class DeiT(nn.Module):
     def forward_heads(self, x):
         """Logits of every head: the class head alone, or (class_logits, dist_logits) when distilled."""
         x = self.forward_features(x)
+        if self.cfg.global_pool:
+            return self.head(self.fc_norm(x[:, self.num_prefix_tokens:].mean(1)))
         if not self.cfg.distilled:
             return self.head(x[:, 0])
         return self.head(x[:, 0]), self.head_dist(x[:, 1])

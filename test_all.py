@@ -30,6 +30,7 @@ import augment as A
 import data as DT
 import distill as D
 import finetune as FT
+import mae as MAE
 import model as M
 from bench import pil_op  # the reference: each op done by PIL, as the reference pipeline does
 import train as T
@@ -1309,3 +1310,131 @@ def test_first_run_progress_summary_and_help(tmp_path):
         for action in parser._actions:
             if action.help and action.default not in (None, False, argparse.SUPPRESS):
                 assert "default" in parser._get_formatter()._expand_help(action).lower(), action.dest
+
+
+# ------------------------------------------------------------------------------------------------- mae.py
+
+def small_mae(**kw):
+    return MAE.MAE(M.create_model("deit_nano_patch4_28", in_chans=1), **kw)
+
+
+def test_masking_keeps_the_right_patches_and_restores_their_order():
+    torch.manual_seed(0)
+    B, N, D = 5, 49, 8
+    x, noise = torch.randn(B, N, D), torch.rand(B, N)
+    kept, mask, ids_restore = MAE.random_masking(x, 0.75, noise)
+    keep = int(N * 0.25)  # 12, as MAE's int(L * (1 - ratio))
+    assert kept.shape == (B, keep, D) and (mask.sum(1) == N - keep).all()
+    for b in range(B):  # the kept tokens are those with the smallest noise; the mask marks the others
+        lowest = noise[b].argsort()[:keep]
+        assert torch.equal(kept[b], x[b, lowest]) and set(mask[b].nonzero()[:, 0].tolist()) == set(range(N)) - set(lowest.tolist())
+        # ids_restore undoes the shuffle: [kept, then the rest in noise order] gathered back is x
+        shuffled = x[b, noise[b].argsort()]
+        assert torch.equal(shuffled[ids_restore[b]], x[b])
+    assert not torch.equal(mask[0], mask[1])  # every image its own mask
+
+
+def test_mae_loss_is_on_hidden_patches_and_norm_pix_targets():
+    torch.manual_seed(0)
+    model = small_mae()
+    x = torch.randn(2, 1, 28, 28)
+    # norm_pix targets, by hand for one patch: (p - mean) / sqrt(var + 1e-6), var unbiased as torch.var
+    patch = x[1, 0, 4:8, 8:12].reshape(-1)  # row 1, column 2 of the 7 x 7 grid of 4-px patches
+    assert torch.allclose(model.targets(x)[1, 1 * 7 + 2], (patch - patch.mean()) / (patch.var() + 1e-6).sqrt(), atol=1e-5)
+    assert torch.equal(model.unpatchify(model.patchify(x)), x)
+    loss, pred, mask = model(x, torch.rand(2, 49))
+    per_patch = ((pred - model.targets(x)) ** 2).mean(-1)
+    assert torch.allclose(loss, (per_patch * mask).sum() / mask.sum())
+    # only the hidden patches' predictions reach the loss
+    pred.retain_grad()
+    loss.backward()
+    hidden = pred.grad.abs().sum(-1) > 0
+    assert torch.equal(hidden, mask > 0) and mask.sum() == 2 * (49 - 12)
+
+
+def test_mae_encoder_loads_into_finetune(tmp_path, capsys):
+    """An MAE checkpoint: its encoder under DeiT's names; finetune.py keeps it and reports the decoder left
+    out and the head new; --global-pool trades norm for fc_norm; --layer-decay scales each group's lr."""
+    MAE.main(QUICK + ["--epochs", "1", "--out-dir", str(tmp_path / "mae")])
+    ckpt = torch.load(tmp_path / "mae" / "ckpt.pt", weights_only=True)
+    enc = {k for k in ckpt["model"] if not k.startswith(("decoder_", "mask_token"))}
+    plain = set(M.create_model("deit_nano_patch7_28", in_chans=1, num_classes=10).state_dict())
+    assert enc == plain - {"head.weight", "head.bias"}
+    assert (tmp_path / "mae" / "reconstructions" / "epoch_001.png").exists()
+    decoder = "decoder_blocks, decoder_embed, decoder_norm, decoder_pos_embed, decoder_pred, mask_token"
+    for extra, new, dropped in (([], "head.weight, head.bias", decoder),
+                                (["--global-pool", "--layer-decay", "0.75"], "fc_norm.weight, fc_norm.bias, head.weight, head.bias",
+                                 decoder + ", norm")):
+        out = tmp_path / f"ft{len(extra)}"
+        capsys.readouterr()
+        FT.main(["--weights", str(tmp_path / "mae" / "ckpt.pt"), *QUICK, "--epochs", "1", "--lr", "1e-3",
+                 "--out-dir", str(out), *extra])
+        printed = capsys.readouterr().out
+        assert f"newly initialised: {new}" in printed and f"left out what the model has not: {dropped} " in printed, printed
+        ft = torch.load(out / "ckpt.pt", weights_only=True)
+        assert ("fc_norm.weight" in ft["model"]) == bool(extra) and ("norm.weight" in ft["model"]) != bool(extra)
+        groups = ft["optimizer"]["param_groups"]  # the last step's lr: lr x lr_scale in every group
+        top = max(g["lr"] for g in groups)
+        assert all(g["lr"] == pytest.approx(top * g["lr_scale"]) for g in groups)
+        assert sorted({round(g["lr_scale"], 6) for g in groups}) == ([1.0] if not extra else
+                                                                   sorted({round(0.75 ** k, 6) for k in range(8)}))
+
+
+def test_layer_decay_and_global_pool_formulas():
+    m = M.create_model("deit_nano_patch7_28", num_classes=10, global_pool=True)
+    x = torch.randn(3, 3, 28, 28)
+    with torch.no_grad():
+        t = m.patch_embed(x)
+        t = torch.cat([m.cls_token.expand(3, -1, -1), t], 1) + m.pos_embed
+        for blk in m.blocks:
+            t = blk(t)
+        expected = m.head(F.layer_norm(t[:, 1:].mean(1), (96,), m.fc_norm.weight, m.fc_norm.bias, 1e-6))
+        assert torch.allclose(m(x), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="global_pool"):
+        M.create_model("deit_nano_distilled_patch7_28", global_pool=True)
+    # MAE's lr_decay.py: block i of L (here 6) at decay ** (L + 1 - (i + 1)), embeddings at decay ** (L + 1), head at 1
+    groups = T.param_groups(m, 0.05, layer_decay=0.75)
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    named = dict(m.named_parameters())
+    assert scale[id(named["patch_embed.proj.weight"])] == pytest.approx(0.75 ** 7)
+    assert scale[id(named["cls_token"])] == pytest.approx(0.75 ** 7)
+    assert scale[id(named["blocks.0.attn.qkv.weight"])] == pytest.approx(0.75 ** 6)
+    assert scale[id(named["blocks.5.mlp.fc2.bias"])] == pytest.approx(0.75 ** 1)
+    assert scale[id(named["head.weight"])] == 1.0 and scale[id(named["fc_norm.weight"])] == 1.0
+    assert sum(len(g["params"]) for g in groups) == len(named)
+
+
+def test_mae_kill_then_resume_equals_uninterrupted(tmp_path):
+    args = QUICK + ["--epochs", "3"]
+    full = run_cli(args + ["--out-dir", str(tmp_path / "full")], cmd=(sys.executable, "mae.py"))
+    assert full.returncode == 0, full.stderr
+    out = tmp_path / "killed"
+    p = subprocess.Popen([sys.executable, "mae.py", *args, "--out-dir", str(out)], cwd=HERE, env=ENV,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while p.poll() is None and not (out / "ckpt.pt").exists():
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert len(read_log(out)) < 3, "the run finished before it could be killed"
+    r = run_cli(args + ["--out-dir", str(out), "--resume"], cmd=(sys.executable, "mae.py"))
+    assert r.returncode == 0, r.stderr
+    a, b = read_log(tmp_path / "full"), read_log(out)
+    assert [x["epoch"] for x in b] == [1, 2, 3]
+    for ra, rb in zip(a, b):
+        for k in ("train_loss", "val_loss", "lr"):
+            assert ra[k] == pytest.approx(rb[k], rel=1e-6, abs=1e-7), (k, ra, rb)
+    wa, wb = final_weights(tmp_path / "full"), final_weights(out)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--mask-ratio", "1.0"], "--mask-ratio must be between 0 and 1"),
+    (["--mask-ratio", "0.99"], "hides every one of the 16 patches"),
+    (["--model", "deit_nano_distilled_patch7_28"], "MAE pretrains a plain ViT"),
+    (["--model", "convnet"], "mae.py pretrains a ViT, not convnet"),
+    (["--distill", "hard"], "drop --distill"),
+])
+def test_mae_bad_inputs_are_one_line(flags, match):
+    r = run_cli(QUICK + flags + ["--out-dir", "unused"], cmd=(sys.executable, "mae.py"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and match in r.stderr, r.stderr

@@ -78,6 +78,8 @@ def get_parser():
     a("--crop-pad", type=int, default=None, help="padded random crop for <= 32 px inputs (default: DeiT's 4; "
       "0 for Fashion-MNIST, whose centred items a 4-px shift cuts off); larger inputs get RandomResizedCrop")
     a("--hflip", type=float, default=0.5, help="horizontal flip probability")
+    a("--rrc-scale", type=float, default=None, help="RandomResizedCrop at every input size, with this smallest "
+      "area fraction (MAE: 0.2); default: DeiT's, 0.08 above 32 px and the padded crop below")
     a("--aa", default="rand-m9-mstd0.5-inc1", help="RandAugment (timm's string), or none")
     a("--three-augment", action="store_true", help="DeiT III's 3-Augment instead of RandAugment and erasing")
     a("--reprob", type=float, default=0.25, help="random erasing probability")
@@ -102,6 +104,7 @@ def get_parser():
     a("--warmup-lr", type=float, default=1e-6, help="the linear warm-up's start")
     a("--warmup-epochs", type=float, default=2, help="DeiT: 5")
     a("--weight-decay", type=float, default=0.05, help="AdamW's, none on biases, norms and tokens")
+    a("--beta2", type=float, default=0.999, help="AdamW's second-moment decay (DeiT: 0.999; MAE: 0.95)")
     a("--smoothing", type=float, default=0.1, help="label smoothing")
     a("--clip-grad", type=float, default=None, help="max gradient norm (default and DeiT: off)")
     a("--model-ema", action=argparse.BooleanOptionalAction, default=True, help="keep an EMA of the weights")
@@ -193,8 +196,8 @@ def augment_batch(x, y, data, args, rng, gen):
     mixing, else the labels. rng (numpy) draws every choice on the host; gen (torch, on the device) only the
     erasing noise: nothing here waits for the device (augment.py)."""
     pad = data.crop_pad if data.tensors else 0
-    if data.tensors and x.shape[-1] > 32:
-        x = A.random_resized_crop(x, rng, x.shape[-1], hflip=args.hflip)
+    if data.tensors and (x.shape[-1] > 32 or args.rrc_scale is not None):
+        x = A.random_resized_crop(x, rng, x.shape[-1], scale=(args.rrc_scale or 0.08, 1.0), hflip=args.hflip)
     elif pad or args.hflip:  # <= 32 px: the padded crop; ImageFolder files come cropped (data.py): flip only
         x = A.pad_crop_flip(x, rng, pad, args.hflip)
     if args.three_augment:
@@ -214,14 +217,29 @@ def augment_batch(x, y, data, args, rng, gen):
 # ----------------------------------------------------------------------------------------------------------
 # Optimisation
 
-def param_groups(model, weight_decay):
+def layer_id(name, depth):
+    """A ViT parameter's depth for layer-wise lr decay, as MAE's util/lr_decay.py: 0 for the tokens, the
+    position embeddings and the patch embedding, i + 1 for block i, depth + 1 for the rest (norms, heads)."""
+    if name in ("cls_token", "dist_token", "pos_embed") or name.startswith("patch_embed"):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def param_groups(model, weight_decay, layer_decay=1.0):
     """AdamW groups: no weight decay on biases, norms (1-D), pos_embed and cls_token, as the reference.
-    The reference does decay dist_token (its timm 0.3.2 only exempts pos_embed and cls_token); we keep that."""
-    decay, no_decay = [], []
+    The reference does decay dist_token (its timm 0.3.2 only exempts pos_embed and cls_token); we keep that.
+    layer_decay < 1 (MAE's fine-tuning, BEiT's idea): the parameters at layer_id l train at lr x
+    layer_decay ** (depth + 1 - l), so the head gets the full lr and the patch embedding the least."""
+    depth = len(getattr(model, "blocks", []))
+    groups = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name in ("pos_embed", "cls_token") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            wd = 0.0 if p.ndim <= 1 or name in ("pos_embed", "cls_token") else weight_decay
+            scale = layer_decay ** (depth + 1 - layer_id(name, depth)) if layer_decay != 1.0 else 1.0
+            groups.setdefault((wd, scale), {"params": [], "weight_decay": wd, "lr_scale": scale})["params"].append(p)
+    return sorted(groups.values(), key=lambda g: (-g["weight_decay"], g["lr_scale"]))
 
 
 def lr_at(epoch_float, args, peak):
@@ -304,7 +322,7 @@ def build_model(args, data, ctx, img_size):
     if default_model(args) in CONVNETS:
         return create_convnet(args.model, data.num_classes, data.in_chans).to(ctx.device)
     return create_model(args.model, num_classes=data.num_classes, img_size=img_size, in_chans=data.in_chans,
-                        drop_path_rate=args.drop_path).to(ctx.device)
+                        drop_path_rate=args.drop_path, global_pool=getattr(args, "global_pool", None)).to(ctx.device)
 
 
 def default_teacher(args):
@@ -470,24 +488,24 @@ def save_checkpoint(args, ctx, run, data, epoch, epoch_step, partial, record=Non
 def end_of_epoch(args, ctx, run, data, epoch, stats, log):
     """Evaluate, then write the epoch's log line, save the checkpoint and print the line. stats: this
     process's train_loss (mean over its steps), lr, img_per_s, epoch_time."""
-    metrics = evaluate(run.net, data, ctx, max(256, args.batch_size // ctx.world))
-    if run.ema is not None and args.eval_ema:
-        metrics["ema_top1"] = evaluate(run.ema, data, ctx, max(256, args.batch_size // ctx.world))["top1"]
+    metrics = run.task.evaluate(run, data, ctx, max(256, args.batch_size // ctx.world))
     train_loss, n_skipped = all_sum([stats["train_loss"], len(data.skipped)], ctx)
     record = {"epoch": epoch + 1, "step": (epoch + 1) * run.spe, "train_loss": train_loss / ctx.world, **metrics,
               "lr": stats["lr"], "img_per_s": stats["img_per_s"], "epoch_time": stats["epoch_time"],
-              "skipped_images": int(n_skipped), "skipped_val_images": metrics.pop("skipped")}
+              "skipped_images": int(n_skipped), "skipped_val_images": metrics.pop("skipped", 0)}
     if run.compile:  # every recompile or graph break costs time: one graph for training, one for evaluation
         c = torch._dynamo.utils.counters
         record.update(compiled_frames=c["frames"]["total"], graph_breaks=sum(c["graph_break"].values()))
     save_checkpoint(args, ctx, run, data, epoch + 1, 0, None, record)
     if not ctx.master:
         return
+    run.task.after_epoch(run, data, epoch)
     eta = (time.time() - run.t_start) / max(run.done_steps, 1) * (args.epochs - epoch - 1) * run.spe
     heads = f" (cls {metrics['top1_cls']:.2f} dist {metrics['top1_dist']:.2f})" if "top1_cls" in metrics else ""
     log(f"epoch {epoch + 1}/{args.epochs} | loss {record['train_loss']:.4f} | lr {stats['lr']:.2e} | "
-        f"{record['img_per_s']:.0f} img/s | val loss {metrics['val_loss']:.4f} top1 {metrics['top1']:.2f} "
-        f"top5 {metrics['top5']:.2f}" + heads + (f" ema top1 {metrics['ema_top1']:.2f}" if "ema_top1" in metrics else "")
+        f"{record['img_per_s']:.0f} img/s | val loss {metrics['val_loss']:.4f}"
+        + (f" top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f}" if "top1" in metrics else "")
+        + heads + (f" ema top1 {metrics['ema_top1']:.2f}" if "ema_top1" in metrics else "")
         + (f" | skipped {int(n_skipped)} images" if n_skipped else "")
         + (f" | skipped {record['skipped_val_images']} val images" if record["skipped_val_images"] else "")
         + f" | eta {fmt_time(eta)}"
@@ -517,7 +535,22 @@ def fmt_time(s):
 # ----------------------------------------------------------------------------------------------------------
 # The loop
 
-def start_run(args, ctx, model, data, teacher, log):
+def classification(args):
+    """The task train.py trains for: what a step's loss is, what an epoch's evaluation measures, and what
+    happens after it. mae.py brings its own (masked reconstruction) and runs this same loop."""
+    def evaluate_run(run, data, ctx, batch_size):
+        metrics = evaluate(run.net, data, ctx, batch_size)
+        if run.ema is not None and args.eval_ema:
+            metrics["ema_top1"] = evaluate(run.ema, data, ctx, batch_size)["top1"]
+        return metrics
+    def next_steps(args):
+        return [f"evaluate: python train.py --eval-only --out-dir {args.out_dir}",
+                f"train on: python train.py --resume --epochs {2 * args.epochs} --out-dir {args.out_dir} (and the same flags)"]
+    return argparse.Namespace(loss=lambda run, x, targets, gen: run.criterion(x, run.net(x), targets),
+                              evaluate=evaluate_run, after_epoch=lambda run, data, epoch: None, next_steps=next_steps)
+
+
+def start_run(args, ctx, model, data, teacher, log, task=None):
     """Everything a run holds besides the model and the data: the sampler, AdamW, the EMA, the compiled / DDP
     model and the loss, resumed from out_dir with --resume."""
     lock = lock_out_dir(args, ctx)
@@ -525,11 +558,13 @@ def start_run(args, ctx, model, data, teacher, log):
     sampler = EpochSampler(n_train, args.batch_size, args.seed, ctx.rank, ctx.world, 3 if args.repeated_aug else 1)
     peak = args.lr * args.batch_size / 512  # DeiT's linear scaling rule (paper §6)
     # fused: one kernel for all parameters, and no .item() on the step counts (the for-each AdamW reads them)
-    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=peak, betas=(0.9, 0.999), eps=1e-8, fused=True)
+    opt = torch.optim.AdamW(param_groups(model, args.weight_decay, getattr(args, "layer_decay", 1.0)), lr=peak,
+                            betas=(0.9, args.beta2), eps=1e-8, fused=True)
     ema = copy.deepcopy(model).eval().requires_grad_(False) if args.model_ema else None
     run = argparse.Namespace(model=model, opt=opt, ema=ema, sampler=sampler, spe=sampler.steps, peak=peak, lock=lock,
                              ckpt_path=os.path.join(args.out_dir, "ckpt.pt"), log_path=os.path.join(args.out_dir, "log.jsonl"))
     run.start_epoch, run.start_step, run.partial = resume_or_start(args, ctx, run, log)
+    run.task = task or classification(args)
     run.compile = ctx.device.type == "cuda" if args.compile is None else args.compile
     run.net, run.criterion = wrap(args, ctx, model, teacher, run.compile)
     # the first step whose loss was nan/inf, kept on the device so that the check costs no wait
@@ -553,9 +588,9 @@ def train_step(args, ctx, run, data, x, y, step):
     x, targets = augment_batch(x, y, data, args, rng, gen)
     lr = lr_at(step / run.spe, args, run.peak)
     for g in run.opt.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g["lr_scale"]
     with ctx.autocast:  # the teacher sees x too: the same mixed, augmented batch (reference)
-        loss = run.criterion(x, run.net(x), targets)
+        loss = run.task.loss(run, x, targets, gen)
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
     if args.clip_grad is not None:
@@ -568,10 +603,10 @@ def train_step(args, ctx, run, data, x, y, step):
     return loss, lr
 
 
-def train(args, ctx, model, data, log=print, teacher=None):
-    """The training loop; finetune.py calls it with a model it prepared. With args.distill other than
-    none, teacher (eval mode, no grad) trains the distillation head (distill.py)."""
-    run = start_run(args, ctx, model, data, teacher, log)
+def train(args, ctx, model, data, log=print, teacher=None, task=None):
+    """The training loop; finetune.py calls it with a model it prepared, mae.py with its task. With
+    args.distill other than none, teacher (eval mode, no grad) trains the distillation head (distill.py)."""
+    run = start_run(args, ctx, model, data, teacher, log, task)
     run.t_start = run.t_ckpt = time.time()
     run.done_steps = 0
     for epoch in range(run.start_epoch, args.epochs):
@@ -608,12 +643,11 @@ def summary(args, run, log):
     records = [json.loads(l) for l in open(run.log_path)] if os.path.exists(run.log_path) else []
     if not records:
         return
-    best = max(records, key=lambda r: r["top1"])
-    log(f"done: {records[-1]['epoch']} epochs in {fmt_time(time.time() - run.t_start)} (this session) | final top1 "
-        f"{records[-1]['top1']:.2f} | best top1 {best['top1']:.2f} (epoch {best['epoch']})\n"
-        f"  checkpoint {run.ckpt_path}, log {run.log_path}\n"
-        f"  evaluate: python train.py --eval-only --out-dir {args.out_dir}\n"
-        f"  train on: python train.py --resume --epochs {2 * args.epochs} --out-dir {args.out_dir} (and the same flags)")
+    key, sign = ("top1", 1) if "top1" in records[-1] else ("val_loss", -1)
+    best = max(records, key=lambda r: sign * r[key])
+    log(f"done: {records[-1]['epoch']} epochs in {fmt_time(time.time() - run.t_start)} (this session) | final {key} "
+        f"{records[-1][key]:.4g} | best {key} {best[key]:.4g} (epoch {best['epoch']})\n"
+        f"  checkpoint {run.ckpt_path}, log {run.log_path}" + "".join(f"\n  {s}" for s in run.task.next_steps(args)))
 
 
 def check_args(args, ctx):

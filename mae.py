@@ -1,0 +1,252 @@
+"""
+MAE: masked-autoencoder pretraining of model.py's ViT (He et al. 2021, "Masked Autoencoders Are Scalable
+Vision Learners", arXiv 2111.06377; reference code: facebookresearch/mae, models_mae.py and main_pretrain.py).
+
+Classification pretraining teaches a backbone what the images of a class share; MAE teaches it what each
+image has of its own. Each image loses a random 75% of its patches; the encoder (the ViT that finetune.py
+later fine-tunes) sees only the rest and the class token; a light decoder gets the encoded patches back in
+place, with a shared learned mask token at every hidden one, and predicts the hidden patches' pixels. The
+loss is the mean squared error on the hidden patches only, against pixels normalised per patch
+(norm_pix_loss, MAE §4: sharper features). No labels are used.
+
+    python mae.py                                   # the bundled data, CPU-sized defaults
+    torchrun --nproc_per_node=8 mae.py --data /imagenet --model deit_base_patch16_224 --epochs 800 \\
+        --batch-size 4096 --decoder-dim 512 --decoder-depth 8 --decoder-heads 16 --warmup-epochs 40 --resume auto
+    python finetune.py --weights out-mae/ckpt.pt --layer-decay 0.75 --global-pool ...
+
+It runs on train.py's loop (DDP, compile and bf16 on CUDA, checkpoints, exact --resume, the JSON log, the nan
+stop): only the task differs (train.classification's loss/evaluate/after_epoch). The checkpoint's encoder has
+DeiT's key names, so finetune.py --weights takes it; the decoder's keys (decoder_*, mask_token) are left out
+there. After every epoch a picture, out_dir/reconstructions/epoch_NNN.png: held-out images, their masked
+version, and the reconstruction (visible patches pasted back, as in MAE's figures).
+"""
+
+import argparse
+import os
+
+import torch
+import torch.nn as nn
+
+import augment as A
+import train as T
+from data import load_data, val_batches
+from distill import CONVNETS
+from model import Block, DeiTConfig
+
+# MAE's recipe (main_pretrain.py and the paper's Table 8), each a default below:
+#   AdamW betas (0.9, 0.95), weight decay 0.05, base lr 1.5e-4 per 256 images (lr = blr x batch / 256: that is
+#   3e-4 in train.py's per-512 rule), cosine to 0 after a linear warm-up from 0 of 40 epochs, 800-1600 epochs,
+#   batch 4096, RandomResizedCrop(scale 0.2-1) and flip only, no drop path, no EMA, mask ratio 0.75,
+#   norm_pix_loss. Demo-sized instead, so that `python mae.py` runs in minutes on a CPU: --epochs 36,
+#   --warmup-epochs 4 (a tenth of the run, as 40 of MAE's 400), --batch-size 128, the small decoder below,
+#   and --lr 1.5e-3 per 512 (5x MAE's: a 0.7M-parameter model and 36 epochs learn nothing at MAE's rate).
+#   Weight decay spares cls_token as train.param_groups does for DeiT; MAE's code decays it (and mask_token).
+MAE_DEFAULTS = dict(lr=1.5e-3, beta2=0.95, weight_decay=0.05, min_lr=0.0, warmup_lr=0.0, warmup_epochs=4,
+                    rrc_scale=0.2, hflip=0.5, aa="none", reprob=0.0, mixup=0.0, cutmix=0.0, smoothing=0.0,
+                    drop_path=0.0, model_ema=False, out_dir="out-mae")
+
+
+def sincos_2d(dim, grid, cls_token=True):
+    """MAE's fixed 2-D sine-cosine position embeddings (models_mae.py, util/pos_embed.py): half the channels
+    encode the column, half the row, each as [sin(pos w_k), cos(pos w_k)] with w_k = 10000^(-k / (dim/4)); an
+    all-zero row for the class token. (MAE's code names the column half "emb_h": numpy's meshgrid order.)"""
+    if dim % 4:
+        raise ValueError(f"sine-cosine position embeddings need a width divisible by 4, not {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                                indexing="ij")
+    parts = [f(pos.reshape(-1, 1) * omega) for pos in (cols, rows) for f in (torch.sin, torch.cos)]
+    emb = torch.cat(parts, dim=1).float()  # (grid * grid, dim), patches in row-major order
+    return torch.cat([torch.zeros(1, dim), emb]) if cls_token else emb
+
+
+def random_masking(x, ratio, noise):
+    """Per image, keep the (1 - ratio) share of its N tokens with the smallest noise (MAE's "shuffle by sorting
+    random noise"). x: (B, N, D), noise: (B, N). Returns the kept tokens (B, keep, D) in the order of their
+    noise, mask (B, N): 1 where hidden, in the original order, and ids_restore, which puts the shuffled
+    sequence back in order."""
+    B, N, D = x.shape
+    keep = int(N * (1 - ratio))
+    ids_shuffle = noise.argsort(dim=1)
+    ids_restore = ids_shuffle.argsort(dim=1)
+    kept = x.gather(1, ids_shuffle[:, :keep, None].expand(-1, -1, D))
+    mask = torch.ones(B, N, device=x.device)
+    mask[:, :keep] = 0
+    return kept, mask.gather(1, ids_restore), ids_restore
+
+
+class MAE(nn.Module):
+    """model.py's ViT as the encoder (its modules adopted under their own names, so the state dict holds the
+    encoder under DeiT's key names) and MAE's decoder (decoder_* and mask_token)."""
+
+    def __init__(self, encoder, decoder_dim=64, decoder_depth=2, decoder_heads=4, mask_ratio=0.75, norm_pix_loss=True):
+        super().__init__()
+        cfg = encoder.cfg
+        if cfg.distilled:
+            raise ValueError("MAE pretrains a plain ViT: choose a model without _distilled_")
+        if not 0 < mask_ratio < 1:
+            raise ValueError(f"--mask-ratio must be between 0 and 1 (MAE: 0.75), not {mask_ratio}")
+        self.cfg, self.mask_ratio, self.norm_pix_loss = cfg, mask_ratio, norm_pix_loss
+        self.grid = cfg.img_size // cfg.patch_size
+        if int(self.grid ** 2 * (1 - mask_ratio)) < 1:
+            raise ValueError(f"--mask-ratio {mask_ratio} hides every one of the {self.grid ** 2} patches")
+        self.cls_token, self.pos_embed, self.patch_embed = encoder.cls_token, encoder.pos_embed, encoder.patch_embed
+        self.blocks, self.norm = encoder.blocks, encoder.norm
+        # the encoder's position embeddings: MAE's fixed sine-cosine (fine-tuning later trains them)
+        self.pos_embed.data.copy_(sincos_2d(cfg.embed_dim, self.grid)[None])
+        self.pos_embed.requires_grad_(False)
+        self.decoder_embed = nn.Linear(cfg.embed_dim, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        self.decoder_pos_embed = nn.Parameter(sincos_2d(decoder_dim, self.grid)[None], requires_grad=False)
+        dcfg = DeiTConfig(embed_dim=decoder_dim, num_heads=decoder_heads, mlp_ratio=cfg.mlp_ratio)
+        self.decoder_blocks = nn.ModuleList([Block(dcfg, 0.0) for _ in range(decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(decoder_dim, cfg.patch_size ** 2 * cfg.in_chans)
+        # MAE's init for what is new: tokens N(0, 0.02), Linear layers xavier-uniform, biases 0
+        nn.init.normal_(self.mask_token, std=0.02)
+        for m in [self.decoder_embed, self.decoder_pred, *self.decoder_blocks.modules()]:
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def patchify(self, images):
+        """(B, C, H, W) -> (B, N, p*p*C), patches in row-major order, each as (row, column, channel)."""
+        B, C, H, W = images.shape
+        p, g = self.cfg.patch_size, self.grid
+        return images.reshape(B, C, g, p, g, p).permute(0, 2, 4, 3, 5, 1).reshape(B, g * g, p * p * C)
+
+    def unpatchify(self, patches):
+        B, p, g, C = patches.shape[0], self.cfg.patch_size, self.grid, self.cfg.in_chans
+        return patches.reshape(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, g * p, g * p)
+
+    def targets(self, images):
+        """The pixels each patch is to predict: normalised by the patch's own mean and variance with
+        norm_pix_loss (MAE: var + 1e-6), else as they are."""
+        t = self.patchify(images)
+        if self.norm_pix_loss:
+            t = (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + 1e-6) ** 0.5
+        return t
+
+    def forward(self, images, noise):
+        """Returns (loss, predictions (B, N, p*p*C), mask (B, N), 1 = hidden)."""
+        x = self.patch_embed(images) + self.pos_embed[:, 1:]
+        x, mask, ids_restore = random_masking(x, self.mask_ratio, noise)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        x = self.decoder_embed(self.norm(x))
+        B, kept, Dd = x.shape
+        hidden = self.mask_token.expand(B, ids_restore.shape[1] + 1 - kept, -1)
+        patches = torch.cat([x[:, 1:], hidden], dim=1).gather(1, ids_restore[..., None].expand(-1, -1, Dd))
+        x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed
+        for block in self.decoder_blocks:
+            x = block(x)
+        pred = self.decoder_pred(self.decoder_norm(x))[:, 1:].float()
+        per_patch = ((pred - self.targets(images.float())) ** 2).mean(-1)
+        return (per_patch * mask).sum() / mask.sum(), pred, mask
+
+
+def noise_for(images, grid, gen):
+    return torch.rand(images.shape[0], grid * grid, device=images.device, generator=gen)
+
+
+def reconstruction_task(args, model):
+    """The MAE task for train.train: the loss of a step (its masks from the step's device generator, so a
+    resumed run repeats them), the held-out loss with masks fixed per batch, and the picture."""
+    raw = model
+
+    def loss(run, x, targets, gen):
+        return run.net(x, noise_for(x, raw.grid, gen))[0]
+
+    @torch.no_grad()
+    def evaluate(run, data, ctx, batch_size):
+        run.net.eval()
+        total, n = torch.zeros((), dtype=torch.float64, device=ctx.device), 0
+        gen = torch.Generator(ctx.device)
+        for i, (x, _) in enumerate(val_batches(data, batch_size, ctx.device, ctx.rank, ctx.world)):
+            gen.manual_seed(1_000_003 * i + ctx.rank)
+            x = A.normalize(x, data.mean, data.std)
+            with ctx.autocast:
+                total += raw(x, noise_for(x, raw.grid, gen))[0].double() * len(x)
+            n += len(x)
+        run.net.train()
+        loss, count = T.all_sum([total.item(), n], ctx)
+        return {"val_loss": loss / max(count, 1)}
+
+    @torch.no_grad()
+    def after_epoch(run, data, epoch):
+        path = os.path.join(args.out_dir, "reconstructions", f"epoch_{epoch + 1:03d}.png")
+        save_picture(raw, data, path, run)
+
+    def next_steps(args):
+        return [f"pictures: {os.path.join(args.out_dir, 'reconstructions')}",
+                f"fine-tune: python finetune.py --weights {os.path.join(args.out_dir, 'ckpt.pt')} --layer-decay 0.75 "
+                "--global-pool (and the data's flags)",
+                f"train on: python mae.py --resume --epochs {2 * args.epochs} --out-dir {args.out_dir} (and the same flags)"]
+
+    return argparse.Namespace(loss=loss, evaluate=evaluate, after_epoch=after_epoch, next_steps=next_steps)
+
+
+@torch.no_grad()
+def save_picture(model, data, path, run=None, n=8):
+    """Rows: n held-out images, the same with their hidden patches grey, the reconstruction with the visible
+    patches pasted back; the same images and masks every epoch."""
+    import torchvision.utils
+    x, _ = next(val_batches(data, n, next(model.parameters()).device))
+    x = A.normalize(x[:n], data.mean, data.std)
+    gen = torch.Generator(x.device).manual_seed(0)
+    was_training = model.training
+    model.eval()
+    _, pred, mask = model(x, noise_for(x, model.grid, gen))
+    model.train(was_training)
+    if model.norm_pix_loss:  # back to pixels with each patch's own statistics, as MAE's visualisation
+        t = model.patchify(x.float())
+        pred = pred * (t.var(-1, keepdim=True) + 1e-6) ** 0.5 + t.mean(-1, keepdim=True)
+    m = mask[..., None]
+    patches = model.patchify(x.float())
+    masked = model.unpatchify(patches * (1 - m))
+    recon = model.unpatchify(patches * (1 - m) + pred * m)
+    mean = torch.tensor(data.mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(data.std, device=x.device).view(1, -1, 1, 1)
+    grid = torch.cat([x, masked, recon]) * std + mean
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torchvision.utils.save_image(grid.clamp(0, 1).cpu(), path, nrow=len(x), padding=1)
+
+
+def get_parser():
+    p = T.get_parser()
+    p.description = "MAE pretraining of a ViT (every train.py flag works here too; MAE's recipe as defaults)."
+    a = p.add_argument
+    a("--mask-ratio", type=float, default=0.75, help="share of the patches hidden from the encoder (MAE: 0.75)")
+    a("--decoder-dim", type=int, default=64, help="decoder width (MAE: 512; a small decoder for 28-64 px)")
+    a("--decoder-depth", type=int, default=2, help="decoder blocks (MAE: 8)")
+    a("--decoder-heads", type=int, default=4, help="decoder attention heads (MAE: 16)")
+    a("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True,
+      help="targets normalised per patch (MAE §4)")
+    p.set_defaults(**MAE_DEFAULTS)
+    return p
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    ctx = T.setup_distributed(args.amp)
+    torch.manual_seed(args.seed + ctx.rank)
+    log = print if ctx.master else (lambda *a, **k: None)
+    T.check_args(args, ctx)
+    if args.distill != "none":
+        raise ValueError("mae.py pretrains without labels or a teacher: drop --distill")
+    img_size = T.check_model(args)
+    if args.model in CONVNETS:
+        raise ValueError(f"mae.py pretrains a ViT, not {args.model}")
+    data = load_data(args, ctx.device, img_size)
+    encoder = T.build_model(args, data, ctx, img_size)
+    model = MAE(encoder, args.decoder_dim, args.decoder_depth, args.decoder_heads, args.mask_ratio,
+                args.norm_pix_loss).to(ctx.device)
+    log(f"MAE: encoder {args.model}, decoder {args.decoder_depth} x {args.decoder_dim} wide, "
+        f"{args.mask_ratio:.0%} of {model.grid ** 2} patches hidden, norm_pix_loss {args.norm_pix_loss}")
+    return T.train(args, ctx, model, data, log, task=reconstruction_task(args, model))
+
+
+if __name__ == "__main__":
+    T.cli(main)
