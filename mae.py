@@ -31,7 +31,7 @@ import augment as A
 import train as T
 from data import load_data, val_batches
 from distill import CONVNETS
-from model import Block, DeiTConfig
+from model import Block, DeiTConfig, load_checked, read_file, state_dict_of
 
 # MAE's recipe (main_pretrain.py and the paper's Table 8), each a default below:
 #   AdamW betas (0.9, 0.95), weight decay 0.05, base lr 1.5e-4 per 256 images (lr = blr x batch / 256: that is
@@ -84,8 +84,8 @@ class MAE(nn.Module):
         cfg = encoder.cfg
         if cfg.distilled:
             raise ValueError("MAE pretrains a plain ViT: choose a model without _distilled_")
-        if not 0 < mask_ratio < 1:
-            raise ValueError(f"--mask-ratio must be between 0 and 1 (MAE: 0.75), not {mask_ratio}")
+        if not 0 <= mask_ratio < 1:
+            raise ValueError(f"--mask-ratio must be at least 0 and below 1 (MAE: 0.75), not {mask_ratio}")
         self.cfg, self.mask_ratio, self.norm_pix_loss = cfg, mask_ratio, norm_pix_loss
         self.grid = cfg.img_size // cfg.patch_size
         if int(self.grid ** 2 * (1 - mask_ratio)) < 1:
@@ -144,7 +144,8 @@ class MAE(nn.Module):
             x = block(x)
         pred = self.decoder_pred(self.decoder_norm(x))[:, 1:].float()
         per_patch = ((pred - self.targets(images.float())) ** 2).mean(-1)
-        return (per_patch * mask).sum() / mask.sum(), pred, mask
+        weight = mask if self.mask_ratio > 0 else torch.ones_like(mask)  # nothing hidden: every patch counts
+        return (per_patch * weight).sum() / weight.sum(), pred, mask
 
 
 def noise_for(images, grid, gen):
@@ -214,6 +215,22 @@ def save_picture(model, data, path, run=None, n=8):
     torchvision.utils.save_image(grid.clamp(0, 1).cpu(), path, nrow=len(x), padding=1)
 
 
+def freeze_encoder(model, path, log):
+    """The reconstruction probe's encoder: the weights of path under DeiT's names (its own position
+    embeddings, learned or sine-cosine), frozen; only the decoder trains. What a backbone keeps of each
+    image's detail is then what a decoder can read back from its patch tokens."""
+    state = state_dict_of(read_file(path, "weights"), path)
+    own = model.state_dict()
+    encoder = [k for k in own if not k.startswith(("decoder_", "mask_token"))]
+    missing = [k for k in encoder if k not in state]
+    if missing:
+        raise ValueError(f"{path} lacks the encoder's {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+    load_checked(model, {**own, **{k: state[k].to(own[k].device) for k in encoder}}, path)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(("decoder_", "mask_token")) and name != "decoder_pos_embed")
+    log(f"probe: encoder from {path}, frozen ({len(encoder)} tensors); the decoder learns to reconstruct")
+
+
 def get_parser():
     p = T.get_parser()
     p.description = "MAE pretraining of a ViT (every train.py flag works here too; MAE's recipe as defaults)."
@@ -222,8 +239,11 @@ def get_parser():
     a("--decoder-dim", type=int, default=64, help="decoder width (MAE: 512; a small decoder for 28-64 px)")
     a("--decoder-depth", type=int, default=2, help="decoder blocks (MAE: 8)")
     a("--decoder-heads", type=int, default=4, help="decoder attention heads (MAE: 16)")
-    a("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True,
-      help="targets normalised per patch (MAE §4)")
+    a("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=None,
+      help="targets normalised per patch (MAE §4); default: on, off with --probe")
+    a("--probe", default=None, metavar="WEIGHTS", help="reconstruction probe instead of pretraining: the encoder "
+      "from WEIGHTS (mae.py's, train.py's or any ViT state dict), frozen, sees every patch, and a fresh decoder "
+      "learns to give back the pixels from its patch tokens; val loss = the pixel error (--mask-ratio 0 implied)")
     p.set_defaults(**MAE_DEFAULTS)
     return p
 
@@ -239,10 +259,15 @@ def main(argv=None):
     img_size = T.check_model(args)
     if args.model in CONVNETS:
         raise ValueError(f"mae.py pretrains a ViT, not {args.model}")
+    if args.probe:
+        args.mask_ratio, args.norm_pix_loss = 0.0, bool(args.norm_pix_loss)
+    args.norm_pix_loss = True if args.norm_pix_loss is None else args.norm_pix_loss
     data = load_data(args, ctx.device, img_size)
     encoder = T.build_model(args, data, ctx, img_size)
     model = MAE(encoder, args.decoder_dim, args.decoder_depth, args.decoder_heads, args.mask_ratio,
                 args.norm_pix_loss).to(ctx.device)
+    if args.probe:
+        freeze_encoder(model, args.probe, log)
     log(f"MAE: encoder {args.model}, decoder {args.decoder_depth} x {args.decoder_dim} wide, "
         f"{args.mask_ratio:.0%} of {model.grid ** 2} patches hidden, norm_pix_loss {args.norm_pix_loss}")
     return T.train(args, ctx, model, data, log, task=reconstruction_task(args, model))

@@ -1378,6 +1378,14 @@ def test_mae_encoder_loads_into_finetune(tmp_path, capsys):
         assert all(g["lr"] == pytest.approx(top * g["lr_scale"]) for g in groups)
         assert sorted({round(g["lr_scale"], 6) for g in groups}) == ([1.0] if not extra else
                                                                    sorted({round(0.75 ** k, 6) for k in range(8)}))
+    # the reconstruction probe: the encoder of a checkpoint, frozen, every patch shown; only the decoder learns
+    MAE.main(QUICK + ["--epochs", "1", "--probe", str(tmp_path / "ft0" / "ckpt.pt"), "--out-dir", str(tmp_path / "probe")])
+    probe = torch.load(tmp_path / "probe" / "ckpt.pt", weights_only=True)
+    for k, v in torch.load(tmp_path / "ft0" / "ckpt.pt", weights_only=True)["model"].items():
+        if k in probe["model"]:
+            assert torch.equal(probe["model"][k], v), k
+    assert probe["config"]["mask_ratio"] == 0 and not probe["config"]["norm_pix_loss"]
+    assert math.isfinite(read_log(tmp_path / "probe")[0]["val_loss"])  # the pixel error; 10 steps teach little
 
 
 def test_layer_decay_and_global_pool_formulas():
@@ -1429,7 +1437,7 @@ def test_mae_kill_then_resume_equals_uninterrupted(tmp_path):
 
 
 @pytest.mark.parametrize("flags, match", [
-    (["--mask-ratio", "1.0"], "--mask-ratio must be between 0 and 1"),
+    (["--mask-ratio", "1.0"], "--mask-ratio must be at least 0 and below 1"),
     (["--mask-ratio", "0.99"], "hides every one of the 16 patches"),
     (["--model", "deit_nano_distilled_patch7_28"], "MAE pretrains a plain ViT"),
     (["--model", "convnet"], "mae.py pretrains a ViT, not convnet"),
