@@ -39,7 +39,8 @@ from model import Block, DeiTConfig, load_checked, read_file, state_dict_of
 #   batch 4096, RandomResizedCrop(scale 0.2-1) and flip only, no drop path, no EMA, mask ratio 0.75,
 #   norm_pix_loss. Demo-sized instead, so that `python mae.py` runs in minutes on a CPU: --epochs 36,
 #   --warmup-epochs 4 (a tenth of the run, as 40 of MAE's 400), --batch-size 128, the small decoder below,
-#   and --lr 1.5e-3 per 512 (5x MAE's: a 0.7M-parameter model and 36 epochs learn nothing at MAE's rate).
+#   and --lr 1.5e-3 per 512 (5x MAE's, set once for a short schedule of a small model, as train.py's demo lr
+#   is 16x DeiT's; not tuned).
 #   Weight decay spares cls_token as train.param_groups does for DeiT; MAE's code decays it (and mask_token).
 MAE_DEFAULTS = dict(lr=1.5e-3, beta2=0.95, weight_decay=0.05, min_lr=0.0, warmup_lr=0.0, warmup_epochs=4,
                     rrc_scale=0.2, hflip=0.5, aa="none", reprob=0.0, mixup=0.0, cutmix=0.0, smoothing=0.0,

@@ -1436,6 +1436,14 @@ def test_mae_kill_then_resume_equals_uninterrupted(tmp_path):
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-6)
 
 
+def test_mae_on_two_processes(tmp_path):
+    """torchrun: the same loop under DDP (the decoder's position embeddings and the encoder's are buffers in
+    all but name: frozen parameters, which DDP must leave alone)."""
+    r = run_cli(QUICK + ["--epochs", "1", "--out-dir", str(tmp_path)], cmd=(*TORCHRUN2, "mae.py"))
+    assert r.returncode == 0, r.stderr
+    assert math.isfinite(read_log(tmp_path)[0]["val_loss"]) and "Grad strides" not in r.stderr
+
+
 @pytest.mark.parametrize("flags, match", [
     (["--mask-ratio", "1.0"], "--mask-ratio must be at least 0 and below 1"),
     (["--mask-ratio", "0.99"], "hides every one of the 16 patches"),
