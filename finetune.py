@@ -104,11 +104,7 @@ def adapt(state, model, args):
 
 
 def main(argv=None):
-    args = get_parser().parse_args(argv)
-    ctx = T.setup_distributed(args.amp)
-    torch.manual_seed(args.seed + ctx.rank)
-    log = print if ctx.master else (lambda *a, **k: None)
-    T.check_args(args, ctx)
+    args, ctx, log = T.start(get_parser(), argv)
     state, name = read_weights(args)
     args.model = args.model or name
     if args.model is None:

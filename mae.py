@@ -250,11 +250,7 @@ def get_parser():
 
 
 def main(argv=None):
-    args = get_parser().parse_args(argv)
-    ctx = T.setup_distributed(args.amp)
-    torch.manual_seed(args.seed + ctx.rank)
-    log = print if ctx.master else (lambda *a, **k: None)
-    T.check_args(args, ctx)
+    args, ctx, log = T.start(get_parser(), argv)
     if args.distill != "none":
         raise ValueError("mae.py pretrains without labels or a teacher: drop --distill")
     img_size = T.check_model(args)

@@ -666,12 +666,19 @@ def check_args(args, ctx):
         args.workers = max(1, min(8, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 
 
-def main(argv=None):
-    args = get_parser().parse_args(argv)
+def start(parser, argv):
+    """What every entry point (train.py, finetune.py, mae.py) does first: the flags, the processes, the seed,
+    process 0's printer, the flag checks. Returns (args, ctx, log)."""
+    args = parser.parse_args(argv)
     ctx = setup_distributed(args.amp)
     torch.manual_seed(args.seed + ctx.rank)  # seed + rank, as the reference (drop path differs per process)
     log = print if ctx.master else (lambda *a, **k: None)
     check_args(args, ctx)
+    return args, ctx, log
+
+
+def main(argv=None):
+    args, ctx, log = start(get_parser(), argv)
     if args.eval_only:
         return eval_only(args, ctx, log)
     img_size = check_model(args)
