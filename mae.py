@@ -212,6 +212,8 @@ def save_picture(model, data, path, run=None, n=8):
     mean = torch.tensor(data.mean, device=x.device).view(1, -1, 1, 1)
     std = torch.tensor(data.std, device=x.device).view(1, -1, 1, 1)
     grid = torch.cat([x, masked, recon]) * std + mean
+    if grid.shape[-1] < 96:  # small images, enlarged with visible pixels
+        grid = torch.nn.functional.interpolate(grid.float(), scale_factor=-(-96 // grid.shape[-1]), mode="nearest")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torchvision.utils.save_image(grid.clamp(0, 1).cpu(), path, nrow=len(x), padding=1)
 
