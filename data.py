@@ -176,13 +176,18 @@ def device_decoder():
         return None, None
 
 
-def eval_box(W, H, size, crop_ratio=0.875):
+def eval_resize(W, H, size, crop_ratio=0.875):
     """The reference's evaluation transform, Resize(int(size / crop_ratio)) of the shorter side then
-    CenterCrop(size), as one box (x0, y0, x1, y1) in the file's pixels: resizing that box to size x size
-    gives PIL's pixels of the two steps (the same sampling positions; the margins are never resized)."""
+    CenterCrop(size), with torchvision's rounding: the resized (width, height) and the crop's (left, top)."""
     short = int(size / crop_ratio)
-    nw, nh = (short, int(short * H / W)) if W <= H else (int(short * W / H), short)  # torchvision's rounding
-    left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))  # torchvision's CenterCrop
+    nw, nh = (short, int(short * H / W)) if W <= H else (int(short * W / H), short)
+    return nw, nh, int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
+
+
+def eval_box(W, H, size):
+    """eval_resize as one box (x0, y0, x1, y1) in the file's pixels: resizing that box to size x size gives
+    PIL's pixels of the two steps (the same sampling positions; the margins are never resized)."""
+    nw, nh, left, top = eval_resize(W, H, size)
     sx, sy = W / nw, H / nh
     return left * sx, top * sy, (left + size) * sx, (top + size) * sy
 
@@ -215,7 +220,6 @@ def decode_crop(im, size, box=None, raw=None, decoder=None):
       full decode had. It changes the pixels by resampling only: libjpeg's scaled IDCT averages each s x s
       block before the bicubic filter instead of inside it (test_all.py bounds it against a full decode)."""
     W, H = im.size
-    short = int(size / 0.875)
     pil_box = box or eval_box(W, H, size)
     request = (math.ceil(W * size / max(pil_box[2] - pil_box[0], 1)), math.ceil(H * size / max(pil_box[3] - pil_box[1], 1)))
     if not (plain_jpeg(im, ("RGB", "L")) and dct_scale(W, H, request) == 1):
@@ -234,11 +238,9 @@ def decode_crop(im, size, box=None, raw=None, decoder=None):
     if box:
         x0, y0, x1, y1 = (round(v) for v in box)
         x = F.interpolate(x[None, :, y0:y1, x0:x1], size=(size, size), mode="bicubic", antialias=True)
-    else:  # torchvision's Resize(short) and CenterCrop(size), with their rounding
-        nh, nw = (int(short * H / W), short) if W <= H else (short, int(short * W / H))
-        x = F.interpolate(x[None], size=(nh, nw), mode="bicubic", antialias=True)
-        top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
-        x = x[..., top:top + size, left:left + size]
+    else:  # the reference's two steps
+        nw, nh, left, top = eval_resize(W, H, size)
+        x = F.interpolate(x[None], size=(nh, nw), mode="bicubic", antialias=True)[..., top:top + size, left:left + size]
     return x[0].expand(3, -1, -1).contiguous()  # greyscale -> RGB, as convert("RGB")
 
 
