@@ -7,7 +7,7 @@ Benchmark: how fast train.py trains and evaluates DeiT on whatever device exists
 Per model, train images/s of train.py's own step (train.train_step: forward, backward, fused AdamW, EMA),
 with the device's defaults (CUDA: bf16 autocast and torch.compile; CPU: fp32 eager):
   (a) the model alone, on a uint8 batch already on the device (normalised, nothing else);
-  (b) + DeiT's full augmentation (crop, flip, RandAugment, erasing, Mixup/CutMix; train.augment_batch);
+  (b) + DeiT's full augmentation (crop, flip, RandAugment, erasing, Mixup/CutMix; augment.deit_augment);
   (c) + hard distillation from a teacher (regnet_y_16gf, DeiT's, with random weights: no download; on CUDA
       for DeiT-S only by default, as timm's row: --compare);
   (d) evaluation (train.evaluate);
@@ -132,8 +132,9 @@ def model_row(name, size, batch, ctx, args, out_dir):
         model = model if model is not None else T.build_model(targs, data, ctx, size)
         return targs, T.start_run(targs, ctx, model, data, teacher, log=lambda *a: None)
 
-    def step_rate(targs, run, d=data):
-        return timed(lambda: T.train_step(targs, ctx, run, d, x, y, 0), batch, args.steps, ctx.device)[0]
+    def step_rate(targs, run, d=data):  # the step with targs' augmentation of d's kind
+        run.augment = T.augmentation(targs, d)
+        return timed(lambda: T.train_step(targs, ctx, run, x, y, 0), batch, args.steps, ctx.device)[0]
 
     # (a): data already cropped (tensors=False: as if decoded and cropped by workers), every augmentation off
     plain = argparse.Namespace(**{**vars(data), "tensors": False})
@@ -152,7 +153,7 @@ def model_row(name, size, batch, ctx, args, out_dir):
         torch.cuda.set_sync_debug_mode("warn")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            T.train_step(full_args, ctx, run, data, x, y, 1)
+            T.train_step(full_args, ctx, run, x, y, 1)
         torch.cuda.set_sync_debug_mode("default")
         row["waits per step (b)"] = sum("synchroniz" in str(w.message) for w in caught)
     row["(d) evaluation"] = timed(lambda: T.evaluate(run.net, data, ctx, batch), batch, args.steps, ctx.device)[0]
@@ -181,7 +182,7 @@ def model_row(name, size, batch, ctx, args, out_dir):
 
 
 def augmentation_rows(ctx, steps):
-    """DeiT's augmentation alone at 224, batch 256: on the device (train.augment_batch), crop included (tensor
+    """DeiT's augmentation alone at 224, batch 256: on the device (augment.deit_augment), crop included (tensor
     data) and after the crop (image files, cropped by the workers); the reference's PIL path per image."""
     from PIL import Image
     args = T.get_parser().parse_args([])
@@ -191,7 +192,7 @@ def augmentation_rows(ctx, steps):
     for label, x, tensors in (("crop included", x256, True), ("after the crop", x256[..., :224, :224].contiguous(), False)):
         data = argparse.Namespace(**{**vars(src), "tensors": tensors})
         rng, gen = np.random.default_rng(0), torch.Generator(ctx.device).manual_seed(0)
-        rate, cpu = timed(lambda: T.augment_batch(x, y, data, args, rng, gen), 256, steps, ctx.device)
+        rate, cpu = timed(lambda: T.augmentation(args, data)(x, y, rng, gen), 256, steps, ctx.device)
         rows.append({"augmentation": f"augment.py, batch 256, {label}", "device": ctx.device.type,
                      "images/s": rate, "CPU ms/image": 1000 * cpu})
     pil = [Image.fromarray(a.permute(1, 2, 0).cpu().numpy()) for a in x256[:64]]
@@ -300,7 +301,7 @@ def jpeg_train_rows(ctx, root, model, steps, workers, batch=256):
                 n, t = 0, time.perf_counter()
             if step == steps + 3:
                 break
-            T.train_step(targs, ctx, run, data, x, y, step)
+            T.train_step(targs, ctx, run, x, y, step)
             n += len(y)
         sync()
         rows.append({"decode": data.decode, "workers": workers, "images/s": n / (time.perf_counter() - t)})

@@ -11,10 +11,12 @@ facebookresearch/deit datasets.py (transforms) and samplers.py (repeated augment
 
 import argparse
 import functools
+import gzip
 import io
 import math
 import os
 import pickle
+import struct
 
 import numpy as np
 import torch
@@ -22,12 +24,42 @@ import torch.nn.functional as F
 from PIL import Image
 
 import augment as A
-from prepare_data import FILES, find_idx, read_idx
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUNDLED = os.path.join(HERE, "data", "fashion-mnist-subset")
-DEBIAN_FMNIST = "/usr/share/datasets/fashion-mnist"
+DEBIAN_FMNIST = "/usr/share/datasets/fashion-mnist"  # apt-get install -y dataset-fashion-mnist
+# The bundled data's teacher, which `train.py --distill hard` uses on it: distill.py's convnet trained on the
+# bundled subset by `python prepare_data.py --teacher` (the recipe: prepare_data.TEACHER_ARGS).
+BUNDLED_TEACHER = os.path.join(HERE, "data", "teachers", "convnet-bundled.pt")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+FILES = {  # split -> (images, labels), the names Fashion-MNIST and MNIST ship with
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def find_idx(folder, name):
+    """Path of an idx file, gzipped or not, or None."""
+    for path in (os.path.join(folder, name + ".gz"), os.path.join(folder, name)):
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def read_idx(path):
+    """An idx file (LeCun's MNIST format: big-endian magic, dims, then uint8 data) as a numpy array."""
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        data = f.read()
+    zero, dtype, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype != 0x08:
+        raise ValueError(f"{path} is not a uint8 idx file")
+    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(shape)):
+        raise ValueError(f"{path} is truncated: expected {int(np.prod(shape))} values, found {arr.size}")
+    return arr.reshape(shape)
 
 
 def load_idx_folder(folder):
@@ -313,12 +345,12 @@ def load_image_folder(root, args, img_size, device):
         if not os.path.isdir(os.path.join(root, split)):
             raise ValueError(f"image folder {root} has no {split}/ subfolder (expected DeiT's ImageNet layout: train/ and val/)")
     name, decoder = device_decoder()
-    decode = getattr(args, "decode", "auto")
+    decode = args.decode
     if decode == "device" and decoder is None:
         raise ValueError("--decode device needs TorchCodec (pip install torchcodec) or torchvision.io.decode_jpeg")
     if decode == "auto":  # on a CPU the workers decode in parallel, the main process would decode alone
         decode = "device" if device.type == "cuda" and decoder is not None else "workers"
-    train = ImageFiles(os.path.join(root, "train"), img_size, True, decode, getattr(args, "rrc_scale", None) or 0.08)
+    train = ImageFiles(os.path.join(root, "train"), img_size, True, decode, args.rrc_scale or 0.08)
     val = ImageFiles(os.path.join(root, "val"), img_size, False, decode)
     if train.classes != val.classes:
         raise ValueError(f"train/ and val/ of {root} have different class folders")

@@ -107,6 +107,13 @@ def create_convnet(name, num_classes, in_chans):
 # ----------------------------------------------------------------------------------------------------------
 # Teachers
 
+def rebuild(ckpt, **overrides):
+    """The model of a checkpoint written by train.py (finetune.py, mae.py), as its "model_config" describes it
+    (DeiT or ConvNet, global pool and all), weights not loaded; overrides that are not None replace fields."""
+    cfg = {**ckpt["model_config"], **{k: v for k, v in overrides.items() if v is not None}}
+    return ConvNet(ConvNetConfig(**cfg)) if ckpt["config"]["model"] in CONVNETS else DeiT(DeiTConfig(**cfg))
+
+
 def _num_classes(state):
     """The row count of the last 2-D weight: the classifier, in every torchvision and DeiT state dict."""
     return next((v.shape[0] for v in reversed(state.values()) if v.ndim == 2), 1000)
@@ -143,8 +150,7 @@ def load_teacher(name, weights=None, num_classes=None, in_chans=None, img_size=N
         if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model_config"), dict) and "config" in ckpt):
             raise ValueError(f"teacher checkpoint {name} was not written by train.py: give the architecture "
                              "as --teacher NAME and this file as --teacher-weights")
-        arch, mc = ckpt["config"]["model"], ckpt["model_config"]
-        teacher = ConvNet(ConvNetConfig(**mc)) if arch in CONVNETS else DeiT(DeiTConfig(**mc))
+        teacher = rebuild(ckpt)
         load_checked(teacher, ckpt["model"], f"teacher checkpoint {name}")
     elif name in CONVNETS or name in MODELS:
         if weights is None:

@@ -16,6 +16,8 @@ heads, or becomes a plain model with --plain. Everything else is train.py: the s
 augmentation, distillation, checkpoints and --resume, with the reference's 384 fine-tune recipe as defaults.
 """
 
+import argparse
+
 import torch
 
 import train as T
@@ -26,33 +28,56 @@ from model import MODELS, fit_pos_embed, load_checked, read_file, state_dict_of
 
 def get_parser():
     p = T.get_parser()
-    p.description = "Fine-tune pretrained DeiT weights on a new task (every train.py flag works here too)."
+    p.prog, p.description = "finetune.py", "Fine-tune pretrained DeiT weights on a new task (every train.py flag works here too)."
     a = p.add_argument
-    a("--weights", required=True, help="pretrained weights: our ckpt.pt, an official DeiT .pth, or a state dict")
+    a("--weights", help="pretrained weights (required): our ckpt.pt, an official DeiT .pth, or a state dict")
     a("--use-ema", action="store_true", help="take the EMA weights of our checkpoint instead of the model's")
     a("--freeze", action="store_true", help="linear probe: freeze the backbone, train only the head(s)")
     a("--plain", action="store_true", help="make a distilled checkpoint a plain model (drop dist_token, head_dist)")
     a("--keep-head", action="store_true", help="keep the pretrained head(s) (same classes) instead of new ones")
     a("--layer-decay", type=float, default=1.0, help="layer-wise lr decay: block i of L trains at lr x decay^(L - i) "
       "(MAE's fine-tuning: 0.75; 0.65 for ViT-B in its code); 1: off")
-    a("--global-pool", action="store_true", help="classify the mean of the patch tokens (MAE's fine-tuning) "
-      "instead of the class token")
+    a("--global-pool", action=argparse.BooleanOptionalAction, default=None, help="classify the mean of the patch tokens (MAE's fine-tuning) "
+      "instead of the class token; default: as the checkpoint's model, and on with an MAE checkpoint")
     # The reference's fine-tune at 384 (its README): lr 5e-6 (per 512), weight decay 1e-8, 30 epochs, min lr
     # 5e-6. A quirk we keep: at any global batch up to 512 (it used 32 per GPU) the scaled peak lr is at most
     # the min lr, so the "cosine decay" is flat or climbs to 5e-6. --model defaults to the checkpoint's.
-    p.set_defaults(lr=5e-6, weight_decay=1e-8, epochs=30, min_lr=5e-6, model=None, out_dir="out-finetune")
+    p.set_defaults(lr=5e-6, weight_decay=1e-8, epochs=30, min_lr=5e-6, model=None, out_dir="out-finetune",
+                   script=p.prog)
     return p
 
 
+# MAE's fine-tune recipe (facebookresearch/mae main_finetune.py with FINETUNE.md's ViT-B command; MAE §A.1):
+# base lr 5e-4 per 256 images (1e-3 in train.py's per-512 rule), layer decay 0.65, weight decay 0.05, drop path
+# 0.1, 100 epochs, a 5-epoch warm-up from 0, cosine to 1e-6, the classifier on the mean patch token (global
+# pool); RandAugment m9, erasing 0.25, Mixup 0.8, CutMix 1.0 and smoothing 0.1 as DeiT's (train.py's defaults);
+# no EMA, no repeated augmentation. The default for a checkpoint written by mae.py: DeiT's 384 recipe (5e-6)
+# leaves an MAE encoder where it was.
+MAE_FINETUNE = dict(lr=1e-3, layer_decay=0.65, weight_decay=0.05, drop_path=0.1, epochs=100, warmup_epochs=5,
+                    warmup_lr=0.0, min_lr=1e-6, global_pool=True, model_ema=False, repeated_aug=False)
+
+
+def weights_defaults(args):
+    """Defaults that the weights bring (T.start): one of our checkpoints its architecture (model, global
+    pool), one of mae.py's also MAE's fine-tune recipe."""
+    ckpt = read_file(args.weights) if args.weights else None
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict)):
+        return {}
+    config, mc = ckpt["config"], ckpt.get("model_config") or {}
+    mae = "mask_ratio" in config and not config.get("probe")
+    return {"model": config.get("model"), **({"global_pool": True} if mc.get("global_pool") else {}),
+            **(MAE_FINETUNE if mae else {})}
+
+
 def read_weights(args):
-    """The state dict to start from (EMA with --use-ema), and the architecture named with it (ours only)."""
-    ckpt = read_file(args.weights)
-    name = ckpt["config"].get("model") if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) else None
-    state = state_dict_of(ckpt, args.weights, ema=args.use_ema)
+    """The state dict to start from (EMA with --use-ema)."""
+    if args.weights is None:
+        raise ValueError("finetune.py needs --weights: our ckpt.pt, an official DeiT .pth, or a state dict")
+    state = state_dict_of(read_file(args.weights), args.weights, ema=args.use_ema)
     if "patch_embed.proj.weight" not in state or "pos_embed" not in state:
         raise ValueError(f"{args.weights} is not a ViT/DeiT state dict (no patch_embed.proj.weight / pos_embed); "
                          f"its keys begin: {', '.join(list(state)[:4])}")
-    return state, name
+    return state
 
 
 def adapt(state, model, args):
@@ -104,9 +129,8 @@ def adapt(state, model, args):
 
 
 def main(argv=None):
-    args, ctx, log = T.start(get_parser(), argv)
-    state, name = read_weights(args)
-    args.model = args.model or name
+    args, ctx, log = T.start(get_parser(), argv, weights_defaults)
+    state = read_weights(args)
     if args.model is None:
         raise ValueError(f"{args.weights} does not say its architecture: give --model (one of {', '.join(MODELS)})")
     if args.plain:  # the plain variant of a distilled name
@@ -117,7 +141,7 @@ def main(argv=None):
     if args.freeze:
         args.drop_path = 0.0  # a frozen backbone computes features; stochastic depth would only add noise
     data = load_data(args, ctx.device, img_size)
-    model = T.build_model(args, data, ctx, img_size)
+    model = T.build_model(args, data, ctx, img_size, args.global_pool)
 
     state, new, notes = adapt(state, model, args)
     n_loaded = sum(v.numel() for v in state.values())
@@ -126,13 +150,14 @@ def main(argv=None):
     for n in notes:
         log(f"  {n}")
     log(f"  newly initialised: {', '.join(new) if new else 'nothing'}")
-    if args.freeze:  # linear probe: only the heads learn; the optimizer never sees the rest (train.param_groups)
+    if args.freeze:  # linear probe: only the heads learn; the optimizer never sees the rest (model.param_groups)
         for k, p in model.named_parameters():
             p.requires_grad = k.startswith(("head.", "head_dist."))
         log(f"  frozen: everything but {', '.join(k for k, p in model.named_parameters() if p.requires_grad)}")
 
-    return T.train(args, ctx, model, data, log, T.build_teacher(args, data, img_size, log))
+    return T.train(args, ctx, model, data, log, T.build_teacher(args, data, img_size, log), layer_decay=args.layer_decay)
 
 
 if __name__ == "__main__":
-    T.cli(main)
+    with T.cli():
+        main()

@@ -12,10 +12,10 @@ loss is the mean squared error on the hidden patches only, against pixels normal
     python mae.py                                   # the bundled data, CPU-sized defaults
     torchrun --nproc_per_node=8 mae.py --data /imagenet --model deit_base_patch16_224 --epochs 800 \\
         --batch-size 4096 --decoder-dim 512 --decoder-depth 8 --decoder-heads 16 --warmup-epochs 40 --resume auto
-    python finetune.py --weights out-mae/ckpt.pt --layer-decay 0.75 --global-pool ...
+    python finetune.py --weights out-mae/ckpt.pt   # with MAE's fine-tune recipe (finetune.py)
 
 It runs on train.py's loop (DDP, compile and bf16 on CUDA, checkpoints, exact --resume, the JSON log, the nan
-stop): only the task differs (train.classification's loss/evaluate/after_epoch). The checkpoint's encoder has
+stop): only the task differs (reconstruction_task: the step's loss, the evaluation, the picture). The checkpoint's encoder has
 DeiT's key names, so finetune.py --weights takes it; the decoder's keys (decoder_*, mask_token) are left out
 there. After every epoch a picture, out_dir/reconstructions/epoch_NNN.png: held-out images, their masked
 version, and the reconstruction (visible patches pasted back, as in MAE's figures).
@@ -41,7 +41,7 @@ from model import Block, DeiTConfig, load_checked, read_file, state_dict_of
 #   --warmup-epochs 4 (a tenth of the run, as 40 of MAE's 400), --batch-size 128, the small decoder below,
 #   and --lr 1.5e-3 per 512 (5x MAE's, set once for a short schedule of a small model, as train.py's demo lr
 #   is 16x DeiT's; not tuned).
-#   Weight decay spares cls_token as train.param_groups does for DeiT; MAE's code decays it (and mask_token).
+#   Weight decay spares cls_token as model.param_groups does for DeiT; MAE's code decays it (and mask_token).
 MAE_DEFAULTS = dict(lr=1.5e-3, beta2=0.95, weight_decay=0.05, min_lr=0.0, warmup_lr=0.0, warmup_epochs=4,
                     rrc_scale=0.2, hflip=0.5, aa="none", reprob=0.0, mixup=0.0, cutmix=0.0, smoothing=0.0,
                     drop_path=0.0, model_ema=False, out_dir="out-mae")
@@ -110,6 +110,9 @@ class MAE(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    def no_weight_decay(self):  # as model.py's DeiT (MAE's code decays cls_token and mask_token)
+        return {"pos_embed", "cls_token"}
+
     def patchify(self, images):
         """(B, C, H, W) -> (B, N, p*p*C), patches in row-major order, each as (row, column, channel)."""
         B, C, H, W = images.shape
@@ -158,7 +161,7 @@ def reconstruction_task(args, model):
     resumed run repeats them), the held-out loss with masks fixed per batch, and the picture."""
     raw = model
 
-    def loss(run, x, targets, gen):
+    def loss(run, x, gen):  # the loss lives in the model's forward, as in MAE
         return run.net(x, noise_for(x, raw.grid, gen))[0]
 
     @torch.no_grad()
@@ -181,11 +184,12 @@ def reconstruction_task(args, model):
         path = os.path.join(args.out_dir, "reconstructions", f"epoch_{epoch + 1:03d}.png")
         save_picture(raw, data, path, run)
 
-    def next_steps(args):
+    def next_steps(args):  # commands that work as printed (test_next_steps_work_as_printed)
+        data = "" if args.data == "bundled" else f" --data {args.data}"
         return [f"pictures: {os.path.join(args.out_dir, 'reconstructions')}",
-                f"fine-tune: python finetune.py --weights {os.path.join(args.out_dir, 'ckpt.pt')} --layer-decay 0.75 "
-                "--global-pool (and the data's flags)",
-                f"train on: python mae.py --resume --epochs {2 * args.epochs} --out-dir {args.out_dir} (and the same flags)"]
+                f"fine-tune (MAE's recipe): python finetune.py --weights {os.path.join(args.out_dir, 'ckpt.pt')}{data} "
+                f"--out-dir {args.out_dir}-finetune",
+                f"train on: python mae.py --resume --epochs {2 * args.epochs} --out-dir {args.out_dir}"]
 
     return argparse.Namespace(loss=loss, evaluate=evaluate, after_epoch=after_epoch, next_steps=next_steps)
 
@@ -236,7 +240,7 @@ def freeze_encoder(model, path, log):
 
 def get_parser():
     p = T.get_parser()
-    p.description = "MAE pretraining of a ViT (every train.py flag works here too; MAE's recipe as defaults)."
+    p.prog, p.description = "mae.py", "MAE pretraining of a ViT (every train.py flag works here too; MAE's recipe as defaults)."
     a = p.add_argument
     a("--mask-ratio", type=float, default=0.75, help="share of the patches hidden from the encoder (MAE: 0.75)")
     a("--decoder-dim", type=int, default=64, help="decoder width (MAE: 512; a small decoder for 28-64 px)")
@@ -247,7 +251,7 @@ def get_parser():
     a("--probe", default=None, metavar="WEIGHTS", help="reconstruction probe instead of pretraining: the encoder "
       "from WEIGHTS (mae.py's, train.py's or any ViT state dict), frozen, sees every patch, and a fresh decoder "
       "learns to give back the pixels from its patch tokens; val loss = the pixel error (--mask-ratio 0 implied)")
-    p.set_defaults(**MAE_DEFAULTS)
+    p.set_defaults(**MAE_DEFAULTS, script=p.prog)
     return p
 
 
@@ -273,4 +277,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    T.cli(main)
+    with T.cli():
+        main()

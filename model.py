@@ -189,6 +189,20 @@ class DeiT(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    def no_weight_decay(self):
+        """What AdamW does not decay besides the 1-D parameters (biases, norms): as the reference (its timm
+        0.3.2), pos_embed and cls_token. A quirk kept: the reference decays dist_token, and so do we."""
+        return {"pos_embed", "cls_token"}
+
+    def layer_id(self, name):
+        """A parameter's depth for layer-wise lr decay, as MAE's util/lr_decay.py: 0 for the tokens, the
+        position embeddings and the patch embedding, i + 1 for block i, depth + 1 for the rest (norms, heads)."""
+        if name in ("cls_token", "dist_token", "pos_embed") or name.startswith("patch_embed"):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return self.cfg.depth + 1
+
     def forward_features(self, x):
         x = self.patch_embed(x)  # (B, N, D)
         prefix = [self.cls_token, self.dist_token] if self.cfg.distilled else [self.cls_token]
@@ -214,6 +228,21 @@ class DeiT(nn.Module):
             # the logits. We follow the code, so released checkpoints score as published.
             return (out[0] + out[1]) / 2
         return out
+
+
+def param_groups(model, weight_decay, layer_decay=1.0):
+    """AdamW's parameter groups for any model: no weight decay on the 1-D parameters and on what the model's
+    no_weight_decay() names, as the reference. layer_decay < 1 (MAE's fine-tuning, BEiT's idea): the
+    parameters of model.layer_id l train at lr x layer_decay ** (depth + 1 - l), so the head gets the full lr
+    and the patch embedding the least; each group's "lr_scale" says by how much."""
+    exempt = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    groups = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            wd = 0.0 if p.ndim <= 1 or name in exempt else weight_decay
+            scale = layer_decay ** (len(model.blocks) + 1 - model.layer_id(name)) if layer_decay != 1.0 else 1.0
+            groups.setdefault((wd, scale), {"params": [], "weight_decay": wd, "lr_scale": scale})["params"].append(p)
+    return sorted(groups.values(), key=lambda g: (-g["weight_decay"], g["lr_scale"]))
 
 
 def resize_pos_embed(pos_embed, new_grid, num_prefix_tokens):

@@ -27,33 +27,7 @@ import struct
 
 import numpy as np
 
-DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
-FILES = {  # split -> (images, labels), the names Fashion-MNIST and MNIST ship with
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
-
-
-def find_idx(folder, name):
-    """Path of an idx file, gzipped or not, or None."""
-    for path in (os.path.join(folder, name + ".gz"), os.path.join(folder, name)):
-        if os.path.isfile(path):
-            return path
-    return None
-
-
-def read_idx(path):
-    """An idx file (LeCun's MNIST format: big-endian magic, dims, then uint8 data) as a numpy array."""
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-        data = f.read()
-    zero, dtype, ndim = struct.unpack(">HBB", data[:4])
-    if zero != 0 or dtype != 0x08:
-        raise ValueError(f"{path} is not a uint8 idx file")
-    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
-    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if arr.size != int(np.prod(shape)):
-        raise ValueError(f"{path} is truncated: expected {int(np.prod(shape))} values, found {arr.size}")
-    return arr.reshape(shape)
+from data import BUNDLED, BUNDLED_TEACHER, DEBIAN_FMNIST, FILES, HERE, find_idx, read_idx
 
 
 def write_idx(path, arr):
@@ -68,18 +42,16 @@ def stratified(labels, per_class, rng):
     return rng.permutation(idx)
 
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 PHOTOS = os.path.join(HERE, "data", "photos")
-# The teacher that `train.py --distill hard` uses on the bundled data: distill.py's convnet, trained by
-# train.py on the bundled subset with flips only (no RandAugment, erasing or Mixup/CutMix: a convnet needs
-# no help to learn 28-px garments), 8 epochs, seed 0 (85 s on a 2-core CPU). The same command on the same
-# torch gives the same weights; distill.py's README section states its accuracy.
-TEACHER = os.path.join(HERE, "data", "teachers", "convnet-bundled.pt")
+# data.BUNDLED_TEACHER, the teacher that `train.py --distill hard` uses on the bundled data: distill.py's
+# convnet, trained by train.py on the bundled subset with flips only (no RandAugment, erasing or
+# Mixup/CutMix: a convnet needs no help to learn 28-px garments), 8 epochs, seed 0 (85 s on a 2-core CPU).
+# The same command on the same torch gives the same weights; RESULTS.md states its accuracy.
 TEACHER_ARGS = ["--data", "bundled", "--model", "convnet", "--epochs", "8", "--aa", "none", "--reprob", "0",
                 "--mixup", "0", "--cutmix", "0", "--seed", "0"]
 
 
-def make_teacher(path=TEACHER):
+def make_teacher(path=BUNDLED_TEACHER):
     """Train the bundled data's teacher with train.py and keep what a teacher needs of the checkpoint (the
     weights, the config and the model config: 1.2 MB instead of 4.7 with the optimizer and EMA)."""
     import tempfile
@@ -130,12 +102,12 @@ def make_jpeg_folder(out, photos=PHOTOS, n_train=160, n_val=40, seed=0, short=(3
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--jpegs", default=None, metavar="OUT", help="make an ImageNet-like JPEG folder in OUT instead")
-    p.add_argument("--teacher", action="store_true", help=f"train the bundled data's teacher into {TEACHER} instead")
+    p.add_argument("--teacher", action="store_true", help=f"train the bundled data's teacher into {BUNDLED_TEACHER} instead")
     p.add_argument("--photos", default=PHOTOS, help="the photographs for --jpegs (.jpg/.png, one class each)")
     p.add_argument("--n-train", type=int, default=160, help="--jpegs: training files")
     p.add_argument("--n-val", type=int, default=40, help="--jpegs: held-out files")
-    p.add_argument("--src", default=DEBIAN_DIR, help="folder with the four Fashion-MNIST idx files")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "fashion-mnist-subset"))
+    p.add_argument("--src", default=DEBIAN_FMNIST, help="folder with the four Fashion-MNIST idx files")
+    p.add_argument("--out", default=BUNDLED)
     p.add_argument("--train-per-class", type=int, default=1000)
     p.add_argument("--test-per-class", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)

@@ -10,11 +10,14 @@ section per file in the order model, augment, data, train, distill, finetune, th
 
 import argparse
 import errno
+import inspect
 import json
 import math
 import os
 import pickle
 import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -132,6 +135,80 @@ def finetune_run(tmp_path, name, weights, *extra):
     out = tmp_path / name
     FT.main(["--weights", str(weights), *QUICK, "--epochs", "1", "--lr", "1e-3", "--out-dir", str(out), *extra])
     return read_log(out), final_weights(out)
+
+
+# ------------------------------------------------------------------------------------------------- the files
+
+def local_imports(path):
+    """The repository's modules that a file imports (top-level imports and imports inside functions)."""
+    import ast
+    mods = {os.path.splitext(f)[0] for f in os.listdir(HERE) if f.endswith(".py")}
+    names = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names & mods
+
+
+def test_import_graph_has_no_cycle_and_the_library_imports_no_script():
+    graph = {f[:-3]: local_imports(os.path.join(HERE, f)) for f in os.listdir(HERE) if f.endswith(".py")}
+    for lib in ("model", "augment", "distill", "data"):
+        assert not graph[lib] & {"train", "finetune", "mae", "prepare_data", "bench", "test_all"}, (lib, graph[lib])
+    assert graph["model"] == set() and graph["augment"] == set() and graph["distill"] == {"model"}
+
+    def reaches(a, b, seen=()):
+        return any(n == b or (n not in seen and reaches(n, b, seen + (n,))) for n in graph[a])
+    assert not [m for m in graph if reaches(m, m)]
+
+
+def readme_block(needle):
+    """The README's ```python block that contains needle."""
+    blocks = re.findall(r"```python\n(.*?)```", open(os.path.join(HERE, "README.md")).read(), re.S)
+    return next(b for b in blocks if needle in b)
+
+
+@pytest.mark.parametrize("files", [["model.py"], ["augment.py"], ["distill.py", "model.py"]])
+def test_library_files_work_copied_alone(tmp_path, files):
+    """model.py, augment.py, and distill.py with model.py, each copied alone into an empty folder: they import
+    and do their job there. augment.py runs exactly the README's lines for another project's loop."""
+    for f in files:
+        shutil.copy(os.path.join(HERE, f), tmp_path)
+    common = ("import torch\ntorch.manual_seed(0)\n"
+              "model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(10))\n"
+              "loader = [(torch.randint(0, 256, (8, 3, 40, 40), dtype=torch.uint8), torch.randint(0, 10, (8,)))] * 2\n")
+    code = {"model.py": """
+import model as M
+m = M.create_model("deit_nano_patch4_28", num_classes=10, img_size=32, in_chans=3)
+torch.save({"model": m.state_dict()}, "w.pth")
+m2 = M.load_weights(M.create_model("deit_nano_patch4_28", num_classes=10, img_size=64, in_chans=3), "w.pth")
+groups = M.param_groups(m2, 0.05, layer_decay=0.75)
+assert m2(torch.randn(2, 3, 64, 64)).shape == (2, 10) and len(groups) > 2
+""", "augment.py": """
+seed = 0
+model(torch.zeros(1, 3, 40, 40))  # (the lazy layer takes its size)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+README
+assert torch.isfinite(loss) and x.shape == (8, 3, 40, 40) and targets.shape == (8, 1000)
+""", "distill.py": """
+import distill as D
+teacher = D.create_convnet("convnet", 10, 3)
+torch.save(teacher.state_dict(), "t.pt")
+teacher = D.load_teacher("convnet", "t.pt", 10, 3, 32)
+import model as M
+student = M.create_model("deit_nano_distilled_patch4_28", num_classes=10, img_size=32, in_chans=3)
+x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+loss = D.DistillationLoss(torch.nn.functional.cross_entropy, teacher, "hard")(x, student(x), y)
+loss.backward()
+assert torch.isfinite(loss) and student.head_dist.weight.grad.abs().sum() > 0
+"""}[files[0]]
+    if files[0] == "augment.py":
+        code = code.replace("README", readme_block("deit_augment"))
+    env = {k: v for k, v in ENV.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-c", common + code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
 
 
 # ------------------------------------------------------------------------------------------------- model.py
@@ -704,7 +781,7 @@ def test_lr_schedule_matches_deit_formula():
 
 def test_weight_decay_groups():
     m = small(distilled=True)
-    decay, no_decay = T.param_groups(m, 0.05)
+    decay, no_decay = M.param_groups(m, 0.05)
     names = {id(p): n for n, p in m.named_parameters()}
     nd = {names[id(p)] for p in no_decay["params"]}
     assert {"cls_token", "pos_embed", "norm.weight", "blocks.0.attn.qkv.bias", "head_dist.bias"} <= nd
@@ -714,41 +791,77 @@ def test_weight_decay_groups():
     assert len(nd) + len(d) == len(names) and decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0
 
 
+def test_ema_averages_buffers_too(tmp_path):
+    """The EMA follows the model's BatchNorm statistics as well as its weights (a convnet's EMA used to keep
+    its initial statistics): float tensors averaged, integer ones (num_batches_tracked) copied."""
+    args = parse(*QUICK, "--model", "convnet", "--model-ema-decay", "0.5", "--out-dir", str(tmp_path))
+    ctx = T.setup_distributed()
+    data = DT.load_data(args, ctx.device, None)
+    run = T.start_run(args, ctx, T.build_model(args, data, ctx, None), data, None, log=lambda *a: None)
+    expected = {k: v.clone() for k, v in run.ema.state_dict().items()}
+    for step, (x, y) in zip(range(3), DT.train_batches(data, run.sampler, 0, ctx.device)):
+        T.train_step(args, ctx, run, x, y, step)
+        for k, v in run.model.state_dict().items():
+            expected[k] = expected[k] + 0.5 * (v - expected[k]) if v.is_floating_point() else v.clone()
+    ema = run.ema.state_dict()
+    for k, v in expected.items():
+        torch.testing.assert_close(ema[k], v, msg=k)
+    assert ema["features.0.1.running_mean"].abs().sum() > 0 and ema["features.0.1.num_batches_tracked"] == 3
+
+
+def test_the_step_calls_the_model_and_the_loss_directly(monkeypatch, tmp_path):
+    """From `python train.py` the model's forward is 4 calls deep (main, train, train_step, forward) and the loss
+    5 (..., the criterion, compute_loss): a reader of train_step sees criterion(x, model(x), targets)."""
+    ours = {os.path.join(HERE, f) for f in ("train.py", "model.py", "distill.py", "augment.py", "data.py")}
+    depth = {}
+
+    def recorder(name, fn):
+        def wrapped(*a, **k):
+            depth.setdefault(name, set()).add(sum(f.filename in ours for f in inspect.stack()))
+            return fn(*a, **k)
+        return wrapped
+    monkeypatch.setattr(M.DeiT, "forward", recorder("forward", M.DeiT.forward))
+    monkeypatch.setattr(T, "compute_loss", recorder("loss", T.compute_loss))
+    T.main([*QUICK, "--epochs", "1", "--model", "deit_nano_distilled_patch7_28", "--distill", "hard",
+            "--out-dir", str(tmp_path)])
+    assert depth == {"forward": {3}, "loss": {4}}  # our frames above the call: main, train, train_step (+ criterion)
+
+
 def test_label_smoothing_loss_formula():
     torch.manual_seed(0)
     logits, y = torch.randn(6, 10), torch.randint(0, 10, (6,))
     args = T.get_parser().parse_args([])
     logp = logits.log_softmax(1)
     expected = (0.9 * -logp[torch.arange(6), y] + 0.1 * -logp.mean(1)).mean()
-    torch.testing.assert_close(T.compute_loss(logits, y, args), expected)
+    torch.testing.assert_close(T.compute_loss(logits, y, args.smoothing), expected)
     # a distilled model without distillation trains its class head only
-    torch.testing.assert_close(T.compute_loss((logits, torch.randn(6, 10)), y, args), expected)
+    torch.testing.assert_close(T.compute_loss((logits, torch.randn(6, 10)), y, args.smoothing), expected)
 
 
 def test_parse_aa():
-    assert T.parse_aa("rand-m9-mstd0.5-inc1") == dict(num_ops=2, magnitude=9.0, magnitude_std=0.5)
-    assert T.parse_aa("rand-m7-n3") == dict(num_ops=3, magnitude=7.0, magnitude_std=0.0)
+    assert A.parse_aa("rand-m9-mstd0.5-inc1") == dict(num_ops=2, magnitude=9.0, magnitude_std=0.5)
+    assert A.parse_aa("rand-m7-n3") == dict(num_ops=3, magnitude=7.0, magnitude_std=0.0)
     for bad in ("auto", "rand-m9-inc0", "rand-x3"):
         with pytest.raises(ValueError, match="--aa"):
-            T.parse_aa(bad)
+            A.parse_aa(bad)
 
 
 def test_soft_target_loss_and_pipeline():
     torch.manual_seed(0)
     logits, t = torch.randn(5, 10), torch.softmax(torch.randn(5, 10), 1)
     expected = -(t * logits.log_softmax(1)).sum(1).mean()
-    torch.testing.assert_close(T.compute_loss(logits, t, parse()), expected)
+    torch.testing.assert_close(T.compute_loss(logits, t, parse().smoothing), expected)
     # the whole pipeline on a uint8 batch: normalised floats and soft targets that sum to one
     x, y = DT.load_idx_folder(DT.BUNDLED)[0]
     data = argparse.Namespace(tensors=True, crop_pad=0, mean=(0.286,), std=(0.353,), num_classes=10)
     rngs = lambda: (np.random.default_rng(0), torch.Generator().manual_seed(0))  # noqa: E731
-    xb, tb = T.augment_batch(x[:32], y[:32], data, parse(), *rngs())
+    xb, tb = T.augmentation(parse(), data)(x[:32], y[:32], *rngs())
     assert xb.shape == (32, 1, 28, 28) and xb.dtype == torch.float32 and tb.shape == (32, 10)
     assert torch.allclose(tb.sum(1), torch.ones(32)) and tb.min() >= 0.01 - 1e-6  # smoothing 0.1 folded in
-    xb2, tb2 = T.augment_batch(x[:32], y[:32], data, parse(), *rngs())
+    xb2, tb2 = T.augmentation(parse(), data)(x[:32], y[:32], *rngs())
     assert torch.equal(xb, xb2) and torch.equal(tb, tb2)
-    xo, yo = T.augment_batch(x[:32], y[:32], data, parse("--aa", "none", "--reprob", "0", "--mixup", "0", "--cutmix", "0",
-                                                         "--hflip", "0"), *rngs())
+    xo, yo = T.augmentation(parse("--aa", "none", "--reprob", "0", "--mixup", "0", "--cutmix", "0", "--hflip", "0"),
+                            data)(x[:32], y[:32], *rngs())
     assert torch.equal(yo, y[:32]) and torch.allclose(xo, A.normalize(x[:32], data.mean, data.std))  # everything off: identity
 
 
@@ -779,7 +892,7 @@ def test_training_step_never_waits(tmp_path, recipe):
             torch.cuda.set_sync_debug_mode("error")
         try:
             with WaitsForDevice():
-                loss, lr = T.train_step(args, ctx, run, data, x, y, step)
+                loss, lr = T.train_step(args, ctx, run, x, y, step)
         finally:
             if cuda:
                 torch.cuda.set_sync_debug_mode("default")
@@ -1130,7 +1243,7 @@ def test_headline_command_distills_with_the_shipped_teacher(tmp_path):
     r = run_cli(["--distill", "hard", "--train-subset", "640", "--batch-size", "64", "--epochs", "1",
                  "--out-dir", str(tmp_path)], cmd=(*TORCHRUN2, "train.py"))
     assert r.returncode == 0, r.stderr
-    assert "deit_nano_distilled_patch7_28" in r.stdout and "teacher " + T.BUNDLED_TEACHER in r.stdout
+    assert "deit_nano_distilled_patch7_28" in r.stdout and "teacher " + DT.BUNDLED_TEACHER in r.stdout
     assert "Grad strides do not match" not in r.stderr
     assert "top1_dist" in read_log(tmp_path)[0]
     args = parse("--distill", "soft")
@@ -1143,11 +1256,11 @@ def test_shipped_teacher_is_what_the_script_makes():
     """data/teachers/convnet-bundled.pt: train.py's checkpoint format, made by prepare_data.py --teacher with
     its recorded flags, and as accurate as stated (README: 90.55% on the 2,000 bundled test images)."""
     from prepare_data import TEACHER_ARGS
-    ckpt = torch.load(T.BUNDLED_TEACHER, weights_only=True)
-    assert os.path.getsize(T.BUNDLED_TEACHER) < 2e6 and ckpt["config"]["model"] == "convnet"
+    ckpt = torch.load(DT.BUNDLED_TEACHER, weights_only=True)
+    assert os.path.getsize(DT.BUNDLED_TEACHER) < 2e6 and ckpt["config"]["model"] == "convnet"
     assert all(ckpt["config"][k.lstrip("-").replace("-", "_")] == type(ckpt["config"][k.lstrip("-").replace("-", "_")])(v)
                for k, v in zip(TEACHER_ARGS[::2], TEACHER_ARGS[1::2]))
-    metrics = T.main(["--eval-only", "--ckpt", T.BUNDLED_TEACHER])
+    metrics = T.main(["--eval-only", "--ckpt", DT.BUNDLED_TEACHER])
     assert metrics["top1"] == pytest.approx(90.55, abs=0.01)
 
 
@@ -1312,6 +1425,41 @@ def test_first_run_progress_summary_and_help(tmp_path):
                 assert "default" in parser._get_formatter()._expand_help(action).lower(), action.dest
 
 
+def printed_steps(stdout):
+    """The commands a run's summary ends with ("  name: python ..."), as argument lists, by name."""
+    return {m[1]: shlex.split(m[2]) for m in re.finditer(r"^  ([a-z -]+?)(?: \([^)]*\))?: (python .+)$", stdout, re.M)}
+
+
+def run_printed(cmd, *extra):
+    assert cmd[0] == "python"
+    r = run_cli([*cmd[2:], *extra], cmd=(sys.executable, cmd[1]))
+    assert r.returncode == 0, (cmd, r.stderr)
+    return r.stdout
+
+
+def test_next_steps_work_as_printed(tmp_path, capsys):
+    """Each command a run ends with works as printed: train.py's evaluate and train on (which keeps the run's
+    flags); after finetune.py --global-pool, its evaluate (the checkpoint brings its model) and train on; after
+    mae.py, its fine-tune (MAE's recipe, the default for an MAE checkpoint) and train on."""
+    T.main([*QUICK, "--epochs", "1", "--out-dir", str(tmp_path / "run")])
+    steps = printed_steps(capsys.readouterr().out)
+    assert set(steps) == {"evaluate", "train on"}
+    assert "top1" in run_printed(steps["evaluate"])
+    assert "10 steps/epoch" in run_printed(steps["train on"])  # the run's own --train-subset and --batch-size
+    assert [r["epoch"] for r in read_log(tmp_path / "run")] == [1, 2]
+    FT.main(["--weights", str(tmp_path / "run" / "ckpt.pt"), *QUICK, "--epochs", "1", "--global-pool", "--lr", "1e-3",
+             "--out-dir", str(tmp_path / "ft")])
+    steps = printed_steps(capsys.readouterr().out)
+    assert "top1" in run_printed(steps["evaluate"])
+    assert "10 steps/epoch" in run_printed(steps["train on"]) and len(read_log(tmp_path / "ft")) == 2
+    MAE.main([*QUICK, "--epochs", "1", "--out-dir", str(tmp_path / "mae")])
+    steps = printed_steps(capsys.readouterr().out)
+    assert set(steps) == {"fine-tune", "train on"}
+    out = run_printed(steps["fine-tune"], *QUICK, "--epochs", "1")  # on fewer images and epochs, for time
+    assert f"peak lr {1e-3 * 64 / 512:.2e}" in out and "fc_norm.weight" in out  # MAE's lr and global pool
+    assert "10 steps/epoch x 2 epochs" in run_printed(steps["train on"])
+
+
 # ------------------------------------------------------------------------------------------------- mae.py
 
 def small_mae(**kw):
@@ -1362,22 +1510,24 @@ def test_mae_encoder_loads_into_finetune(tmp_path, capsys):
     assert enc == plain - {"head.weight", "head.bias"}
     assert (tmp_path / "mae" / "reconstructions" / "epoch_001.png").exists()
     decoder = "decoder_blocks, decoder_embed, decoder_norm, decoder_pos_embed, decoder_pred, mask_token"
-    for extra, new, dropped in (([], "head.weight, head.bias", decoder),
-                                (["--global-pool", "--layer-decay", "0.75"], "fc_norm.weight, fc_norm.bias, head.weight, head.bias",
-                                 decoder + ", norm")):
-        out = tmp_path / f"ft{len(extra)}"
+    pooled = "fc_norm.weight, fc_norm.bias, head.weight, head.bias"
+    # the class token and no layer decay; MAE's recipe, an MAE checkpoint's default (global pool, layer decay
+    # 0.65, lr 1e-3 per 512); the same with layer decay 0.75
+    for i, (extra, new, dropped, decay) in enumerate(((["--no-global-pool", "--layer-decay", "1"], "head.weight, head.bias", decoder, 1.0),
+                                                      ([], pooled, decoder + ", norm", 0.65),
+                                                      (["--layer-decay", "0.75"], pooled, decoder + ", norm", 0.75))):
+        out = tmp_path / f"ft{i}"
         capsys.readouterr()
-        FT.main(["--weights", str(tmp_path / "mae" / "ckpt.pt"), *QUICK, "--epochs", "1", "--lr", "1e-3",
-                 "--out-dir", str(out), *extra])
+        FT.main(["--weights", str(tmp_path / "mae" / "ckpt.pt"), *QUICK, "--epochs", "1", "--out-dir", str(out), *extra])
         printed = capsys.readouterr().out
         assert f"newly initialised: {new}" in printed and f"left out what the model has not: {dropped} " in printed, printed
+        assert f"peak lr {1e-3 * 64 / 512:.2e}" in printed  # MAE's base lr, 5e-4 per 256
         ft = torch.load(out / "ckpt.pt", weights_only=True)
-        assert ("fc_norm.weight" in ft["model"]) == bool(extra) and ("norm.weight" in ft["model"]) != bool(extra)
+        assert ("fc_norm.weight" in ft["model"]) == bool(i) and ("norm.weight" in ft["model"]) != bool(i)
         groups = ft["optimizer"]["param_groups"]  # the last step's lr: lr x lr_scale in every group
         top = max(g["lr"] for g in groups)
         assert all(g["lr"] == pytest.approx(top * g["lr_scale"]) for g in groups)
-        assert sorted({round(g["lr_scale"], 6) for g in groups}) == ([1.0] if not extra else
-                                                                   sorted({round(0.75 ** k, 6) for k in range(8)}))
+        assert sorted({round(g["lr_scale"], 6) for g in groups}) == sorted({round(decay ** k, 6) for k in range(8)})
     # the reconstruction probe: the encoder of a checkpoint, frozen, every patch shown; only the decoder learns
     MAE.main(QUICK + ["--epochs", "1", "--probe", str(tmp_path / "ft0" / "ckpt.pt"), "--out-dir", str(tmp_path / "probe")])
     probe = torch.load(tmp_path / "probe" / "ckpt.pt", weights_only=True)
@@ -1401,7 +1551,7 @@ def test_layer_decay_and_global_pool_formulas():
     with pytest.raises(ValueError, match="global_pool"):
         M.create_model("deit_nano_distilled_patch7_28", global_pool=True)
     # MAE's lr_decay.py: block i of L (here 6) at decay ** (L + 1 - (i + 1)), embeddings at decay ** (L + 1), head at 1
-    groups = T.param_groups(m, 0.05, layer_decay=0.75)
+    groups = M.param_groups(m, 0.05, layer_decay=0.75)
     scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
     named = dict(m.named_parameters())
     assert scale[id(named["patch_embed.proj.weight"])] == pytest.approx(0.75 ** 7)

@@ -20,13 +20,16 @@ is listed in the README ("Differences from the reference").
 import argparse
 import copy
 import errno
+import functools
 import json
 import math
 import os
 import socket
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -35,13 +38,15 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import augment as A
-from data import HERE, EpochSampler, load_data, train_batches, val_batches
-from distill import CONVNETS, DistillationLoss, create_convnet, load_teacher
-from model import MODELS, create_model, fit_pos_embed, load_checked, read_file, state_dict_of, variant
-from prepare_data import TEACHER as BUNDLED_TEACHER
+from data import BUNDLED_TEACHER, HERE, EpochSampler, load_data, train_batches, val_batches
+from distill import CONVNETS, DistillationLoss, create_convnet, load_teacher, rebuild
+from model import MODELS, create_model, fit_pos_embed, load_checked, param_groups, read_file, state_dict_of, variant
 
 DEFAULT_MODEL = "deit_nano_patch7_28"  # the default job: 0.68M parameters, 16 tokens of 28-px Fashion-MNIST
 
+
+# ----------------------------------------------------------------------------------------------------------
+# Flags
 
 class HelpFormatter(argparse.HelpFormatter):
     """--help gives each flag's default once: in its text where that says it, else appended (not for off
@@ -55,7 +60,7 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Train DeiT.", formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(prog="train.py", description="Train DeiT.", formatter_class=HelpFormatter)
     a = p.add_argument
     # what to train on
     a("--data", default="bundled", help="bundled | fashion-mnist | cifar10 | cifar100 | synthetic | PATH "
@@ -114,11 +119,12 @@ def get_parser():
     a("--seed", type=int, default=0, help="all random draws derive from it (and the process rank)")
     a("--out-dir", default="out", help="ckpt.pt and log.jsonl; one run at a time")
     a("--resume", nargs="?", const="yes", choices=["yes", "auto"], default=None, help="continue the run in --out-dir "
-      "from its ckpt.pt; --resume auto: continue if there is one, else start (for torchrun --max-restarts); "
+      "from its ckpt.pt, with the flags it was started with unless given again; --resume auto: continue if there is one, else start (for torchrun --max-restarts); "
       "default: start a new run")
     a("--ckpt-every-minutes", type=float, default=10, help="also write ckpt.pt within an epoch after this long "
       "(at the next --check-interval step), so that a killed run loses minutes, not the epoch")
-    a("--eval-only", action="store_true", help="evaluate a checkpoint (--ckpt, default out-dir/ckpt.pt) and exit")
+    a("--eval-only", action="store_true", help="evaluate a checkpoint (--ckpt, default out-dir/ckpt.pt) and exit; "
+      "ours brings its model, data and flags")
     a("--ckpt", default=None, help="checkpoint for --eval-only: ours, an official DeiT .pth, or a state dict; "
       "default: out-dir/ckpt.pt")
     a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on with CUDA)")
@@ -126,11 +132,62 @@ def get_parser():
     a("--log-seconds", type=float, default=5, help="seconds between progress lines within an epoch")
     a("--check-interval", type=int, default=100, help="steps between checks for a nan/inf loss (the one wait "
       "for the device within an epoch), which is also when a mid-epoch checkpoint may be written")
+    p.set_defaults(script=p.prog)  # for the next steps a run prints (finetune.py and mae.py set their own)
     return p
 
 
+def check_args(args, ctx):
+    """Flags that cannot work, each one line before anything loads; the --workers default."""
+    for flag, value, least in (("--batch-size", args.batch_size, 1), ("--epochs", args.epochs, 1),
+                               ("--check-interval", args.check_interval, 1), ("--workers", args.workers, 0),
+                               ("--ckpt-every-minutes", args.ckpt_every_minutes, 0), ("--log-seconds", args.log_seconds, 0)):
+        if value is not None and value < least:
+            raise ValueError(f"{flag} must be at least {least}, not {value}")
+    if args.batch_size % ctx.world:
+        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {ctx.world} processes")
+    if args.aa != "none":
+        A.parse_aa(args.aa)  # a malformed string fails now, not at the first step
+    if args.workers is None:  # the machine's CPUs shared by the processes on it (torchrun's LOCAL_WORLD_SIZE)
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        args.workers = max(1, min(8, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
+def start(parser, argv=None, defaults=None):
+    """What every entry point (train.py, finetune.py, mae.py) does first: the flags, the processes, the seed,
+    process 0's printer, the flag checks. Flags the command line leaves out come from the checkpoint that
+    --resume continues or --eval-only evaluates (ours: `--resume --epochs 72` trains on as the run began),
+    then from defaults(args) if given (finetune.py: from its weights), then from the parser. Returns
+    (args, ctx, log)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    inherited = {**(defaults(args) if defaults else {}), **saved_flags(args)}
+    if inherited:  # argparse sets a default only where the namespace has no value yet
+        args = parser.parse_args(argv, namespace=argparse.Namespace(**inherited))
+    ctx = setup_distributed(args.amp)
+    torch.manual_seed(args.seed + ctx.rank)  # seed + rank, as the reference (drop path differs per process)
+    log = print if ctx.master else (lambda *a, **k: None)
+    check_args(args, ctx)
+    return args, ctx, log
+
+
+def saved_flags(args):
+    """The flags of the run in the checkpoint that --resume continues or --eval-only evaluates, if it is ours;
+    not those of this machine or this invocation (NOT_INHERITED)."""
+    path = (args.ckpt or os.path.join(args.out_dir, "ckpt.pt")) if args.eval_only else (
+        os.path.join(args.out_dir, "ckpt.pt") if args.resume else None)
+    if path is None or not os.path.isfile(path):
+        return {}
+    ckpt = read_file(path, "checkpoint")
+    config = ckpt.get("config") if isinstance(ckpt, dict) else None
+    return {k: v for k, v in config.items() if k in vars(args) and k not in NOT_INHERITED} if isinstance(config, dict) else {}
+
+
+NOT_INHERITED = ("out_dir", "resume", "eval_only", "ckpt", "workers", "script")
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Processes and devices. torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without it this is a single process.
+# Setup: processes and devices (torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without it, one process), the
+# models, the teacher, the recipe.
 
 def setup_distributed(amp=None):
     """Processes, device, and the autocast context: bf16 by default on CUDA, on any device with amp="bf16"
@@ -166,80 +223,67 @@ def all_sum(values, ctx):
     return t.tolist()
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Augmentation: augment.py's ops composed into DeiT's pipeline, on each process's batch, on the device
-
-def parse_aa(spec):
-    """timm's RandAugment string, e.g. rand-m9-mstd0.5-inc1 (DeiT's): magnitude 9, its std 0.5, the
-    'increasing' op set; -nN sets the number of ops (2)."""
-    parts = spec.split("-")
-    if parts[0] != "rand":
-        raise ValueError(f"--aa {spec!r}: expected 'none' or a RandAugment string like rand-m9-mstd0.5-inc1")
-    kw = dict(num_ops=2, magnitude=9.0, magnitude_std=0.0)
-    for p in parts[1:]:
-        key = next((k for k in ("mstd", "inc", "m", "n") if p.startswith(k)), None)
-        try:
-            value = float(p[len(key):]) if key else None
-        except ValueError:
-            value = None
-        if value is None or (key == "inc" and value != 1):
-            raise ValueError(f"--aa {spec!r}: cannot read {p!r} (known: mN, mstdX, nN, inc1)")
-        if key != "inc":
-            kw[{"m": "magnitude", "mstd": "magnitude_std", "n": "num_ops"}[key]] = int(value) if key == "n" else value
-    return kw
+def default_model(args):
+    """Without --model: the default job's model, its distilled variant with --distill."""
+    if args.model is None:
+        args.model = DEFAULT_MODEL.replace("nano_", "nano_distilled_") if args.distill != "none" else DEFAULT_MODEL
+    return args.model
 
 
-def augment_batch(x, y, data, args, rng, gen):
-    """DeiT's training pipeline (facebookresearch/deit datasets.py, then main.py's Mixup) on this process's
-    uint8 batch, on the device: crop + flip, RandAugment (or 3-Augment), normalise, random erasing, then
-    Mixup/CutMix. Returns (images, targets): soft targets (B, classes) with label smoothing folded in when
-    mixing, else the labels. rng (numpy) draws every choice on the host; gen (torch, on the device) only the
-    erasing noise: nothing here waits for the device (augment.py)."""
-    pad = data.crop_pad if data.tensors else 0
-    if data.tensors and (x.shape[-1] > 32 or args.rrc_scale is not None):
-        x = A.random_resized_crop(x, rng, x.shape[-1], scale=(args.rrc_scale or 0.08, 1.0), hflip=args.hflip)
-    elif pad or args.hflip:  # <= 32 px: the padded crop; ImageFolder files come cropped (data.py): flip only
-        x = A.pad_crop_flip(x, rng, pad, args.hflip)
-    if args.three_augment:
-        x = A.three_augment(x, rng)
-    elif args.aa != "none":
-        fill = tuple(round(255 * m) for m in data.mean)  # geometric fill: the dataset's mean colour
-        x = A.rand_augment(x, rng, fill=fill, **parse_aa(args.aa))
-    x = A.normalize(x, data.mean, data.std)
-    if args.reprob > 0 and not args.three_augment:  # 3-Augment goes without erasing (DeiT III)
-        x = A.random_erasing(x, rng, args.reprob, gen=gen)
-    if args.mixup > 0 or args.cutmix > 0:
-        return A.mixup_cutmix(x, y, data.num_classes, rng, args.mixup, args.cutmix, args.mixup_switch_prob,
-                              args.smoothing)
-    return x, y
+def check_model(args):
+    """--model and --distill, checked before anything loads (model.variant names the known models). Without
+    --model: the default job's model, its distilled variant with --distill (so that `torchrun ... train.py
+    --distill hard` runs as typed). Returns the input size: --img-size, else the variant's (a convnet:
+    None, the data's own)."""
+    default_model(args)
+    v = None if args.model in CONVNETS else variant(args.model)
+    if v and args.img_size and args.img_size % v.patch_size:
+        raise ValueError(f"--img-size {args.img_size} is not a multiple of {args.model}'s patch size {v.patch_size}: "
+                         f"try {max(1, round(args.img_size / v.patch_size)) * v.patch_size}")
+    if args.distill != "none" and not (v and v.distilled):
+        raise ValueError(f"--distill {args.distill} needs a student with a distillation token, and {args.model} has "
+                         f"none; distilled models: {', '.join(m for m, v in MODELS.items() if v.distilled)}")
+    return args.img_size or (v.img_size if v else None)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Optimisation
-
-def layer_id(name, depth):
-    """A ViT parameter's depth for layer-wise lr decay, as MAE's util/lr_decay.py: 0 for the tokens, the
-    position embeddings and the patch embedding, i + 1 for block i, depth + 1 for the rest (norms, heads)."""
-    if name in ("cls_token", "dist_token", "pos_embed") or name.startswith("patch_embed"):
-        return 0
-    if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
-    return depth + 1
+def build_model(args, data, ctx, img_size, global_pool=None):
+    if default_model(args) in CONVNETS:
+        return create_convnet(args.model, data.num_classes, data.in_chans).to(ctx.device)
+    return create_model(args.model, num_classes=data.num_classes, img_size=img_size, in_chans=data.in_chans,
+                        drop_path_rate=args.drop_path, global_pool=global_pool).to(ctx.device)
 
 
-def param_groups(model, weight_decay, layer_decay=1.0):
-    """AdamW groups: no weight decay on biases, norms (1-D), pos_embed and cls_token, as the reference.
-    The reference does decay dist_token (its timm 0.3.2 only exempts pos_embed and cls_token); we keep that.
-    layer_decay < 1 (MAE's fine-tuning, BEiT's idea): the parameters at layer_id l train at lr x
-    layer_decay ** (depth + 1 - l), so the head gets the full lr and the patch embedding the least."""
-    depth = len(getattr(model, "blocks", []))
-    groups = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            wd = 0.0 if p.ndim <= 1 or name in ("pos_embed", "cls_token") else weight_decay
-            scale = layer_decay ** (depth + 1 - layer_id(name, depth)) if layer_decay != 1.0 else 1.0
-            groups.setdefault((wd, scale), {"params": [], "weight_decay": wd, "lr_scale": scale})["params"].append(p)
-    return sorted(groups.values(), key=lambda g: (-g["weight_decay"], g["lr_scale"]))
+def default_teacher(args):
+    """--teacher, or without it DeiT's teacher, except on the bundled data, which ships its own."""
+    if args.teacher is not None:
+        return args.teacher
+    if args.data != "bundled":
+        return "regnet_y_16gf"
+    if not os.path.isfile(BUNDLED_TEACHER):
+        raise ValueError(f"the bundled data's teacher {BUNDLED_TEACHER} is missing: make it with "
+                         "python prepare_data.py --teacher (85 s on a 2-core CPU)")
+    return BUNDLED_TEACHER
+
+
+def build_teacher(args, data, img_size, log):
+    """The teacher for --distill soft/hard (distill.py), checked against the data before training starts."""
+    if args.distill == "none":
+        return None
+    args.teacher = default_teacher(args)
+    size = data.train[0].shape[-1] if data.tensors else img_size
+    teacher = load_teacher(args.teacher, args.teacher_weights, data.num_classes, data.in_chans, size)
+    log(f"teacher {args.teacher}: {sum(p.numel() for p in teacher.parameters()) / 1e6:.2f}M params, {args.distill} "
+        f"distillation, alpha {args.distill_alpha}" + (f", tau {args.distill_tau}" if args.distill == "soft" else ""))
+    return teacher
+
+
+def augmentation(args, data):
+    """augment.deit_augment with the flags and the data's values filled in: f(x, y, rng, gen)."""
+    return functools.partial(A.deit_augment, num_classes=data.num_classes, mean=data.mean, std=data.std,
+                             cropped=not data.tensors, crop_pad=data.crop_pad if data.tensors else 0,
+                             rrc_scale=args.rrc_scale, hflip=args.hflip, aa=args.aa, three_aug=args.three_augment,
+                             reprob=args.reprob, mixup=args.mixup, cutmix=args.cutmix,
+                             switch_prob=args.mixup_switch_prob, smoothing=args.smoothing)
 
 
 def lr_at(epoch_float, args, peak):
@@ -252,14 +296,201 @@ def lr_at(epoch_float, args, peak):
     return args.min_lr + 0.5 * (peak - args.min_lr) * (1 + math.cos(math.pi * epoch_float / args.epochs))
 
 
-def compute_loss(out, targets, args):
+def compute_loss(out, targets, smoothing):
     """Cross-entropy with the soft targets of Mixup/CutMix (smoothing already folded in), or with label
     smoothing, (1-s)*nll + s*mean_c(-log p), when nothing is mixed (paper Table 9: smoothing 0.1). A distilled
     model trained without distillation: only its class head is trained, as in the reference."""
     logits = (out[0] if isinstance(out, tuple) else out).float()
     if targets.ndim == 2:
         return -(targets * logits.log_softmax(-1)).sum(-1).mean()
-    return F.cross_entropy(logits, targets, label_smoothing=args.smoothing)
+    return F.cross_entropy(logits, targets, label_smoothing=smoothing)
+
+
+def wrap(args, ctx, model, teacher, compile_):
+    """What a training step calls: the model compiled and in DDP as asked, and the loss, whose teacher is on
+    the device, frozen, and on CUDA in channels_last and compiled like the student."""
+    unused = model.cfg.distilled and args.distill == "none"  # head_dist then gets no gradient
+    if compile_:
+        model = torch.compile(model)
+    if ctx.ddp:
+        model = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+                    find_unused_parameters=unused)
+    if teacher is not None:
+        teacher = teacher.to(ctx.device).eval().requires_grad_(False)
+        if ctx.device.type == "cuda":
+            teacher = teacher.to(memory_format=torch.channels_last)
+        teacher = torch.compile(teacher) if compile_ else teacher
+    return model, DistillationLoss(functools.partial(compute_loss, smoothing=args.smoothing), teacher, args.distill,
+                                   args.distill_alpha, args.distill_tau)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop
+
+def main(argv=None):
+    args, ctx, log = start(get_parser(), argv)
+    if args.eval_only:
+        return eval_only(args, ctx, log)
+    img_size = check_model(args)
+    data = load_data(args, ctx.device, img_size)
+    model = build_model(args, data, ctx, img_size)
+    return train(args, ctx, model, data, log, build_teacher(args, data, img_size, log))
+
+
+@dataclass
+class Run:
+    """A run's state besides the model's weights and the data: made by start_run, resumed from disk by
+    resume_or_start, advanced by train_step, written by save_checkpoint."""
+    model: Any  # the model itself: what checkpoints hold
+    net: Any  # what a step calls: the model, compiled and in DDP as asked
+    criterion: Any  # distill.DistillationLoss: the labels' loss, and the teacher's when distilling
+    augment: Any  # augment.deit_augment with the run's flags: (x, y, rng, gen) -> (images, targets)
+    opt: Any
+    ema: Any  # an EMA copy of the model, or None
+    ema_pairs: Any  # (EMA, model) tensors: (averaged, copied)
+    sampler: EpochSampler
+    task: Any  # None: classification; mae.py's reconstruction (loss, evaluate, after_epoch, next_steps)
+    peak: float  # the peak lr
+    spe: int  # steps per epoch
+    compile: bool
+    lock: Any  # out_dir/lock, held open by process 0
+    ckpt_path: str
+    log_path: str
+    start_epoch: int = 0  # where this session starts (resumed: epochs done, steps done in the next one)
+    start_step: int = 0
+    partial: Optional[dict] = None  # a mid-epoch checkpoint's loss sums of the epoch so far
+    done_steps: int = 0
+    t_start: float = 0.0
+    t_ckpt: float = 0.0
+    never: Any = None  # 2**62 on the device, and the first step whose loss was nan/inf (no wait to check)
+    nonfinite_at: Any = None
+
+
+def start_run(args, ctx, model, data, teacher, log, task=None, layer_decay=1.0):
+    """Everything a run holds besides the model and the data: the sampler, AdamW, the EMA, the compiled / DDP
+    model and the loss, resumed from out_dir with --resume."""
+    lock = lock_out_dir(args, ctx)
+    n_train = len(data.train[1]) if data.tensors else len(data.train)
+    sampler = EpochSampler(n_train, args.batch_size, args.seed, ctx.rank, ctx.world, 3 if args.repeated_aug else 1)
+    peak = args.lr * args.batch_size / 512  # DeiT's linear scaling rule (paper §6)
+    # fused: one kernel for all parameters, and no .item() on the step counts (the for-each AdamW reads them)
+    opt = torch.optim.AdamW(param_groups(model, args.weight_decay, layer_decay), lr=peak, betas=(0.9, args.beta2),
+                            eps=1e-8, fused=True)
+    ema, pairs = None, None
+    if args.model_ema:  # the weights and the float buffers (BatchNorm's statistics) are averaged, the integer
+        ema = copy.deepcopy(model).eval().requires_grad_(False)  # buffers copied (timm's ModelEmaV3)
+        both = list(zip(ema.state_dict().values(), model.state_dict().values()))
+        pairs = [list(zip(*[p for p in both if p[0].is_floating_point() == avg])) or [[], []] for avg in (True, False)]
+    compiled = ctx.device.type == "cuda" if args.compile is None else args.compile
+    net, criterion = wrap(args, ctx, model, teacher, compiled)
+    never = torch.tensor(2 ** 62, device=ctx.device)
+    run = Run(model, net, criterion, augmentation(args, data), opt, ema, pairs, sampler, task, peak, sampler.steps,
+              compiled, lock, os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "log.jsonl"),
+              never=never, nonfinite_at=never.clone())
+    run.start_epoch, run.start_step, run.partial = resume_or_start(args, ctx, run, log)
+    if ctx.master:
+        log(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params | {run.spe} steps/epoch x "
+            f"{args.epochs} epochs | global batch {args.batch_size} on {ctx.world} process(es), {ctx.device.type} | "
+            f"peak lr {peak:.2e} | compile {run.compile} | autocast {not isinstance(ctx.autocast, nullcontext)}"
+            + ("" if data.tensors else f" | decode: {data.decode}"))
+    return run
+
+
+def train_step(args, ctx, run, x, y, step):
+    """One step on this process's uint8 batch: augment, forward, backward, AdamW, EMA. Nothing in it waits for
+    the device (test_training_step_never_waits): its random choices are drawn on the host, and the loss and
+    the nan check stay on the device. Returns the loss (a device tensor) and the lr."""
+    # this step's draws: a function of (seed, step, rank), so a resumed run repeats them
+    rng = np.random.default_rng([args.seed, step, ctx.rank])
+    gen = torch.Generator(ctx.device).manual_seed((args.seed * 1_000_003 + step) * 1009 + ctx.rank)  # noise only
+    x, targets = run.augment(x, y, rng, gen)
+    lr = lr_at(step / run.spe, args, run.peak)
+    for g in run.opt.param_groups:
+        g["lr"] = lr * g["lr_scale"]
+    with ctx.autocast:  # the teacher sees x too: the same mixed, augmented batch (reference)
+        loss = run.criterion(x, run.net(x), targets) if run.task is None else run.task.loss(run, x, gen)
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if args.clip_grad is not None:
+        torch.nn.utils.clip_grad_norm_(run.net.parameters(), args.clip_grad)
+    run.opt.step()
+    if run.ema is not None:
+        (ema, model), (ema_int, model_int) = run.ema_pairs
+        torch._foreach_lerp_(ema, model, 1 - args.model_ema_decay)
+        if ema_int:
+            torch._foreach_copy_(ema_int, model_int)
+    loss = loss.detach()
+    run.nonfinite_at = torch.where(torch.isfinite(loss) | (run.nonfinite_at < run.never), run.nonfinite_at, step)
+    return loss, lr
+
+
+def train(args, ctx, model, data, log=print, teacher=None, task=None, layer_decay=1.0):
+    """The training loop; finetune.py calls it with a model it prepared (and its layer decay), mae.py with its
+    task. With args.distill other than none, teacher (eval mode, no grad) trains the distillation head."""
+    run = start_run(args, ctx, model, data, teacher, log, task, layer_decay)
+    run.t_start = run.t_ckpt = time.time()
+    run.done_steps = 0
+    for epoch in range(run.start_epoch, args.epochs):
+        start = run.start_step if epoch == run.start_epoch else 0  # > 0: resumed from a mid-epoch checkpoint
+        run.net.train()
+        t0 = t_log = time.time()
+        seen = seen_log = 0  # images (all processes), at the last progress line
+        partial = run.partial if start else None
+        loss_n = partial["loss_n"] if partial else 0
+        loss_sum = torch.tensor(partial["loss_sum"] if partial else 0.0, device=ctx.device)  # summed on the device
+        for i, (x, y) in enumerate(train_batches(data, run.sampler, epoch, ctx.device, start), start):
+            loss, lr = train_step(args, ctx, run, x, y, epoch * run.spe + i)
+            loss_sum += loss
+            loss_n, seen, run.done_steps = loss_n + 1, seen + len(y) * ctx.world, run.done_steps + 1
+            if (i + 1) % args.check_interval == 0 and i + 1 < run.spe:  # the one place a step may wait
+                if check_finite(run, ctx, ctx.master and time.time() - run.t_ckpt > 60 * args.ckpt_every_minutes):
+                    save_checkpoint(args, ctx, run, data, epoch, i + 1, {"loss_sum": loss_sum.item(), "loss_n": loss_n})
+            if ctx.master and time.time() - t_log > args.log_seconds and i + 1 < run.spe:  # process 0's clock
+                eta = (time.time() - run.t_start) / run.done_steps * ((args.epochs - epoch) * run.spe - i - 1)
+                log(f"epoch {epoch + 1} step {i + 1}/{run.spe} | loss {loss.item():.4f} | lr {lr:.2e} | "
+                    f"{(seen - seen_log) / (time.time() - t_log):.0f} img/s | eta {fmt_time(eta)}")
+                t_log, seen_log = time.time(), seen
+        check_finite(run, ctx)
+        train_time = time.time() - t0
+        end_of_epoch(args, ctx, run, data, epoch, dict(train_loss=loss_sum.item() / max(loss_n, 1), lr=lr,
+                     img_per_s=seen / train_time, epoch_time=train_time), log)
+    if ctx.master:
+        summary(args, run, log)
+    return model
+
+
+def end_of_epoch(args, ctx, run, data, epoch, stats, log):
+    """Evaluate, then write the epoch's log line, save the checkpoint and print the line. stats: this
+    process's train_loss (mean over its steps), lr, img_per_s, epoch_time."""
+    batch = max(256, args.batch_size // ctx.world)
+    if run.task is not None:
+        metrics = run.task.evaluate(run, data, ctx, batch)
+    else:
+        metrics = evaluate(run.net, data, ctx, batch)
+        if run.ema is not None and args.eval_ema:
+            metrics["ema_top1"] = evaluate(run.ema, data, ctx, batch)["top1"]
+    train_loss, n_skipped = all_sum([stats["train_loss"], len(data.skipped)], ctx)
+    record = {"epoch": epoch + 1, "step": (epoch + 1) * run.spe, "train_loss": train_loss / ctx.world, **metrics,
+              "lr": stats["lr"], "img_per_s": stats["img_per_s"], "epoch_time": stats["epoch_time"],
+              "skipped_images": int(n_skipped), "skipped_val_images": metrics.pop("skipped", 0)}
+    if run.compile:  # every recompile or graph break costs time: one graph for training, one for evaluation
+        c = torch._dynamo.utils.counters
+        record.update(compiled_frames=c["frames"]["total"], graph_breaks=sum(c["graph_break"].values()))
+    save_checkpoint(args, ctx, run, data, epoch + 1, 0, None, record)
+    if not ctx.master:
+        return
+    if run.task is not None:
+        run.task.after_epoch(run, data, epoch)
+    eta = (time.time() - run.t_start) / max(run.done_steps, 1) * (args.epochs - epoch - 1) * run.spe
+    heads = f" (cls {metrics['top1_cls']:.2f} dist {metrics['top1_dist']:.2f})" if "top1_cls" in metrics else ""
+    log(f"epoch {epoch + 1}/{args.epochs} | loss {record['train_loss']:.4f} | lr {stats['lr']:.2e} | "
+        f"{record['img_per_s']:.0f} img/s | val loss {metrics['val_loss']:.4f}"
+        + (f" top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f}" if "top1" in metrics else "")
+        + heads + (f" ema top1 {metrics['ema_top1']:.2f}" if "ema_top1" in metrics else "")
+        + (f" | skipped {int(n_skipped)} images" if n_skipped else "")
+        + (f" | skipped {record['skipped_val_images']} val images" if record["skipped_val_images"] else "")
+        + f" | eta {fmt_time(eta)}"
+        + (f" | compiled {record['compiled_frames']} frames, {record['graph_breaks']} graph breaks" if run.compile else ""))
 
 
 @torch.no_grad()
@@ -292,84 +523,84 @@ def evaluate(model, data, ctx, batch_size):
     return {"val_loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n, **heads, "skipped": int(n_skipped)}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The models
-
-def default_model(args):
-    """Without --model: the default job's model, its distilled variant with --distill."""
-    if args.model is None:
-        args.model = DEFAULT_MODEL.replace("nano_", "nano_distilled_") if args.distill != "none" else DEFAULT_MODEL
-    return args.model
-
-
-def check_model(args):
-    """--model and --distill, checked before anything loads (model.variant names the known models). Without
-    --model: the default job's model, its distilled variant with --distill (so that `torchrun ... train.py
-    --distill hard` runs as typed). Returns the input size: --img-size, else the variant's (a convnet:
-    None, the data's own)."""
-    default_model(args)
-    v = None if args.model in CONVNETS else variant(args.model)
-    if v and args.img_size and args.img_size % v.patch_size:
-        raise ValueError(f"--img-size {args.img_size} is not a multiple of {args.model}'s patch size {v.patch_size}: "
-                         f"try {max(1, round(args.img_size / v.patch_size)) * v.patch_size}")
-    if args.distill != "none" and not (v and v.distilled):
-        raise ValueError(f"--distill {args.distill} needs a student with a distillation token, and {args.model} has "
-                         f"none; distilled models: {', '.join(m for m, v in MODELS.items() if v.distilled)}")
-    return args.img_size or (v.img_size if v else None)
-
-
-def build_model(args, data, ctx, img_size):
-    if default_model(args) in CONVNETS:
-        return create_convnet(args.model, data.num_classes, data.in_chans).to(ctx.device)
-    return create_model(args.model, num_classes=data.num_classes, img_size=img_size, in_chans=data.in_chans,
-                        drop_path_rate=args.drop_path, global_pool=getattr(args, "global_pool", None)).to(ctx.device)
-
-
-def default_teacher(args):
-    """--teacher, or without it DeiT's teacher, except on the bundled data, which ships its own."""
-    if args.teacher is not None:
-        return args.teacher
-    if args.data != "bundled":
-        return "regnet_y_16gf"
-    if not os.path.isfile(BUNDLED_TEACHER):
-        raise ValueError(f"the bundled data's teacher {BUNDLED_TEACHER} is missing: make it with "
-                         "python prepare_data.py --teacher (85 s on a 2-core CPU)")
-    return BUNDLED_TEACHER
-
-
-def build_teacher(args, data, img_size, log):
-    """The teacher for --distill soft/hard (distill.py), checked against the data before training starts."""
-    if args.distill == "none":
-        return None
-    args.teacher = default_teacher(args)
-    size = data.train[0].shape[-1] if data.tensors else img_size
-    teacher = load_teacher(args.teacher, args.teacher_weights, data.num_classes, data.in_chans, size)
-    log(f"teacher {args.teacher}: {sum(p.numel() for p in teacher.parameters()) / 1e6:.2f}M params, {args.distill} "
-        f"distillation, alpha {args.distill_alpha}" + (f", tau {args.distill_tau}" if args.distill == "soft" else ""))
-    return teacher
-
-
-def wrap(args, ctx, model, teacher, compile_):
-    """What a training step calls: the model compiled and in DDP as asked, and the loss, whose teacher is on
-    the device, frozen, and on CUDA in channels_last and compiled like the student."""
-    unused = model.cfg.distilled and args.distill == "none"  # head_dist then gets no gradient
-    if compile_:
-        model = torch.compile(model)
+def check_finite(run, ctx, want_checkpoint=False):
+    """Stop at a nan/inf loss before anything is saved: the last checkpoint stays the last good one. It reads
+    values back from the device, so it runs every --check-interval steps and at the end of an epoch only,
+    on every process at the same step; it also tells all of them whether process 0 asks for a mid-epoch
+    checkpoint (its clock alone decides, so that all agree). Returns that answer."""
+    flags = torch.stack([run.nonfinite_at, torch.full_like(run.nonfinite_at, -int(want_checkpoint))])
     if ctx.ddp:
-        model = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-                    find_unused_parameters=unused)
-    if teacher is not None:
-        teacher = teacher.to(ctx.device).eval().requires_grad_(False)
-        if ctx.device.type == "cuda":
-            teacher = teacher.to(memory_format=torch.channels_last)
-        teacher = torch.compile(teacher) if compile_ else teacher
-    return model, DistillationLoss(lambda logits, t: compute_loss(logits, t, args), teacher, args.distill,
-                                   args.distill_alpha, args.distill_tau)
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    s, want = flags.tolist()
+    if s < 2 ** 62:
+        kept = f"the last good checkpoint {run.ckpt_path} is kept" if os.path.exists(run.ckpt_path) else "no checkpoint was written"
+        raise ValueError(f"loss became nan/inf at step {s} (epoch {s // run.spe + 1}); stopped, {kept}. "
+                         "Try a lower --lr or --clip-grad")
+    return want < 0
+
+
+def summary(args, run, log):
+    """The last lines of a run: where it ended, where its files are, what to do next."""
+    records = [json.loads(l) for l in open(run.log_path)] if os.path.exists(run.log_path) else []
+    if not records:
+        return
+    key, sign = ("top1", 1) if "top1" in records[-1] else ("val_loss", -1)
+    best = max(records, key=lambda r: sign * r[key])
+    log(f"done: {records[-1]['epoch']} epochs in {fmt_time(time.time() - run.t_start)} (this session) | final {key} "
+        f"{records[-1][key]:.4g} | best {key} {best[key]:.4g} (epoch {best['epoch']})\n"
+        f"  checkpoint {run.ckpt_path}, log {run.log_path}" + "".join(f"\n  {s}" for s in (run.task.next_steps if run.task else next_steps)(args)))
+
+
+def next_steps(args):
+    """What to run next, as commands that work as printed (test_next_steps_work_as_printed)."""
+    return [f"evaluate: python train.py --eval-only --out-dir {args.out_dir}",
+            f"train on: python {args.script} --resume --epochs {2 * args.epochs} --out-dir {args.out_dir}"]
+
+
+def fmt_time(s):
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
+
+
+def eval_only(args, ctx, log):
+    """--eval-only: evaluate --ckpt (ours, an official release file or a state dict). One of ours brings its
+    model (model_config) and its flags (start: data, classes, image size); another file takes --model."""
+    path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
+    ckpt = read_file(path, "checkpoint")
+    img_size = check_model(args)
+    data = load_data(args, ctx.device, img_size)
+    ours = isinstance(ckpt, dict) and isinstance(ckpt.get("model_config"), dict)
+    model = rebuild(ckpt, img_size=img_size).to(ctx.device) if ours else build_model(args, data, ctx, img_size)
+    if ours and ckpt["model_config"]["num_classes"] != data.num_classes:
+        raise ValueError(f"{path} predicts {ckpt['model_config']['num_classes']} classes, the data has "
+                         f"{data.num_classes}: give the --data (and --classes) it was trained on")
+    load_checked(model, fit_pos_embed(state_dict_of(ckpt, path, args.eval_ema), model), path)
+    metrics = evaluate(model, data, ctx, max(256, args.batch_size // ctx.world))
+    log(f"{path}: val loss {metrics['val_loss']:.4f} | top1 {metrics['top1']:.2f} | top5 {metrics['top5']:.2f}"
+        + (f" | class head {metrics['top1_cls']:.2f} | dist head {metrics['top1_dist']:.2f}" if "top1_cls" in metrics else ""))
+    return metrics
+
+
+@contextmanager
+def cli():
+    """`with cli(): main()`: the convention of every file here is that a problem the user can fix (a bad flag,
+    a missing file, weights that do not fit, a diverged run) raises ValueError with a one-line message; this
+    is the one place that turns it into "error: ..." on stderr and exit code 2 instead of a traceback."""
+    try:
+        yield
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint written is kept: continue with --resume", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------------------
 # A run's state on disk: out_dir/ckpt.pt (plain types and tensors only, so torch.load(weights_only=True)
-# reads it) and out_dir/log.jsonl, one JSON line per epoch.
+# reads it) and out_dir/log.jsonl, one JSON line per epoch; one run per out_dir.
 
 def lock_out_dir(args, ctx):
     """One out-dir, one run: process 0 holds an exclusive lock on out_dir/lock for its whole life. The OS
@@ -485,242 +716,6 @@ def save_checkpoint(args, ctx, run, data, epoch, epoch_step, partial, record=Non
     run.t_ckpt = time.time()
 
 
-def end_of_epoch(args, ctx, run, data, epoch, stats, log):
-    """Evaluate, then write the epoch's log line, save the checkpoint and print the line. stats: this
-    process's train_loss (mean over its steps), lr, img_per_s, epoch_time."""
-    metrics = run.task.evaluate(run, data, ctx, max(256, args.batch_size // ctx.world))
-    train_loss, n_skipped = all_sum([stats["train_loss"], len(data.skipped)], ctx)
-    record = {"epoch": epoch + 1, "step": (epoch + 1) * run.spe, "train_loss": train_loss / ctx.world, **metrics,
-              "lr": stats["lr"], "img_per_s": stats["img_per_s"], "epoch_time": stats["epoch_time"],
-              "skipped_images": int(n_skipped), "skipped_val_images": metrics.pop("skipped", 0)}
-    if run.compile:  # every recompile or graph break costs time: one graph for training, one for evaluation
-        c = torch._dynamo.utils.counters
-        record.update(compiled_frames=c["frames"]["total"], graph_breaks=sum(c["graph_break"].values()))
-    save_checkpoint(args, ctx, run, data, epoch + 1, 0, None, record)
-    if not ctx.master:
-        return
-    run.task.after_epoch(run, data, epoch)
-    eta = (time.time() - run.t_start) / max(run.done_steps, 1) * (args.epochs - epoch - 1) * run.spe
-    heads = f" (cls {metrics['top1_cls']:.2f} dist {metrics['top1_dist']:.2f})" if "top1_cls" in metrics else ""
-    log(f"epoch {epoch + 1}/{args.epochs} | loss {record['train_loss']:.4f} | lr {stats['lr']:.2e} | "
-        f"{record['img_per_s']:.0f} img/s | val loss {metrics['val_loss']:.4f}"
-        + (f" top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f}" if "top1" in metrics else "")
-        + heads + (f" ema top1 {metrics['ema_top1']:.2f}" if "ema_top1" in metrics else "")
-        + (f" | skipped {int(n_skipped)} images" if n_skipped else "")
-        + (f" | skipped {record['skipped_val_images']} val images" if record["skipped_val_images"] else "")
-        + f" | eta {fmt_time(eta)}"
-        + (f" | compiled {record['compiled_frames']} frames, {record['graph_breaks']} graph breaks" if run.compile else ""))
-
-
-def check_finite(run, ctx, want_checkpoint=False):
-    """Stop at a nan/inf loss before anything is saved: the last checkpoint stays the last good one. It reads
-    values back from the device, so it runs every --check-interval steps and at the end of an epoch only,
-    on every process at the same step; it also tells all of them whether process 0 asks for a mid-epoch
-    checkpoint (its clock alone decides, so that all agree). Returns that answer."""
-    flags = torch.stack([run.nonfinite_at, torch.full_like(run.nonfinite_at, -int(want_checkpoint))])
-    if ctx.ddp:
-        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-    s, want = flags.tolist()
-    if s < 2 ** 62:
-        kept = f"the last good checkpoint {run.ckpt_path} is kept" if os.path.exists(run.ckpt_path) else "no checkpoint was written"
-        raise ValueError(f"loss became nan/inf at step {s} (epoch {s // run.spe + 1}); stopped, {kept}. "
-                         "Try a lower --lr or --clip-grad")
-    return want < 0
-
-
-def fmt_time(s):
-    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The loop
-
-def classification(args):
-    """The task train.py trains for: what a step's loss is, what an epoch's evaluation measures, and what
-    happens after it. mae.py brings its own (masked reconstruction) and runs this same loop."""
-    def evaluate_run(run, data, ctx, batch_size):
-        metrics = evaluate(run.net, data, ctx, batch_size)
-        if run.ema is not None and args.eval_ema:
-            metrics["ema_top1"] = evaluate(run.ema, data, ctx, batch_size)["top1"]
-        return metrics
-    def next_steps(args):
-        return [f"evaluate: python train.py --eval-only --out-dir {args.out_dir}",
-                f"train on: python train.py --resume --epochs {2 * args.epochs} --out-dir {args.out_dir} (and the same flags)"]
-    return argparse.Namespace(loss=lambda run, x, targets, gen: run.criterion(x, run.net(x), targets),
-                              evaluate=evaluate_run, after_epoch=lambda run, data, epoch: None, next_steps=next_steps)
-
-
-def start_run(args, ctx, model, data, teacher, log, task=None):
-    """Everything a run holds besides the model and the data: the sampler, AdamW, the EMA, the compiled / DDP
-    model and the loss, resumed from out_dir with --resume."""
-    lock = lock_out_dir(args, ctx)
-    n_train = len(data.train[1]) if data.tensors else len(data.train)
-    sampler = EpochSampler(n_train, args.batch_size, args.seed, ctx.rank, ctx.world, 3 if args.repeated_aug else 1)
-    peak = args.lr * args.batch_size / 512  # DeiT's linear scaling rule (paper §6)
-    # fused: one kernel for all parameters, and no .item() on the step counts (the for-each AdamW reads them)
-    opt = torch.optim.AdamW(param_groups(model, args.weight_decay, getattr(args, "layer_decay", 1.0)), lr=peak,
-                            betas=(0.9, args.beta2), eps=1e-8, fused=True)
-    ema = copy.deepcopy(model).eval().requires_grad_(False) if args.model_ema else None
-    run = argparse.Namespace(model=model, opt=opt, ema=ema, sampler=sampler, spe=sampler.steps, peak=peak, lock=lock,
-                             ckpt_path=os.path.join(args.out_dir, "ckpt.pt"), log_path=os.path.join(args.out_dir, "log.jsonl"))
-    run.start_epoch, run.start_step, run.partial = resume_or_start(args, ctx, run, log)
-    run.task = task or classification(args)
-    run.compile = ctx.device.type == "cuda" if args.compile is None else args.compile
-    run.net, run.criterion = wrap(args, ctx, model, teacher, run.compile)
-    # the first step whose loss was nan/inf, kept on the device so that the check costs no wait
-    run.never = torch.tensor(2 ** 62, device=ctx.device)
-    run.nonfinite_at = run.never.clone()
-    if ctx.master:
-        log(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params | {run.spe} steps/epoch x "
-            f"{args.epochs} epochs | global batch {args.batch_size} on {ctx.world} process(es), {ctx.device.type} | "
-            f"peak lr {peak:.2e} | compile {run.compile} | autocast {not isinstance(ctx.autocast, nullcontext)}"
-            + ("" if data.tensors else f" | decode: {data.decode}"))
-    return run
-
-
-def train_step(args, ctx, run, data, x, y, step):
-    """One step on this process's uint8 batch: augment, forward, backward, AdamW, EMA. Nothing in it waits for
-    the device (test_training_step_never_waits): its random choices are drawn on the host, and the loss and
-    the nan check stay on the device. Returns the loss (a device tensor) and the lr."""
-    # this step's draws: a function of (seed, step, rank), so a resumed run repeats them
-    rng = np.random.default_rng([args.seed, step, ctx.rank])
-    gen = torch.Generator(ctx.device).manual_seed((args.seed * 1_000_003 + step) * 1009 + ctx.rank)  # noise only
-    x, targets = augment_batch(x, y, data, args, rng, gen)
-    lr = lr_at(step / run.spe, args, run.peak)
-    for g in run.opt.param_groups:
-        g["lr"] = lr * g["lr_scale"]
-    with ctx.autocast:  # the teacher sees x too: the same mixed, augmented batch (reference)
-        loss = run.task.loss(run, x, targets, gen)
-    run.opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if args.clip_grad is not None:
-        torch.nn.utils.clip_grad_norm_(run.net.parameters(), args.clip_grad)
-    run.opt.step()
-    if run.ema is not None:
-        torch._foreach_lerp_(list(run.ema.parameters()), list(run.model.parameters()), 1 - args.model_ema_decay)
-    loss = loss.detach()
-    run.nonfinite_at = torch.where(torch.isfinite(loss) | (run.nonfinite_at < run.never), run.nonfinite_at, step)
-    return loss, lr
-
-
-def train(args, ctx, model, data, log=print, teacher=None, task=None):
-    """The training loop; finetune.py calls it with a model it prepared, mae.py with its task. With
-    args.distill other than none, teacher (eval mode, no grad) trains the distillation head (distill.py)."""
-    run = start_run(args, ctx, model, data, teacher, log, task)
-    run.t_start = run.t_ckpt = time.time()
-    run.done_steps = 0
-    for epoch in range(run.start_epoch, args.epochs):
-        start = run.start_step if epoch == run.start_epoch else 0  # > 0: resumed from a mid-epoch checkpoint
-        run.net.train()
-        t0 = t_log = time.time()
-        seen = seen_log = 0  # images (all processes), at the last progress line
-        partial = run.partial if start else None
-        loss_n = partial["loss_n"] if partial else 0
-        loss_sum = torch.tensor(partial["loss_sum"] if partial else 0.0, device=ctx.device)  # summed on the device
-        for i, (x, y) in enumerate(train_batches(data, run.sampler, epoch, ctx.device, start), start):
-            loss, lr = train_step(args, ctx, run, data, x, y, epoch * run.spe + i)
-            loss_sum += loss
-            loss_n, seen, run.done_steps = loss_n + 1, seen + len(y) * ctx.world, run.done_steps + 1
-            if (i + 1) % args.check_interval == 0 and i + 1 < run.spe:  # the one place a step may wait
-                if check_finite(run, ctx, ctx.master and time.time() - run.t_ckpt > 60 * args.ckpt_every_minutes):
-                    save_checkpoint(args, ctx, run, data, epoch, i + 1, {"loss_sum": loss_sum.item(), "loss_n": loss_n})
-            if ctx.master and time.time() - t_log > args.log_seconds and i + 1 < run.spe:  # process 0's clock
-                eta = (time.time() - run.t_start) / run.done_steps * ((args.epochs - epoch) * run.spe - i - 1)
-                log(f"epoch {epoch + 1} step {i + 1}/{run.spe} | loss {loss.item():.4f} | lr {lr:.2e} | "
-                    f"{(seen - seen_log) / (time.time() - t_log):.0f} img/s | eta {fmt_time(eta)}")
-                t_log, seen_log = time.time(), seen
-        check_finite(run, ctx)
-        train_time = time.time() - t0
-        end_of_epoch(args, ctx, run, data, epoch, dict(train_loss=loss_sum.item() / max(loss_n, 1), lr=lr,
-                     img_per_s=seen / train_time, epoch_time=train_time), log)
-    if ctx.master:
-        summary(args, run, log)
-    return model
-
-
-def summary(args, run, log):
-    """The last lines of a run: where it ended, where its files are, what to do next."""
-    records = [json.loads(l) for l in open(run.log_path)] if os.path.exists(run.log_path) else []
-    if not records:
-        return
-    key, sign = ("top1", 1) if "top1" in records[-1] else ("val_loss", -1)
-    best = max(records, key=lambda r: sign * r[key])
-    log(f"done: {records[-1]['epoch']} epochs in {fmt_time(time.time() - run.t_start)} (this session) | final {key} "
-        f"{records[-1][key]:.4g} | best {key} {best[key]:.4g} (epoch {best['epoch']})\n"
-        f"  checkpoint {run.ckpt_path}, log {run.log_path}" + "".join(f"\n  {s}" for s in run.task.next_steps(args)))
-
-
-def check_args(args, ctx):
-    """Flags that cannot work, each one line before anything loads; the --workers default."""
-    for flag, value, least in (("--batch-size", args.batch_size, 1), ("--epochs", args.epochs, 1),
-                               ("--check-interval", args.check_interval, 1), ("--workers", args.workers, 0),
-                               ("--ckpt-every-minutes", args.ckpt_every_minutes, 0), ("--log-seconds", args.log_seconds, 0)):
-        if value is not None and value < least:
-            raise ValueError(f"{flag} must be at least {least}, not {value}")
-    if args.batch_size % ctx.world:
-        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {ctx.world} processes")
-    if args.aa != "none":
-        parse_aa(args.aa)  # a malformed string fails now, not at the first step
-    if args.workers is None:  # the machine's CPUs shared by the processes on it (torchrun's LOCAL_WORLD_SIZE)
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        args.workers = max(1, min(8, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-
-
-def start(parser, argv):
-    """What every entry point (train.py, finetune.py, mae.py) does first: the flags, the processes, the seed,
-    process 0's printer, the flag checks. Returns (args, ctx, log)."""
-    args = parser.parse_args(argv)
-    ctx = setup_distributed(args.amp)
-    torch.manual_seed(args.seed + ctx.rank)  # seed + rank, as the reference (drop path differs per process)
-    log = print if ctx.master else (lambda *a, **k: None)
-    check_args(args, ctx)
-    return args, ctx, log
-
-
-def main(argv=None):
-    args, ctx, log = start(get_parser(), argv)
-    if args.eval_only:
-        return eval_only(args, ctx, log)
-    img_size = check_model(args)
-    data = load_data(args, ctx.device, img_size)
-    model = build_model(args, data, ctx, img_size)
-    return train(args, ctx, model, data, log, build_teacher(args, data, img_size, log))
-
-
-def eval_only(args, ctx, log):
-    """--eval-only: evaluate --ckpt (ours, an official release file or a state dict). The model's shape
-    comes from the checkpoint when it is one of ours, else from --model."""
-    path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
-    ckpt = read_file(path, "checkpoint")
-    if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict):
-        args.model, args.img_size = ckpt["config"]["model"], args.img_size or ckpt["config"]["img_size"]
-        args.classes = args.classes or ckpt["config"].get("classes")  # the class subset it was trained on
-    img_size = check_model(args)
-    data = load_data(args, ctx.device, img_size)
-    model = build_model(args, data, ctx, img_size)
-    load_checked(model, fit_pos_embed(state_dict_of(ckpt, path, args.eval_ema), model), path)
-    metrics = evaluate(model, data, ctx, max(256, args.batch_size // ctx.world))
-    log(f"{path}: val loss {metrics['val_loss']:.4f} | top1 {metrics['top1']:.2f} | top5 {metrics['top5']:.2f}"
-        + (f" | class head {metrics['top1_cls']:.2f} | dist head {metrics['top1_dist']:.2f}" if "top1_cls" in metrics else ""))
-    return metrics
-
-
-def cli(main):
-    """Run main() as a command. The convention of every file here: a problem the user can fix (a bad flag,
-    a missing file, weights that do not fit, a diverged run) raises ValueError with a one-line message, and
-    this is the one place that turns it into "error: ..." on stderr and exit code 2 instead of a traceback."""
-    try:
-        main()
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted; the last checkpoint written is kept: continue with --resume", file=sys.stderr)
-        sys.exit(130)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    cli(main)
+    with cli():
+        main()

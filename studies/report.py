@@ -1,0 +1,37 @@
+"""Helpers for the studies' tables: a cell's last logged value, seeds as 'mean (each)', the machine."""
+import json
+import os
+import platform
+
+import torch
+
+OUT = os.environ.get("OUT", "studies/out")
+
+
+def last(name, key="top1"):
+    """The last epoch's value of key in $OUT/name/log.jsonl."""
+    with open(os.path.join(OUT, name, "log.jsonl")) as f:
+        return [json.loads(line) for line in f][-1][key]
+
+
+def seeds(names, key="top1"):
+    """'mean (seed 0, seed 1, ...)' over the cells named."""
+    values = [last(n, key) for n in names]
+    return f"{sum(values) / len(values):.2f} (" + ", ".join(f"{v:.2f}" for v in values) + ")"
+
+
+def evaluated(name):
+    """The top-1 an --eval-only cell printed (its $OUT/name.txt)."""
+    line = [l for l in open(os.path.join(OUT, name + ".txt")) if "top1" in l][-1]
+    return float(line.split("top1 ")[1].split()[0])
+
+
+def table(header, rows):
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for r in rows:
+        print("| " + " | ".join(str(c) for c in r) + " |")
+
+
+def machine():
+    print(f"\n{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}")
