@@ -17,6 +17,7 @@ This file needs only torch and numpy: copy it into your project.
 """
 
 import math
+import re
 import warnings
 
 import numpy as np
@@ -492,35 +493,29 @@ def mixup_cutmix(x, y, num_classes, rng, mixup_alpha=0.8, cutmix_alpha=1.0, swit
 def parse_aa(spec):
     """timm's RandAugment string, DeiT's --aa, e.g. rand-m9-mstd0.5-inc1 (DeiT's): magnitude 9, its std 0.5,
     the 'increasing' op set; -nN sets the number of ops (2). Returns rand_augment's keyword arguments."""
-    parts = spec.split("-")
-    if parts[0] != "rand":
+    if spec.split("-")[0] != "rand":
         raise ValueError(f"--aa {spec!r}: expected 'none' or a RandAugment string like rand-m9-mstd0.5-inc1")
     kw = dict(num_ops=2, magnitude=9.0, magnitude_std=0.0)
-    for p in parts[1:]:
-        key = next((k for k in ("mstd", "inc", "m", "n") if p.startswith(k)), None)
-        try:
-            value = float(p[len(key):]) if key else None
-        except ValueError:
-            value = None
-        if value is None or (key == "inc" and value != 1):
+    names = {"m": "magnitude", "mstd": "magnitude_std", "n": "num_ops"}
+    for p in spec.split("-")[1:]:
+        m = re.fullmatch(r"(mstd|m|n|inc)(\d+(?:\.\d*)?)", p)  # key, number
+        if not m or (m[1] == "inc" and float(m[2]) != 1):
             raise ValueError(f"--aa {spec!r}: cannot read {p!r} (known: mN, mstdX, nN, inc1)")
-        if key != "inc":
-            kw[{"m": "magnitude", "mstd": "magnitude_std", "n": "num_ops"}[key]] = int(value) if key == "n" else value
+        if m[1] != "inc":
+            kw[names[m[1]]] = int(float(m[2])) if m[1] == "n" else float(m[2])
     return kw
 
 
 def deit_augment(x, y, rng, gen=None, *, num_classes, mean, std, cropped=False, crop_pad=4, rrc_scale=None,
                  hflip=0.5, aa="rand-m9-mstd0.5-inc1", three_aug=False, reprob=0.25, mixup=0.8, cutmix=1.0,
                  switch_prob=0.5, smoothing=0.1):
-    """DeiT's training augmentation of one uint8 batch x (B, C, H, W) with labels y (B,), on their device; the
-    defaults are DeiT's flags. In order: the crop + flip (RandomResizedCrop above 32 px or with rrc_scale, its
-    smallest area; else the padded crop by crop_pad; flip only when cropped, for images that come cropped),
-    RandAugment (aa, timm's string, or "none") or 3-Augment (three_aug), normalisation by mean/std, random erasing
-    (reprob; not with 3-Augment, as DeiT III), then Mixup/CutMix with label smoothing folded into the soft
-    targets. rng, a numpy Generator, draws every choice on the host (seed it per step, e.g. with
-    (seed, step, rank), for a run that can resume exactly); gen, a torch.Generator on x's device, draws the
-    erasing noise. Returns (normalised float images, targets): soft targets (B, num_classes) when mixing,
-    else the labels y (then use label smoothing in the loss)."""
+    """DeiT's training augmentation of a uint8 batch x (B, C, H, W) with labels y (B,) on their device, with
+    DeiT's flags as defaults: crop + flip (RandomResizedCrop above 32 px or with rrc_scale, its smallest area,
+    else the padded crop; flip only if cropped), RandAugment (aa) or 3-Augment, normalisation, random erasing
+    (not with 3-Augment, as DeiT III), Mixup/CutMix. rng (numpy) draws every choice on the host: seed it per
+    step, e.g. (seed, step, rank), and a resumed run repeats it; gen (torch, on x's device) draws the erasing
+    noise. Returns (float images, targets): soft targets (B, num_classes), label smoothing folded in, when
+    mixing; else the labels y (then smooth in the loss)."""
     if not cropped and (x.shape[-1] > 32 or rrc_scale is not None):
         x = random_resized_crop(x, rng, x.shape[-1], scale=(rrc_scale or 0.08, 1.0), hflip=hflip)
     elif (crop_pad and not cropped) or hflip:

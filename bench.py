@@ -18,7 +18,7 @@ importable (never required), timm's DeiT in (a)'s setting, as a ratio. Then imag
 per training image in one DataLoader worker for the reference's pipeline and each --decode path, on a
 JPEG folder made by prepare_data.py --jpegs (from mate-backgrounds' photographs when installed); on CUDA
 also DeiT-S trained with the full recipe from a 5,120-file JPEG folder per path, and the reference's
-data loading alone on the same workers (--no-jpeg-train skips it). Results: README ("Speed").
+data loading alone on the same workers (--no-jpeg-train skips it). Results: RESULTS.md ("Speed"; studies/speed.sh).
 """
 
 import argparse

@@ -28,8 +28,7 @@ import augment as A
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUNDLED = os.path.join(HERE, "data", "fashion-mnist-subset")
 DEBIAN_FMNIST = "/usr/share/datasets/fashion-mnist"  # apt-get install -y dataset-fashion-mnist
-# The bundled data's teacher, which `train.py --distill hard` uses on it: distill.py's convnet trained on the
-# bundled subset by `python prepare_data.py --teacher` (the recipe: prepare_data.TEACHER_ARGS).
+# the teacher `train.py --distill hard` uses on the bundled data (made by python prepare_data.py --teacher)
 BUNDLED_TEACHER = os.path.join(HERE, "data", "teachers", "convnet-bundled.pt")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -154,8 +153,8 @@ def load_data(args, device, img_size):
         train, val = load_idx_folder(folder)
         C, stats = 10, ((0.2860,), (0.3530,))  # Fashion-MNIST's mean/std
         # Deliberate difference: no padded crop by default. Fashion-MNIST's items are centred and fill the
-        # frame; a 4-px shift of a 28-px image cuts them off (6.5 points of top-1 on the bundled data, README
-        # "Results"). The reference would apply it (input <= 32 px).
+        # frame; a 4-px shift of a 28-px image cuts them off (RESULTS.md, "The default job", measures the cost).
+        # The reference would apply it (input <= 32 px).
         pad = 0
     if args.classes is not None:  # e.g. pretrain on classes 0-4, fine-tune on 5-9 (finetune.py)
         keep = parse_classes(args.classes, C)

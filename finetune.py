@@ -13,7 +13,8 @@ files (a dict with key "model"), or a plain state dict with the same key names (
 read with torch.load(weights_only=True). The architecture is --model (default: the checkpoint's own);
 a new input size resizes the position embeddings bicubically (paper §3). A distilled checkpoint keeps both
 heads, or becomes a plain model with --plain. Everything else is train.py: the same loop, evaluation,
-augmentation, distillation, checkpoints and --resume, with the reference's 384 fine-tune recipe as defaults.
+augmentation, distillation, checkpoints and --resume, with the reference's 384 fine-tune recipe as defaults
+(and MAE's own fine-tune recipe, MAE_FINETUNE, for a checkpoint written by mae.py).
 """
 
 import argparse
@@ -28,7 +29,8 @@ from model import MODELS, fit_pos_embed, load_checked, read_file, state_dict_of
 
 def get_parser():
     p = T.get_parser()
-    p.prog, p.description = "finetune.py", "Fine-tune pretrained DeiT weights on a new task (every train.py flag works here too)."
+    p.prog = "finetune.py"
+    p.description = "Fine-tune pretrained DeiT weights on a new task (every train.py flag works here too)."
     a = p.add_argument
     a("--weights", help="pretrained weights (required): our ckpt.pt, an official DeiT .pth, or a state dict")
     a("--use-ema", action="store_true", help="take the EMA weights of our checkpoint instead of the model's")
@@ -37,8 +39,8 @@ def get_parser():
     a("--keep-head", action="store_true", help="keep the pretrained head(s) (same classes) instead of new ones")
     a("--layer-decay", type=float, default=1.0, help="layer-wise lr decay: block i of L trains at lr x decay^(L - i) "
       "(MAE's fine-tuning: 0.75; 0.65 for ViT-B in its code); 1: off")
-    a("--global-pool", action=argparse.BooleanOptionalAction, default=None, help="classify the mean of the patch tokens (MAE's fine-tuning) "
-      "instead of the class token; default: as the checkpoint's model, and on with an MAE checkpoint")
+    a("--global-pool", action=argparse.BooleanOptionalAction, default=None, help="classify the mean of the patch "
+      "tokens (MAE's fine-tuning) instead of the class token; default: as the checkpoint's model, on for MAE's")
     # The reference's fine-tune at 384 (its README): lr 5e-6 (per 512), weight decay 1e-8, 30 epochs, min lr
     # 5e-6. A quirk we keep: at any global batch up to 512 (it used 32 per GPU) the scaled peak lr is at most
     # the min lr, so the "cosine decay" is flat or climbs to 5e-6. --model defaults to the checkpoint's.
@@ -47,12 +49,10 @@ def get_parser():
     return p
 
 
-# MAE's fine-tune recipe (facebookresearch/mae main_finetune.py with FINETUNE.md's ViT-B command; MAE §A.1):
-# base lr 5e-4 per 256 images (1e-3 in train.py's per-512 rule), layer decay 0.65, weight decay 0.05, drop path
-# 0.1, 100 epochs, a 5-epoch warm-up from 0, cosine to 1e-6, the classifier on the mean patch token (global
-# pool); RandAugment m9, erasing 0.25, Mixup 0.8, CutMix 1.0 and smoothing 0.1 as DeiT's (train.py's defaults);
-# no EMA, no repeated augmentation. The default for a checkpoint written by mae.py: DeiT's 384 recipe (5e-6)
-# leaves an MAE encoder where it was.
+# MAE's fine-tune recipe, the default for a checkpoint of mae.py (DeiT's 384 recipe, 5e-6, leaves an MAE encoder
+# where it was): facebookresearch/mae main_finetune.py with FINETUNE.md's ViT-B command (MAE §A.1): base lr 5e-4
+# per 256 images (1e-3 per 512 here), layer decay 0.65, weight decay 0.05, drop path 0.1, 100 epochs, 5 of
+# warm-up from 0, cosine to 1e-6, global pool, no EMA or repeated augmentation; the augmentation is DeiT's.
 MAE_FINETUNE = dict(lr=1e-3, layer_decay=0.65, weight_decay=0.05, drop_path=0.1, epochs=100, warmup_epochs=5,
                     warmup_lr=0.0, min_lr=1e-6, global_pool=True, model_ema=False, repeated_aug=False)
 
@@ -155,7 +155,8 @@ def main(argv=None):
             p.requires_grad = k.startswith(("head.", "head_dist."))
         log(f"  frozen: everything but {', '.join(k for k, p in model.named_parameters() if p.requires_grad)}")
 
-    return T.train(args, ctx, model, data, log, T.build_teacher(args, data, img_size, log), layer_decay=args.layer_decay)
+    teacher = T.build_teacher(args, data, img_size, log)
+    return T.train(args, ctx, model, data, log, teacher, layer_decay=args.layer_decay)
 
 
 if __name__ == "__main__":

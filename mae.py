@@ -240,7 +240,8 @@ def freeze_encoder(model, path, log):
 
 def get_parser():
     p = T.get_parser()
-    p.prog, p.description = "mae.py", "MAE pretraining of a ViT (every train.py flag works here too; MAE's recipe as defaults)."
+    p.prog = "mae.py"
+    p.description = "MAE pretraining of a ViT (every train.py flag works here too; MAE's recipe as defaults)."
     a = p.add_argument
     a("--mask-ratio", type=float, default=0.75, help="share of the patches hidden from the encoder (MAE: 0.75)")
     a("--decoder-dim", type=int, default=64, help="decoder width (MAE: 512; a small decoder for 28-64 px)")

@@ -2,8 +2,8 @@
 Train DeiT (Touvron et al. 2021) with the reference recipe (facebookresearch/deit main.py), on one CPU, one
 GPU, or many through torchrun.
 
-    python train.py                       # a small DeiT on the bundled Fashion-MNIST subset: 82.4% in 4 min
-                                          # on 2 CPU cores (README "Results": command, machine, date)
+    python train.py                       # a small DeiT on the bundled Fashion-MNIST subset: 82.2% in
+                                          # about 4 min on 2 CPU cores (RESULTS.md: command, machine, date)
     torchrun --nproc_per_node=8 train.py --data /imagenet --model deit_small_patch16_224 \
         --epochs 300 --batch-size 1024 --lr 5e-4 --warmup-epochs 5      # DeiT-S as in the paper (Table 9)
     python train.py --model deit_nano_distilled_patch7_28 --distill hard --teacher out/teacher/ckpt.pt
@@ -43,6 +43,7 @@ from distill import CONVNETS, DistillationLoss, create_convnet, load_teacher, re
 from model import MODELS, create_model, fit_pos_embed, load_checked, param_groups, read_file, state_dict_of, variant
 
 DEFAULT_MODEL = "deit_nano_patch7_28"  # the default job: 0.68M parameters, 16 tokens of 28-px Fashion-MNIST
+NEVER = 2 ** 62  # the step at which the loss became nan/inf, while it has not
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -171,15 +172,16 @@ def start(parser, argv=None, defaults=None):
 
 
 def saved_flags(args):
-    """The flags of the run in the checkpoint that --resume continues or --eval-only evaluates, if it is ours;
-    not those of this machine or this invocation (NOT_INHERITED)."""
-    path = (args.ckpt or os.path.join(args.out_dir, "ckpt.pt")) if args.eval_only else (
-        os.path.join(args.out_dir, "ckpt.pt") if args.resume else None)
-    if path is None or not os.path.isfile(path):
+    """The flags of our checkpoint that --eval-only evaluates or --resume continues, but not those of this
+    machine or invocation (NOT_INHERITED)."""
+    path = args.ckpt if args.eval_only and args.ckpt else os.path.join(args.out_dir, "ckpt.pt")
+    if not (args.eval_only or args.resume) or not os.path.isfile(path):
         return {}
     ckpt = read_file(path, "checkpoint")
     config = ckpt.get("config") if isinstance(ckpt, dict) else None
-    return {k: v for k, v in config.items() if k in vars(args) and k not in NOT_INHERITED} if isinstance(config, dict) else {}
+    if not isinstance(config, dict):
+        return {}
+    return {k: v for k, v in config.items() if k in vars(args) and k not in NOT_INHERITED}
 
 
 NOT_INHERITED = ("out_dir", "resume", "eval_only", "ckpt", "workers", "script")
@@ -223,19 +225,13 @@ def all_sum(values, ctx):
     return t.tolist()
 
 
-def default_model(args):
-    """Without --model: the default job's model, its distilled variant with --distill."""
-    if args.model is None:
-        args.model = DEFAULT_MODEL.replace("nano_", "nano_distilled_") if args.distill != "none" else DEFAULT_MODEL
-    return args.model
-
-
 def check_model(args):
     """--model and --distill, checked before anything loads (model.variant names the known models). Without
     --model: the default job's model, its distilled variant with --distill (so that `torchrun ... train.py
     --distill hard` runs as typed). Returns the input size: --img-size, else the variant's (a convnet:
     None, the data's own)."""
-    default_model(args)
+    if args.model is None:
+        args.model = DEFAULT_MODEL.replace("nano_", "nano_distilled_") if args.distill != "none" else DEFAULT_MODEL
     v = None if args.model in CONVNETS else variant(args.model)
     if v and args.img_size and args.img_size % v.patch_size:
         raise ValueError(f"--img-size {args.img_size} is not a multiple of {args.model}'s patch size {v.patch_size}: "
@@ -247,7 +243,7 @@ def check_model(args):
 
 
 def build_model(args, data, ctx, img_size, global_pool=None):
-    if default_model(args) in CONVNETS:
+    if args.model in CONVNETS:
         return create_convnet(args.model, data.num_classes, data.in_chans).to(ctx.device)
     return create_model(args.model, num_classes=data.num_classes, img_size=img_size, in_chans=data.in_chans,
                         drop_path_rate=args.drop_path, global_pool=global_pool).to(ctx.device)
@@ -362,8 +358,7 @@ class Run:
     done_steps: int = 0
     t_start: float = 0.0
     t_ckpt: float = 0.0
-    never: Any = None  # 2**62 on the device, and the first step whose loss was nan/inf (no wait to check)
-    nonfinite_at: Any = None
+    nonfinite_at: Any = None  # on the device: the first step whose loss was nan/inf, else NEVER (no wait)
 
 
 def start_run(args, ctx, model, data, teacher, log, task=None, layer_decay=1.0):
@@ -383,10 +378,9 @@ def start_run(args, ctx, model, data, teacher, log, task=None, layer_decay=1.0):
         pairs = [list(zip(*[p for p in both if p[0].is_floating_point() == avg])) or [[], []] for avg in (True, False)]
     compiled = ctx.device.type == "cuda" if args.compile is None else args.compile
     net, criterion = wrap(args, ctx, model, teacher, compiled)
-    never = torch.tensor(2 ** 62, device=ctx.device)
     run = Run(model, net, criterion, augmentation(args, data), opt, ema, pairs, sampler, task, peak, sampler.steps,
               compiled, lock, os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "log.jsonl"),
-              never=never, nonfinite_at=never.clone())
+              nonfinite_at=torch.tensor(NEVER, device=ctx.device))
     run.start_epoch, run.start_step, run.partial = resume_or_start(args, ctx, run, log)
     if ctx.master:
         log(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params | {run.spe} steps/epoch x "
@@ -420,7 +414,7 @@ def train_step(args, ctx, run, x, y, step):
         if ema_int:
             torch._foreach_copy_(ema_int, model_int)
     loss = loss.detach()
-    run.nonfinite_at = torch.where(torch.isfinite(loss) | (run.nonfinite_at < run.never), run.nonfinite_at, step)
+    run.nonfinite_at = torch.where(torch.isfinite(loss) | (run.nonfinite_at < NEVER), run.nonfinite_at, step)
     return loss, lr
 
 
@@ -429,7 +423,6 @@ def train(args, ctx, model, data, log=print, teacher=None, task=None, layer_deca
     task. With args.distill other than none, teacher (eval mode, no grad) trains the distillation head."""
     run = start_run(args, ctx, model, data, teacher, log, task, layer_decay)
     run.t_start = run.t_ckpt = time.time()
-    run.done_steps = 0
     for epoch in range(run.start_epoch, args.epochs):
         start = run.start_step if epoch == run.start_epoch else 0  # > 0: resumed from a mid-epoch checkpoint
         run.net.train()
@@ -532,7 +525,7 @@ def check_finite(run, ctx, want_checkpoint=False):
     if ctx.ddp:
         dist.all_reduce(flags, op=dist.ReduceOp.MIN)
     s, want = flags.tolist()
-    if s < 2 ** 62:
+    if s < NEVER:
         kept = f"the last good checkpoint {run.ckpt_path} is kept" if os.path.exists(run.ckpt_path) else "no checkpoint was written"
         raise ValueError(f"loss became nan/inf at step {s} (epoch {s // run.spe + 1}); stopped, {kept}. "
                          "Try a lower --lr or --clip-grad")
@@ -546,9 +539,10 @@ def summary(args, run, log):
         return
     key, sign = ("top1", 1) if "top1" in records[-1] else ("val_loss", -1)
     best = max(records, key=lambda r: sign * r[key])
+    steps = run.task.next_steps(args) if run.task else next_steps(args)
     log(f"done: {records[-1]['epoch']} epochs in {fmt_time(time.time() - run.t_start)} (this session) | final {key} "
         f"{records[-1][key]:.4g} | best {key} {best[key]:.4g} (epoch {best['epoch']})\n"
-        f"  checkpoint {run.ckpt_path}, log {run.log_path}" + "".join(f"\n  {s}" for s in (run.task.next_steps if run.task else next_steps)(args)))
+        f"  checkpoint {run.ckpt_path}, log {run.log_path}" + "".join(f"\n  {s}" for s in steps))
 
 
 def next_steps(args):

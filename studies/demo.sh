@@ -19,3 +19,15 @@ table(["command", "top-1", "top-5", "time in training steps", "images/s"],
        row("flips-only-crop-pad-4", "... --crop-pad 4")])
 machine()
 PY
+# the README's picture: 16 bundled training images, and the same after one step of DeiT's recipe
+python - <<'PY'
+import numpy as np, torch, torch.nn.functional as F, torchvision.utils
+import augment as A, data as D
+(x, y), _ = D.load_idx_folder(D.BUNDLED)
+mean, std = (0.2860,), (0.3530,)
+aug, _ = A.deit_augment(x[:16], y[:16], np.random.default_rng(1), torch.Generator().manual_seed(0), num_classes=10,
+                        mean=mean, std=std, crop_pad=0)
+grid = torch.cat([x[:16].float() / 255, (aug * std[0] + mean[0]).clamp(0, 1)])
+torchvision.utils.save_image(F.interpolate(grid, scale_factor=3, mode="nearest"), "assets/recipe.png", nrow=16,
+                             padding=3, pad_value=1)
+PY
