@@ -883,7 +883,7 @@ def test_training_step_never_waits(tmp_path, recipe):
              "hard distillation": ["--model", "deit_nano_distilled_patch7_28", "--distill", "hard"]}[recipe]
     args = parse(*QUICK, *extra, "--clip-grad", "5", "--out-dir", str(tmp_path))
     ctx = T.setup_distributed()
-    data = DT.load_data(args, ctx.device, 28)
+    data = DT.load_data(args, ctx.device, T.check_model(args))
     teacher = D.create_convnet("convnet", 10, 1) if args.distill != "none" else None
     run = T.start_run(args, ctx, T.build_model(args, data, ctx, 28), data, teacher, log=lambda *a: None)
     cuda = ctx.device.type == "cuda"  # on a GPU, CUDA's own detector watches the same steps
