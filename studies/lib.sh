@@ -1,10 +1,10 @@
 # Sourced by every study: runs from the repository root, keeps each cell's run in $OUT/<name>/ (default
-# studies/out) and its printed output in $OUT/<name>.txt. Each cell runs with --resume auto, so a finished
+# studies/out/<study>, one folder per study) and its printed output in $OUT/<name>.txt. Each cell runs with --resume auto, so a finished
 # cell is skipped and a killed one continues: rerun the study to resume it. QUICK=1 shrinks every cell
 # (--train-subset 640 --epochs 1) to check that a study runs end to end; its numbers mean nothing.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-OUT=${OUT:-studies/out}
+OUT=${OUT:-studies/out}/$(basename "$0" .sh)
 mkdir -p "$OUT"
 SHRINK=()
 if [ "${QUICK:-0}" = 1 ]; then SHRINK=(--train-subset 640 --epochs 1 --warmup-epochs 0); fi
