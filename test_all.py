@@ -4,8 +4,9 @@ Tests for nanoDeiT, on the CPU: python -m pytest -q test_all.py (a few minutes o
 They check against references, not against the code's own output: the official checkpoints' key names,
 shapes and parameter counts (facebookresearch/deit's release files), attention written out by hand, PIL
 for every image op, the DeiT formulas for the schedule and the losses, a 2-process torchrun run against a
-1-process run, and a killed-then-resumed run against an uninterrupted one. Helpers first, then one
-section per file in the order model, augment, data, train, distill, finetune, then whole runs.
+1-process run, and a killed-then-resumed run against an uninterrupted one. Helpers first, then the files
+(imports, copied alone), one section per file in the order model, augment, data, train, distill, finetune,
+then whole runs, reliability and mae.py.
 """
 
 import argparse
