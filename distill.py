@@ -107,6 +107,12 @@ def create_convnet(name, num_classes, in_chans):
 # ----------------------------------------------------------------------------------------------------------
 # Teachers
 
+def ours(ckpt):
+    """Whether what read_file returned is a checkpoint of train.py (finetune.py, mae.py): its flags ("config")
+    and its model's ("model_config") come with the weights."""
+    return isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) and isinstance(ckpt.get("model_config"), dict)
+
+
 def rebuild(ckpt, **overrides):
     """The model of a checkpoint written by train.py (finetune.py, mae.py), as its "model_config" describes it
     (DeiT or ConvNet, global pool and all), weights not loaded; overrides that are not None replace fields."""
@@ -147,7 +153,7 @@ def load_teacher(name, weights=None, num_classes=None, in_chans=None, img_size=N
     and predicts that many classes, so a mismatch is one clear error before training starts."""
     if os.path.isfile(name) or os.sep in name or name.endswith((".pt", ".pth")):
         ckpt = read_file(name, "teacher checkpoint")
-        if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model_config"), dict) and "config" in ckpt):
+        if not ours(ckpt):
             raise ValueError(f"teacher checkpoint {name} was not written by train.py: give the architecture "
                              "as --teacher NAME and this file as --teacher-weights")
         teacher = rebuild(ckpt)

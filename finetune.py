@@ -23,7 +23,7 @@ import torch
 
 import train as T
 from data import load_data
-from distill import CONVNETS
+from distill import CONVNETS, ours
 from model import MODELS, fit_pos_embed, load_checked, read_file, state_dict_of
 
 
@@ -61,9 +61,9 @@ def weights_defaults(args):
     """Defaults that the weights bring (T.start): one of our checkpoints its architecture (model, global
     pool), one of mae.py's also MAE's fine-tune recipe."""
     ckpt = read_file(args.weights) if args.weights else None
-    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict)):
+    if not ours(ckpt):
         return {}
-    config, mc = ckpt["config"], ckpt.get("model_config") or {}
+    config, mc = ckpt["config"], ckpt["model_config"]
     mae = "mask_ratio" in config and not config.get("probe")
     return {"model": config.get("model"), **({"global_pool": True} if mc.get("global_pool") else {}),
             **(MAE_FINETUNE if mae else {})}
@@ -87,10 +87,10 @@ def adapt(state, model, args):
     own, cfg = model.state_dict(), model.cfg
     w = state["patch_embed.proj.weight"]
     depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
-    for what, theirs, ours in (("width", w.shape[0], cfg.embed_dim), ("patch size", w.shape[-1], cfg.patch_size),
+    for what, theirs, mine in (("width", w.shape[0], cfg.embed_dim), ("patch size", w.shape[-1], cfg.patch_size),
                                ("depth", depth, cfg.depth)):
-        if theirs != ours:
-            raise ValueError(f"{args.weights} has {what} {theirs}, {args.model} has {ours}: choose the matching --model")
+        if theirs != mine:
+            raise ValueError(f"{args.weights} has {what} {theirs}, {args.model} has {mine}: choose the matching --model")
     state, notes = dict(state), []
     if w.shape[1] != cfg.in_chans:  # e.g. ImageNet (RGB) weights on greyscale data
         if cfg.in_chans != 1:

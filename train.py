@@ -39,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import augment as A
 from data import BUNDLED_TEACHER, HERE, EpochSampler, load_data, train_batches, val_batches
-from distill import CONVNETS, DistillationLoss, create_convnet, load_teacher, rebuild
+from distill import CONVNETS, DistillationLoss, create_convnet, load_teacher, ours, rebuild
 from model import MODELS, create_model, fit_pos_embed, load_checked, param_groups, read_file, state_dict_of, variant
 
 DEFAULT_MODEL = "deit_nano_patch7_28"  # the default job: 0.68M parameters, 16 tokens of 28-px Fashion-MNIST
@@ -120,7 +120,8 @@ def get_parser():
     a("--seed", type=int, default=0, help="all random draws derive from it (and the process rank)")
     a("--out-dir", default="out", help="ckpt.pt and log.jsonl; one run at a time")
     a("--resume", nargs="?", const="yes", choices=["yes", "auto"], default=None, help="continue the run in --out-dir "
-      "from its ckpt.pt, with the flags it was started with unless given again; --resume auto: continue if there is one, else start (for torchrun --max-restarts); "
+      "from its ckpt.pt, with the flags it was started with unless given again; --resume auto: continue if there "
+      "is one, else start (for torchrun --max-restarts); "
       "default: start a new run")
     a("--ckpt-every-minutes", type=float, default=10, help="also write ckpt.pt within an epoch after this long "
       "(at the next --check-interval step), so that a killed run loses minutes, not the epoch")
@@ -178,10 +179,9 @@ def saved_flags(args):
     if not (args.eval_only or args.resume) or not os.path.isfile(path):
         return {}
     ckpt = read_file(path, "checkpoint")
-    config = ckpt.get("config") if isinstance(ckpt, dict) else None
-    if not isinstance(config, dict):
+    if not ours(ckpt):
         return {}
-    return {k: v for k, v in config.items() if k in vars(args) and k not in NOT_INHERITED}
+    return {k: v for k, v in ckpt["config"].items() if k in vars(args) and k not in NOT_INHERITED}
 
 
 NOT_INHERITED = ("out_dir", "resume", "eval_only", "ckpt", "workers", "script")
@@ -562,9 +562,8 @@ def eval_only(args, ctx, log):
     ckpt = read_file(path, "checkpoint")
     img_size = check_model(args)
     data = load_data(args, ctx.device, img_size)
-    ours = isinstance(ckpt, dict) and isinstance(ckpt.get("model_config"), dict)
-    model = rebuild(ckpt, img_size=img_size).to(ctx.device) if ours else build_model(args, data, ctx, img_size)
-    if ours and ckpt["model_config"]["num_classes"] != data.num_classes:
+    model = rebuild(ckpt, img_size=img_size).to(ctx.device) if ours(ckpt) else build_model(args, data, ctx, img_size)
+    if ours(ckpt) and ckpt["model_config"]["num_classes"] != data.num_classes:
         raise ValueError(f"{path} predicts {ckpt['model_config']['num_classes']} classes, the data has "
                          f"{data.num_classes}: give the --data (and --classes) it was trained on")
     load_checked(model, fit_pos_embed(state_dict_of(ckpt, path, args.eval_ema), model), path)
