@@ -127,6 +127,25 @@ def stratified_subset(y, amount, seed):
                       for c in classes]).sort().values
 
 
+def free_memory(device):
+    """Bytes of memory free for new tensors on device: the GPU's, or on the CPU what the OS can give
+    (/proc/meminfo's MemAvailable, within a cgroup's limit); None where that cannot be read."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            free = next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
+            limit = f.read().strip()
+            free = min(free, int(limit) - int(g.read())) if limit != "max" else free
+    except (OSError, ValueError):
+        pass
+    return free
+
+
 def load_data(args, device, img_size):
     """Returns a namespace: train/val as (x, y) uint8 tensors on the device or as Datasets, num_classes,
     in_chans and the normalisation mean/std."""
@@ -166,6 +185,10 @@ def load_data(args, device, img_size):
 
     def to_device(x, y):  # resize once if the model wants another size (e.g. 28 -> 32 px)
         if img_size is not None and x.shape[-1] != img_size:
+            need, free = len(x) * x.shape[1] * img_size ** 2 * 5, free_memory(torch.device("cpu"))  # float + uint8
+            if free is not None and need > free:
+                raise ValueError(f"resizing the {len(x)} images of --data {args.data} to --img-size {img_size} needs "
+                                 f"{need / 2**30:.1f} GiB, and {free / 2**30:.1f} GiB is free: lower --img-size")
             x = F.interpolate(x.float(), size=(img_size, img_size), mode="bicubic", antialias=True)
             x = x.round().clamp(0, 255).to(torch.uint8)
         return x.to(device), y.to(device)
@@ -283,12 +306,7 @@ class ImageFiles(torch.utils.data.Dataset):
     train: RandomResizedCrop's box (augment.sample_boxes, scale min_scale-1, ratio 3/4-4/3), else eval_box."""
 
     def __init__(self, root, size, train, decode, min_scale=0.08):
-        import torchvision
-        try:  # only the listing: files and class folders
-            folder = torchvision.datasets.ImageFolder(root, loader=str)
-        except (FileNotFoundError, OSError) as e:
-            raise ValueError(f"cannot read image folder {root}: {e}")
-        self.samples, self.classes = folder.samples, folder.classes
+        self.samples, self.classes = list_images(root)
         self.size, self.train, self.decode, self.seed, self.min_scale = size, train, decode, None, min_scale
         self.tensor_decode = True  # full-scale JPEGs through device_decoder()'s decoder on the CPU (False: PIL)
 
@@ -318,6 +336,46 @@ class ImageFiles(torch.utils.data.Dataset):
                                             device_decoder()[1] if self.tensor_decode else None)), target
         except Exception as e:  # PIL raises several kinds for corrupt or truncated files
             return ("bad", f"{path} ({type(e).__name__}: {e})"), target
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
+
+
+def list_images(root):
+    """torchvision's ImageFolder listing (class = subfolder, sorted; the image files below it, symlinks
+    followed, sorted by folder then name) -> (samples [(path, class index)], classes), except that a folder
+    or a file reached a second time, through a symlink loop (train/coffee/loop -> ..) or a second link, is
+    an error naming both paths: ImageFolder lists such files again and again, under whichever class they
+    were reached from, and says nothing."""
+    try:
+        classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    except OSError as e:
+        raise ValueError(f"cannot read image folder {root}: {e.strerror or e}") from None
+    seen, samples = {}, []  # real path -> the path it was first reached by
+
+    def once(path, real):
+        if real in seen:
+            raise ValueError(f"image folder {root}: {os.path.relpath(path, root)} is {os.path.relpath(seen[real], root)} "
+                             "again, through a symlink (a loop or a second link): each image must be reached once")
+        seen[real] = path
+
+    def walk(folder, c):
+        real_folder = os.path.realpath(folder)
+        once(folder, real_folder)
+        for e in sorted(os.scandir(folder), key=lambda e: e.name):
+            if e.is_dir():
+                walk(e.path, c)
+            elif e.name.lower().endswith(IMAGE_EXTENSIONS) and e.is_file():
+                once(e.path, os.path.realpath(e.path) if e.is_symlink() else os.path.join(real_folder, e.name))
+                samples.append((e.path, c))
+    for c, name in enumerate(classes):
+        walk(os.path.join(root, name), c)
+    samples.sort(key=lambda s: (os.path.dirname(s[0]), os.path.basename(s[0])))  # ImageFolder's order
+    empty = [name for c, name in enumerate(classes) if not any(s[1] == c for s in samples)]
+    if empty or not classes:
+        raise ValueError(f"image folder {root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in "
+                         + (f"the class folder(s) {', '.join(empty[:5])}" if classes else "class folders"))
+    return samples, classes
 
 
 def collate_files(batch):

@@ -39,6 +39,8 @@ def get_parser():
     a("--keep-head", action="store_true", help="keep the pretrained head(s) (same classes) instead of new ones")
     a("--layer-decay", type=float, default=1.0, help="layer-wise lr decay: block i of L trains at lr x decay^(L - i) "
       "(MAE's fine-tuning: 0.75; 0.65 for ViT-B in its code); 1: off")
+    a("--head-init-std", type=float, default=None, help="draw the new head's weights from a truncated normal "
+      "with this std (MAE's fine-tuning: 2e-5), biases 0; default: the model's own init (DeiT's: std 0.02)")
     a("--global-pool", action=argparse.BooleanOptionalAction, default=None, help="classify the mean of the patch "
       "tokens (MAE's fine-tuning) instead of the class token; default: as the checkpoint's model, on for MAE's")
     # The reference's fine-tune at 384 (its README): lr 5e-6 (per 512), weight decay 1e-8, 30 epochs, min lr
@@ -52,9 +54,11 @@ def get_parser():
 # MAE's fine-tune recipe, the default for a checkpoint of mae.py (DeiT's 384 recipe, 5e-6, leaves an MAE encoder
 # where it was): facebookresearch/mae main_finetune.py with FINETUNE.md's ViT-B command (MAE §A.1): base lr 5e-4
 # per 256 images (1e-3 per 512 here), layer decay 0.65, weight decay 0.05, drop path 0.1, 100 epochs, 5 of
-# warm-up from 0, cosine to 1e-6, global pool, no EMA or repeated augmentation; the augmentation is DeiT's.
+# warm-up from 0 then a half-cosine to 1e-6 (--sched mae), the new head's weights drawn with std 2e-5, global pool,
+# no EMA or repeated augmentation; the augmentation is DeiT's.
 MAE_FINETUNE = dict(lr=1e-3, layer_decay=0.65, weight_decay=0.05, drop_path=0.1, epochs=100, warmup_epochs=5,
-                    warmup_lr=0.0, min_lr=1e-6, global_pool=True, model_ema=False, repeated_aug=False)
+                    warmup_lr=0.0, min_lr=1e-6, sched="mae", head_init_std=2e-5, global_pool=True, model_ema=False,
+                    repeated_aug=False)
 
 
 def weights_defaults(args):
@@ -137,7 +141,7 @@ def main(argv=None):
         args.model = args.model.replace("_distilled", "")
     if args.model in CONVNETS:
         raise ValueError(f"finetune.py fine-tunes DeiT models, not {args.model}")
-    img_size = T.check_model(args)
+    img_size = T.check_model(args, ctx)
     if args.freeze:
         args.drop_path = 0.0  # a frozen backbone computes features; stochastic depth would only add noise
     data = load_data(args, ctx.device, img_size)
@@ -149,7 +153,12 @@ def main(argv=None):
     log(f"loaded {len(state)} tensors ({n_loaded / 1e6:.2f}M values) from {args.weights}" + (" (EMA)" if args.use_ema else ""))
     for n in notes:
         log(f"  {n}")
-    log(f"  newly initialised: {', '.join(new) if new else 'nothing'}")
+    if args.head_init_std is not None and not args.keep_head:  # MAE's main_finetune.py: trunc_normal_(std=2e-5)
+        for head in [model.head] + ([model.head_dist] if model.cfg.distilled else []):
+            torch.nn.init.trunc_normal_(head.weight, std=args.head_init_std)
+            torch.nn.init.zeros_(head.bias)
+    log(f"  newly initialised: {', '.join(new) if new else 'nothing'}"
+        + (f" (heads: std {args.head_init_std:g})" if args.head_init_std is not None and not args.keep_head else ""))
     if args.freeze:  # linear probe: only the heads learn; the optimizer never sees the rest (model.param_groups)
         for k, p in model.named_parameters():
             p.requires_grad = k.startswith(("head.", "head_dist."))

@@ -35,14 +35,15 @@ from model import Block, DeiTConfig, load_checked, read_file, state_dict_of
 
 # MAE's recipe (main_pretrain.py and the paper's Table 8), each a default below:
 #   AdamW betas (0.9, 0.95), weight decay 0.05, base lr 1.5e-4 per 256 images (lr = blr x batch / 256: that is
-#   3e-4 in train.py's per-512 rule), cosine to 0 after a linear warm-up from 0 of 40 epochs, 800-1600 epochs,
+#   3e-4 in train.py's per-512 rule), a linear warm-up from 0 of 40 epochs then a half-cosine to 0 over the rest
+#   (util/lr_sched.py: --sched mae), 800-1600 epochs,
 #   batch 4096, RandomResizedCrop(scale 0.2-1) and flip only, no drop path, no EMA, mask ratio 0.75,
 #   norm_pix_loss. Demo-sized instead, so that `python mae.py` runs in minutes on a CPU: --epochs 36,
 #   --warmup-epochs 4 (a tenth of the run, as 40 of MAE's 400), --batch-size 128, the small decoder below,
 #   and --lr 1.5e-3 per 512 (5x MAE's, set once for a short schedule of a small model, as train.py's demo lr
 #   is 16x DeiT's; not tuned).
 #   Weight decay spares cls_token as model.param_groups does for DeiT; MAE's code decays it (and mask_token).
-MAE_DEFAULTS = dict(lr=1.5e-3, beta2=0.95, weight_decay=0.05, min_lr=0.0, warmup_lr=0.0, warmup_epochs=4,
+MAE_DEFAULTS = dict(lr=1.5e-3, beta2=0.95, weight_decay=0.05, min_lr=0.0, warmup_epochs=4, sched="mae",
                     rrc_scale=0.2, hflip=0.5, aa="none", reprob=0.0, mixup=0.0, cutmix=0.0, smoothing=0.0,
                     drop_path=0.0, model_ema=False, out_dir="out-mae")
 
@@ -103,9 +104,14 @@ class MAE(nn.Module):
         self.decoder_blocks = nn.ModuleList([Block(dcfg, 0.0) for _ in range(decoder_depth)])
         self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_dim, cfg.patch_size ** 2 * cfg.in_chans)
-        # MAE's init for what is new: tokens N(0, 0.02), Linear layers xavier-uniform, biases 0
+        # MAE's init (models_mae.py initialize_weights), of the encoder too (DeiT's is truncated normal 0.02):
+        # tokens N(0, 0.02); every Linear, and the patch embedding as a (width, C*p*p) matrix, xavier-uniform,
+        # their biases 0 (the patch embedding's keeps PyTorch's default); LayerNorms 1 and 0 (as they are)
+        nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
-        for m in [self.decoder_embed, self.decoder_pred, *self.decoder_blocks.modules()]:
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.data.view(w.shape[0], -1))
+        for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
@@ -218,8 +224,12 @@ def save_picture(model, data, path, run=None, n=8):
     grid = torch.cat([x, masked, recon]) * std + mean
     if grid.shape[-1] < 96:  # small images, enlarged with visible pixels
         grid = torch.nn.functional.interpolate(grid.float(), scale_factor=-(-96 // grid.shape[-1]), mode="nearest")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    torchvision.utils.save_image(grid.clamp(0, 1).cpu(), path, nrow=len(x), padding=1)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot write {path}: {e.strerror or e}") from None
+    T.write_atomic(path, lambda tmp: torchvision.utils.save_image(grid.clamp(0, 1).cpu(), tmp, format="png",
+                                                                  nrow=len(x), padding=1), "no picture written")
 
 
 def freeze_encoder(model, path, log):
@@ -260,7 +270,7 @@ def main(argv=None):
     args, ctx, log = T.start(get_parser(), argv)
     if args.distill != "none":
         raise ValueError("mae.py pretrains without labels or a teacher: drop --distill")
-    img_size = T.check_model(args)
+    img_size = T.check_model(args, ctx)
     if args.model in CONVNETS:
         raise ValueError(f"mae.py pretrains a ViT, not {args.model}")
     if args.probe:

@@ -277,11 +277,13 @@ def load_weights(model, path, ema=False):
 def read_file(path, what="weights file"):
     """torch.load onto the CPU with weights_only=True: a weights file never runs pickled code."""
     if not os.path.isfile(path):
-        raise ValueError(f"{what} {path} does not exist")
+        raise ValueError(f"{what} {path} " + ("is a directory, not a file" if os.path.isdir(path) else "does not exist"))
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{what} {path} is empty (0 bytes): a copy or a download that did not finish?")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"cannot read {what} {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise ValueError(f"cannot read {what} {path}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from None
 
 
 def state_dict_of(obj, path, ema=False):

@@ -1,5 +1,5 @@
 """
-Tests for nanoDeiT, on the CPU: python -m pytest -q test_all.py (a few minutes on 2 cores).
+Tests for nanoDeiT, on the CPU: python -m pytest -q -rfE test_all.py (a few minutes on 2 cores).
 
 They check against references, not against the code's own output: the official checkpoints' key names,
 shapes and parameter counts (facebookresearch/deit's release files), attention written out by hand, PIL
@@ -43,10 +43,43 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 # a small, fast run on the bundled data (the default model, 64 images per class, 10 steps an epoch)
 QUICK = ["--train-subset", "640", "--batch-size", "64", "--log-seconds", "1000"]
+TORCHRUN2 = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
 
 
-def run_cli(args, cmd=(sys.executable, "train.py"), **kw):
-    return subprocess.run([*cmd, *args], cwd=HERE, env=ENV, capture_output=True, text=True, timeout=300, **kw)
+STARTED = []  # the processes this test started: each leads a process group of its own (spawn)
+
+
+def spawn(argv, **kw):
+    """Popen in a new session, so that the process and all it starts (torchrun's workers, DataLoader workers)
+    form one group, which the end of the test kills whatever happened (kill_what_the_test_started)."""
+    p = subprocess.Popen(argv, cwd=kw.pop("cwd", HERE), env=kw.pop("env", ENV), start_new_session=True, **kw)
+    STARTED.append(p)
+    return p
+
+
+@pytest.fixture(autouse=True)
+def kill_what_the_test_started():
+    yield
+    while STARTED:
+        p = STARTED.pop()
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        p.wait()
+
+
+def run_cli(args, cmd=(sys.executable, "train.py"), timeout=300):
+    """Run a command to its end (stdout, stderr, returncode); past timeout, its whole process group is killed
+    and the test fails, naming the command."""
+    p = spawn([*cmd, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        pytest.fail(f"{shlex.join(map(str, [*cmd, *args]))} ran past {timeout} s; its stderr ends: {err[-2000:]}")
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 
 def final_weights(out_dir):
@@ -693,6 +726,33 @@ def test_odd_and_broken_image_files(tmp_path, capsys, decode):
     assert x.shape == (5, 3, 224, 224) and x.dtype == torch.uint8 and len(data.skipped) == 3
 
 
+def test_image_folder_listing_is_imagefolders_and_refuses_what_it_reaches_twice(tmp_path):
+    """The listing equals torchvision's ImageFolder (classes, files, order); a symlink loop (coffee/loop -> ..,
+    which ImageFolder follows until the path is too long: 24 images became 984) or a second link to an image
+    is one line naming both paths."""
+    import torchvision
+    from prepare_data import make_jpeg_folder
+    make_jpeg_folder(str(tmp_path / "data"), n_train=24, n_val=8, short=(40, 80))
+    train = tmp_path / "data" / "train"
+    (train / "coffee" / "more").mkdir()
+    (train / "coffee" / "more" / "x.PNG").write_bytes((train / "coffee" / "00002.jpg").read_bytes())
+    (train / "coffee" / "notes.txt").write_text("not an image")
+    reference = torchvision.datasets.ImageFolder(str(train), loader=str)
+    assert DT.list_images(str(train)) == (reference.samples, reference.classes)
+    (train / "coffee" / "loop").symlink_to("..")
+    with pytest.raises(ValueError, match=r"coffee/loop/astronaut is astronaut again, through a symlink"):
+        DT.list_images(str(train))
+    (train / "coffee" / "loop").unlink()
+    (train / "rocket" / "same.jpg").symlink_to(train / "coffee" / "00002.jpg")
+    line = cli_error(["--data", str(tmp_path / "data"), "--model", "deit_nano_patch4_28", "--img-size", "32",
+                      "--out-dir", str(tmp_path / "out")], "rocket/same.jpg is coffee/00002.jpg again")
+    assert "each image must be reached once" in line
+    (train / "rocket" / "same.jpg").unlink()
+    (train / "empty").mkdir()
+    with pytest.raises(ValueError, match="no image files .* in the class folder.s. empty"):
+        DT.list_images(str(train))
+
+
 def test_device_and_worker_paths_give_the_same_crops(tmp_path):
     """The same files and boxes through both paths (the device one on the CPU here): the same crops, within
     the 2-pixel edge of PIL's box; both against PIL."""
@@ -778,6 +838,19 @@ def test_lr_schedule_matches_deit_formula():
     for t in (5, 100, 150, 299.5):
         assert T.lr_at(t, args, peak) == pytest.approx(1e-5 + (peak - 1e-5) / 2 * (1 + math.cos(math.pi * t / 300)))
     assert T.lr_at(300, args, peak) == pytest.approx(1e-5)
+
+
+def test_mae_schedule_is_maes_formula_in_mae_and_its_finetune():
+    """--sched mae (mae.py's default, and finetune.py's for an MAE checkpoint): MAE's util/lr_sched.py, a
+    warm-up from 0, then a half-cosine over the epochs after it: min + (peak - min)/2 * (1 + cos(pi (t - w) / (E - w)))."""
+    args = MAE.get_parser().parse_args(["--epochs", "36", "--warmup-epochs", "4"])
+    assert args.sched == "mae" and args.min_lr == 0
+    peak = 1.5e-3 * 128 / 512
+    assert T.lr_at(0, args, peak) == 0 and T.lr_at(1, args, peak) == pytest.approx(peak / 4)
+    for t in (4, 10, 20, 35.9):
+        assert T.lr_at(t, args, peak) == pytest.approx(peak / 2 * (1 + math.cos(math.pi * (t - 4) / 32)))
+    assert T.lr_at(20, args, peak) == pytest.approx(peak / 2)  # half-way through the cosine: half the peak
+    assert FT.MAE_FINETUNE["sched"] == "mae" and FT.MAE_FINETUNE["head_init_std"] == 2e-5
 
 
 def test_weight_decay_groups():
@@ -1037,7 +1110,7 @@ def test_convnet_teacher_then_two_process_distilled_student(tmp_path):
     ckpt = str(tmp_path / "teacher" / "ckpt.pt")
     r = run_cli([*QUICK, "--epochs", "1", "--model", "deit_nano_distilled_patch7_28", "--distill", "hard",
                  "--teacher", ckpt, "--out-dir", str(tmp_path / "student")],
-                cmd=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"))
+                cmd=(*TORCHRUN2, "train.py"))
     assert r.returncode == 0, r.stderr
     log = read_log(tmp_path / "student")
     # repeated augmentation: 640 // 256 * 256 / 2 = 256 samples a process, 8 steps of 32
@@ -1125,7 +1198,7 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     one = run_cli(common + ["--out-dir", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr
     two = run_cli(common + ["--out-dir", str(tmp_path / "two")],
-                  cmd=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"))
+                  cmd=(*TORCHRUN2, "train.py"))
     assert two.returncode == 0, two.stderr
     assert "global batch 64 on 2 process(es)" in two.stdout
     assert "Grad strides do not match" not in two.stderr  # the batch comes in the usual layout (augment.pad_crop_flip)
@@ -1148,7 +1221,7 @@ def test_two_process_ddp_equals_one_process(tmp_path):
 
 def test_two_process_run_with_the_full_recipe(tmp_path):
     r = run_cli(["--train-subset", "600", "--batch-size", "64", "--epochs", "1", "--out-dir", str(tmp_path)],
-                cmd=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"))
+                cmd=(*TORCHRUN2, "train.py"))
     assert r.returncode == 0, r.stderr
     log = read_log(tmp_path)  # repeated augmentation: 600 // 256 * 256 / 2 = 256 samples a process, 8 steps of 32
     assert log[0]["step"] == 8 and math.isfinite(log[0]["train_loss"])
@@ -1166,7 +1239,7 @@ def test_two_process_run_on_an_image_folder(tmp_path, decode):
     r = run_cli(["--data", str(tmp_path / "data"), "--model", "deit_nano_patch4_28", "--img-size", "32",
                  "--decode", decode, "--batch-size", "26", "--no-repeated-aug", "--epochs", "1",
                  "--out-dir", str(tmp_path / "out")],
-                cmd=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"))
+                cmd=(*TORCHRUN2, "train.py"))
     assert r.returncode == 0, r.stderr
     assert "Grad strides" not in r.stderr and "suggested max number of worker" not in r.stderr  # --workers default
     assert f"decode: {decode}" in r.stdout and r.stdout.count("skipped an image that cannot be decoded") == 3
@@ -1176,8 +1249,10 @@ def test_two_process_run_on_an_image_folder(tmp_path, decode):
 
 
 def test_two_process_run_compiled_with_bf16_autocast(tmp_path):
-    r = run_cli([*distilled_run_args(tmp_path), "--compile", "--amp", "bf16", "--out-dir", str(tmp_path / "run")],
-                cmd=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"))
+    """The slowest test: compiling takes 115 s with a cold cache on an idle 2-core machine and about 200 s under
+    load (measured), most of it whatever the number of steps; hence a budget of 3x the loaded figure."""
+    args = [*distilled_run_args(tmp_path), "--compile", "--amp", "bf16"]
+    r = run_cli([*args, "--out-dir", str(tmp_path / "run")], cmd=(*TORCHRUN2, "train.py"), timeout=600)
     assert r.returncode == 0, r.stderr
     first, last = read_log(tmp_path / "run")
     assert math.isfinite(last["train_loss"]) and last["train_loss"] < first["train_loss"]
@@ -1189,8 +1264,8 @@ def test_kill_then_resume_equals_uninterrupted(tmp_path):
     full = run_cli(args + ["--out-dir", str(tmp_path / "full")])
     assert full.returncode == 0, full.stderr
     out = tmp_path / "killed"
-    p = subprocess.Popen([sys.executable, "train.py", *args, "--out-dir", str(out)], cwd=HERE, env=ENV,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = spawn([sys.executable, "train.py", *args, "--out-dir", str(out)],
+              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while p.poll() is None and not (out / "ckpt.pt").exists():  # the first epoch's checkpoint (atomic)
         time.sleep(0.02)
     p.send_signal(signal.SIGKILL)
@@ -1235,8 +1310,6 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 # ------------------------------------------------------------------ reliability: what clusters and users do
 
-TORCHRUN2 = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
-
 
 def test_headline_command_distills_with_the_shipped_teacher(tmp_path):
     """`torchrun ... train.py --distill hard`, as typed (2 processes, a smaller run): the distilled default
@@ -1274,8 +1347,8 @@ def test_torchrun_restart_finishes_the_run_by_itself(tmp_path):
     full = run_cli(args + ["--out-dir", str(tmp_path / "full")], cmd=(*TORCHRUN2, "train.py"))
     assert full.returncode == 0, full.stderr
     out = tmp_path / "killed"
-    p = subprocess.Popen([*TORCHRUN2, "--max-restarts=1", "train.py", *args, "--out-dir", str(out)], cwd=HERE, env=ENV,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = spawn([*TORCHRUN2, "--max-restarts=1", "train.py", *args, "--out-dir", str(out)],
+              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while p.poll() is None and not (out / "ckpt.pt").exists():
         time.sleep(0.02)
     workers = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
@@ -1293,8 +1366,8 @@ def test_one_out_dir_one_run(tmp_path):
     """A second run in a busy out-dir gets one line naming the first; a lock left by a killed run (kill -9)
     blocks nothing; a temp file a killed writer left behind is removed."""
     out = tmp_path / "run"
-    p = subprocess.Popen([sys.executable, "train.py", *QUICK, "--epochs", "50", "--out-dir", str(out)], cwd=HERE,
-                         env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = spawn([sys.executable, "train.py", *QUICK, "--epochs", "50", "--out-dir", str(out)],
+              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while p.poll() is None and not (out / "ckpt.pt").exists():
         time.sleep(0.02)
     line = cli_error(QUICK + ["--epochs", "50", "--seed", "1", "--out-dir", str(out)], "is in use by another run")
@@ -1307,6 +1380,83 @@ def test_one_out_dir_one_run(tmp_path):
     assert "resumed from" in r.stdout and not list(out.glob("*.tmp"))
 
 
+@pytest.mark.parametrize("script", [T, FT, MAE])
+def test_the_lock_is_taken_before_anything_slow(script, tmp_path, monkeypatch):
+    """Process 0 holds the out-dir before the data (or weights) load: a run started a moment later finds it
+    taken, however fast its own loading."""
+    weights = tmp_path / "w.pt"
+    torch.save(M.create_model("deit_nano_patch7_28", in_chans=1, num_classes=10).state_dict(), weights)
+    out = tmp_path / "run"
+    probe = "import fcntl, sys; fcntl.lockf(open(sys.argv[1], 'a'), fcntl.LOCK_EX | fcntl.LOCK_NB)"
+
+    def load_data(*a):
+        taken = subprocess.run([sys.executable, "-c", probe, str(out / "lock")], capture_output=True, text=True)
+        assert taken.returncode != 0 and ("BlockingIOError" in taken.stderr or "PermissionError" in taken.stderr)
+        # (read only now: closing any file of the lock's in the process that holds it ends a POSIX lock)
+        assert f"pid {os.getpid()}" in (out / "lock").read_text()
+        raise ValueError("stopped at the data")
+    monkeypatch.setattr(script, "load_data", load_data)
+    with pytest.raises(ValueError, match="stopped at the data"):
+        script.main(QUICK + ["--out-dir", str(out)] + (["--weights", str(weights), "--model", "deit_nano_patch7_28"] if script is FT else []))
+
+
+def test_forked_children_do_not_hold_the_lock(tmp_path):
+    """DataLoader workers are forked from the run: they must not keep its out-dir locked once it is gone
+    (a POSIX record lock belongs to one process; flock's would be shared with the children)."""
+    code = ("import os, sys, time, train; f = train.lock_out_dir(sys.argv[1]); pid = os.fork()\n"
+            "if pid == 0: time.sleep(60)\nelse: print(pid, flush=True); os._exit(0)")
+    p = spawn([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    child = int(p.stdout.readline())
+    p.wait()
+    assert os.path.exists(f"/proc/{child}") or sys.platform != "linux"  # the child still lives
+    f = T.lock_out_dir(str(tmp_path))  # and the out-dir is free
+    f.close()
+    os.kill(child, signal.SIGKILL)
+
+
+def gone(pid):
+    """Whether a process has ended (an orphan that init has not reaped yet is a zombie: it holds nothing)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def test_a_command_past_its_time_is_killed_with_all_it_started():
+    """run_cli's timeout kills the command's process group (torchrun's workers with their agent), not only the
+    command, so that nothing it started loads the machine for the tests after it."""
+    code = ("import subprocess, sys, time; print(subprocess.Popen(['sleep', '60']).pid, file=sys.stderr, flush=True); "
+            "time.sleep(60)")
+    with pytest.raises(pytest.fail.Exception, match="ran past 2 s") as e:
+        run_cli(["-c", code], cmd=(sys.executable,), timeout=2)
+    child = int(str(e.value).split("stderr ends: ")[1].split()[0])
+    t0 = time.time()
+    while not gone(child) and time.time() - t0 < 5:
+        time.sleep(0.05)
+    assert gone(child)
+
+
+def test_workers_stop_when_the_torchrun_agent_is_killed(tmp_path):
+    """kill -9 of the torchrun agent: its workers notice within seconds and stop, releasing the out-dir, so the
+    same command runs again (and with --resume auto continues)."""
+    args = [*QUICK, "--epochs", "50", "--resume", "auto", "--out-dir", str(tmp_path)]
+    p = spawn([*TORCHRUN2, "train.py", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while p.poll() is None and not (tmp_path / "ckpt.pt").exists():
+        time.sleep(0.02)
+    workers = [int(w) for w in subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()]
+    assert len(workers) == 2
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    t0 = time.time()
+    while not all(gone(w) for w in workers) and time.time() - t0 < 30:
+        time.sleep(0.1)
+    assert all(gone(w) for w in workers), "workers outlived their agent"
+    r = run_cli([*args[:-4], "--epochs", "2", "--resume", "auto", "--out-dir", str(tmp_path)], cmd=(*TORCHRUN2, "train.py"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout
+
+
 def test_mid_epoch_checkpoint_resumes_exactly(tmp_path):
     """--ckpt-every-minutes 0 writes ckpt.pt at every --check-interval step; a run killed just after one,
     resumed, ends with the weights and the log of an uninterrupted run."""
@@ -1315,8 +1465,8 @@ def test_mid_epoch_checkpoint_resumes_exactly(tmp_path):
     full = run_cli(args + ["--out-dir", str(tmp_path / "full")])
     assert full.returncode == 0, full.stderr
     out = tmp_path / "killed"
-    p = subprocess.Popen([sys.executable, "train.py", *args, "--out-dir", str(out)], cwd=HERE, env=ENV,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = spawn([sys.executable, "train.py", *args, "--out-dir", str(out)],
+              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def mid_epoch():
         try:
@@ -1373,15 +1523,137 @@ def test_disk_problems_are_one_line(tmp_path, monkeypatch):
     assert (out / "ckpt.pt").read_bytes() == before and not list(out.glob("*.tmp"))
 
 
-@pytest.mark.parametrize("flags, match", [
-    (["--batch-size", "0"], "--batch-size must be at least 1, not 0"),
-    (["--batch-size", "-5"], "--batch-size must be at least 1, not -5"),
-    (["--epochs", "0"], "--epochs must be at least 1, not 0"),
-    (["--img-size", "30"], "--img-size 30 is not a multiple of deit_nano_patch7_28's patch size 7"),
-])
-def test_flags_that_cannot_work_are_one_line(flags, match):
+# The issue's list of values once accepted silently or with a traceback, each now one line naming the flag,
+# the value and the range, before anything loads (no out-dir is made).
+BAD_VALUES = [
+    ("--lr 0", "--lr must be above 0, not 0"), ("--lr -1", "--lr must be above 0, not -1"),
+    ("--mixup -1", "--mixup must be at least 0, not -1"), ("--cutmix -1", "--cutmix must be at least 0, not -1"),
+    ("--reprob 2", "--reprob must be in [0, 1], not 2"), ("--reprob -1", "--reprob must be in [0, 1], not -1"),
+    ("--smoothing 1", "--smoothing must be in [0, 1), not 1"), ("--smoothing -1", "--smoothing must be in [0, 1), not -1"),
+    ("--img-size 0", "--img-size must be at least 1, not 0"),
+    ("--model-ema-decay 2", "--model-ema-decay must be in [0, 1], not 2"),
+    ("--model-ema-decay -1", "--model-ema-decay must be in [0, 1], not -1"),
+    ("--warmup-epochs 1e9", "--warmup-epochs must be in [0, --epochs 36], not 1e+09"),
+    ("--warmup-epochs -1", "--warmup-epochs must be in [0, --epochs 36], not -1"),
+    ("--hflip -1", "--hflip must be in [0, 1], not -1"), ("--hflip 5", "--hflip must be in [0, 1], not 5"),
+    ("--rrc-scale 0", "--rrc-scale must be in (0, 1], not 0"), ("--rrc-scale -1", "--rrc-scale must be in (0, 1], not -1"),
+    ("--rrc-scale 5", "--rrc-scale must be in (0, 1], not 5"),
+    ("--mixup-switch-prob -1", "--mixup-switch-prob must be in [0, 1], not -1"),
+    ("--mixup-switch-prob 5", "--mixup-switch-prob must be in [0, 1], not 5"),
+    ("--weight-decay -1", "--weight-decay must be at least 0, not -1"), ("--min-lr -1", "--min-lr must be at least 0, not -1"),
+    ("--warmup-lr -1", "--warmup-lr must be at least 0, not -1"), ("--clip-grad 0", "--clip-grad must be above 0, not 0"),
+    ("--clip-grad -1", "--clip-grad must be above 0, not -1"), ("--distill-alpha -1", "--distill-alpha must be in [0, 1], not -1"),
+    ("--drop-path 1.5", "--drop-path must be in [0, 1), not 1.5"), ("--drop-path -1", "--drop-path must be in [0, 1), not -1"),
+    ("--seed -1", "--seed must be in [0, 4294967296), not -1"), ("--crop-pad -1", "--crop-pad must be at least 0, not -1"),
+    ("--batch-size 0", "--batch-size must be at least 1, not 0"), ("--epochs 0", "--epochs must be at least 1, not 0"),
+    ("--lr nan", "--lr must be above 0, not nan"), ("--teacher-weights .", "--teacher-weights . is a directory, not a file"),
+]
+
+
+FULL_DISK = """
+import glob, os, subprocess, sys, torch
+disk, quick = sys.argv[1], sys.argv[2:]
+run = os.path.join(disk, "run")
+def train(*extra):
+    r = subprocess.run([sys.executable, "train.py", *quick, "--out-dir", run, *extra], capture_output=True, text=True)
+    print("rc", r.returncode, "|", r.stderr.strip().replace(chr(10), " / "))
+    print("files", sorted(os.listdir(run)), "| epoch", torch.load(os.path.join(run, "ckpt.pt"), weights_only=True)["epoch"])
+train("--epochs", "3")                # the second checkpoint does not fit beside the first
+train("--epochs", "3", "--resume")    # nor when resumed
+with open(os.path.join(disk, "filler"), "wb") as f:  # now not even a log line fits
+    try:
+        f.write(bytes(64 << 20))
+    except OSError:
+        pass
+train("--epochs", "3", "--resume")
+import mae, data
+try:
+    mae.save_picture(mae.MAE(__import__("model").create_model("deit_nano_patch7_28", in_chans=1)),
+                     data.load_data(mae.get_parser().parse_args([]), torch.device("cpu"), 28), os.path.join(disk, "p.png"))
+except ValueError as e:
+    print("picture |", e, "|", glob.glob(os.path.join(disk, "*.tmp")))
+"""
+
+
+def test_a_real_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
+    """A 16 MB tmpfs as the out-dir (in a mount namespace of its own: unshare -rm, where the machine allows
+    it): a checkpoint (11 MB) that does not fit, a log, a picture. Each is one line; the previous file is
+    kept; no temp file is left. torch.save reports a full disk as RuntimeError, not OSError."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    cmd = f"mount -t tmpfs -o size=16m tmpfs {shlex.quote(str(disk))} && exec {shlex.quote(sys.executable)} -c \"$0\" \"$@\""
+    try:
+        r = subprocess.run(["unshare", "-rm", "sh", "-c", cmd, FULL_DISK, str(disk), *QUICK], cwd=HERE, env=ENV,
+                           capture_output=True, text=True, timeout=600, start_new_session=True)
+    except FileNotFoundError:
+        pytest.skip("no unshare(1) here to mount a small filesystem")
+    if "mount" in r.stderr and r.returncode != 0 and not r.stdout:
+        pytest.skip(f"this machine does not allow a tmpfs in a user namespace: {r.stderr.strip()}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    full = "No space left on device (the disk is full)"
+    lines = r.stdout.splitlines()
+    for i in (0, 2):
+        assert lines[i].startswith("rc 2 | error: cannot write ") and lines[i].endswith(
+            f"ckpt.pt: {full}; the previous checkpoint is kept"), lines[i]
+        assert lines[i + 1] == "files ['ckpt.pt', 'lock', 'log.jsonl'] | epoch 1", lines[i + 1]
+    assert lines[4].startswith("rc 2 | error: cannot write ") and f"log.jsonl: {full}; the log is kept" in lines[4]
+    assert lines[5] == "files ['ckpt.pt', 'lock', 'log.jsonl'] | epoch 1"
+    assert lines[6].startswith("picture | cannot write ") and lines[6].endswith(f"p.png: {full}; no picture written | []")
+
+
+@pytest.mark.parametrize("flags, match", BAD_VALUES)
+def test_bad_flag_values_are_one_line_before_anything_loads(flags, match, tmp_path, monkeypatch):
+    monkeypatch.setattr(T, "load_data", lambda *a: pytest.fail("the data loaded"))
     with pytest.raises(ValueError, match=re.escape(match)):
-        T.main(QUICK + flags + ["--out-dir", "unused"])
+        T.main(flags.split() + ["--out-dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
+def numeric_flags(parser):
+    return {a.dest: a for a in parser._actions if a.type in (int, float)}
+
+
+def just_outside(spec, args):
+    """Values that break a RANGES entry at each of its finite bounds."""
+    flags = vars(args)
+    lo, hi = (flags[b] if b in flags else float(b) for b in (s.strip() for s in spec[1:-1].split(",")))
+    return ([lo if spec[0] == "(" else lo - 1] if math.isfinite(lo) else []) + \
+        ([hi if spec[-1] == ")" else hi + 1] if math.isfinite(hi) else [])
+
+
+@pytest.mark.parametrize("script", [T, FT, MAE])
+def test_every_number_flag_has_a_range_and_each_range_is_enforced(script, tmp_path, monkeypatch):
+    """The table covers every int/float flag of train.py, finetune.py and mae.py, and a value just outside each
+    finite bound of each is one line naming the flag, before anything loads."""
+    parser = script.get_parser()
+    flags = numeric_flags(parser)
+    assert set(flags) <= set(T.RANGES), f"flags without a range in train.RANGES: {set(flags) - set(T.RANGES)}"
+    monkeypatch.setattr(script, "load_data", lambda *a: pytest.fail("the data loaded"))
+    for name, action in flags.items():
+        base = ["--out-dir", str(tmp_path / "run")] + (["--epochs", "36"] if name != "epochs" else [])
+        for bad in just_outside(T.RANGES[name], parser.parse_args(base)):
+            flag = action.option_strings[0]
+            with pytest.raises(ValueError, match=re.escape(f"{flag} must be ")):
+                script.main([flag, str(action.type(bad) if action.type is int else bad), *base])
+    assert not (tmp_path / "run").exists()
+
+
+def test_files_and_sizes_that_cannot_work(tmp_path):
+    """Weights that are empty, missing or a folder; an input size that is no multiple of the patch, or whose
+    step cannot fit in memory (it was killed after a minute, with no message): one line each."""
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"weights file .*empty.pt is empty \(0 bytes\)"):
+        FT.main(["--weights", str(tmp_path / "empty.pt"), "--out-dir", str(tmp_path / "ft")])
+    with pytest.raises(ValueError, match=r"--probe .* is a directory, not a file"):
+        MAE.main(["--probe", str(tmp_path), "--out-dir", str(tmp_path / "mae")])
+    with pytest.raises(ValueError, match=r"--weights .*nothing.pt does not exist"):
+        FT.main(["--weights", str(tmp_path / "nothing.pt"), "--out-dir", str(tmp_path / "ft")])
+    cli_error(["--img-size", "30", "--out-dir", str(tmp_path / "p7")], "--img-size 30 is not a multiple of "
+              "deit_nano_patch7_28's patch size 7: try 28")
+    line = cli_error(["--img-size", "7000", "--out-dir", str(tmp_path / "big")], "needs at least")
+    assert "--img-size 7000 (1000001 tokens an image)" in line and "lower --img-size or --batch-size" in line
+    r = run_cli(["--img-size", "7000", "--out-dir", str(tmp_path / "big")], cmd=(sys.executable, "mae.py"))
+    assert r.returncode == 2 and "needs at least" in r.stderr, r.stderr
 
 
 def test_resume_without_a_run_or_of_a_finished_one(tmp_path):
@@ -1502,6 +1774,23 @@ def test_mae_loss_is_on_hidden_patches_and_norm_pix_targets():
     assert torch.equal(hidden, mask > 0) and mask.sum() == 2 * (49 - 12)
 
 
+def test_mae_initialises_encoder_and_decoder_as_maes_code():
+    """models_mae.py initialize_weights: every Linear (the encoder's too) and the patch embedding as a (width,
+    C*p*p) matrix xavier-uniform: U(-b, b), b = sqrt(6 / (fan_in + fan_out)), std b / sqrt(3); Linear biases 0;
+    cls_token and mask_token N(0, 0.02). DeiT's own init (truncated normal 0.02) gives std 0.02 throughout."""
+    torch.manual_seed(0)
+    model = small_mae()
+    mats = [(n, m.weight) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    mats.append(("patch_embed", model.patch_embed.proj.weight.flatten(1)))
+    assert any(n.startswith("blocks.") for n, _ in mats) and any(n.startswith("decoder_") for n, _ in mats)
+    for name, w in mats:
+        bound = math.sqrt(6 / sum(w.shape))
+        assert w.abs().max() <= bound and w.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.1), name
+    assert all(m.bias.abs().max() == 0 for _, m in model.named_modules() if isinstance(m, torch.nn.Linear))
+    for token in (model.cls_token, model.mask_token):
+        assert 0.01 < token.std() < 0.03 and token.abs().max() > 0
+
+
 def test_mae_encoder_loads_into_finetune(tmp_path, capsys):
     """An MAE checkpoint: its encoder under DeiT's names; finetune.py keeps it and reports the decoder left
     out and the head new; --global-pool trades norm for fc_norm; --layer-decay scales each group's lr."""
@@ -1539,6 +1828,18 @@ def test_mae_encoder_loads_into_finetune(tmp_path, capsys):
     assert probe["config"]["mask_ratio"] == 0 and not probe["config"]["norm_pix_loss"]
     assert math.isfinite(read_log(tmp_path / "probe")[0]["val_loss"])  # the pixel error; 10 steps teach little
 
+    # MAE's fine-tune recipe: its schedule, and the new head drawn with std 2e-5 (main_finetune.py); any other
+    # checkpoint keeps DeiT's (the model's own init, std 0.02)
+    def prepared(weights):  # the model as finetune.py hands it to the loop
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(T, "train", lambda args, ctx, model, *a, **k: (args, model))
+            return FT.main(["--weights", str(weights), *QUICK, "--out-dir", str(tmp_path / "unused")])
+    args, model = prepared(tmp_path / "mae" / "ckpt.pt")
+    assert args.sched == "mae" and model.head.weight.std().item() == pytest.approx(2e-5, rel=0.1)
+    assert model.head.bias.abs().max() == 0
+    args, model = prepared(tmp_path / "ft0" / "ckpt.pt")
+    assert args.sched == "deit" and model.head.weight.std().item() == pytest.approx(0.02, rel=0.1)
+
 
 def test_layer_decay_and_global_pool_formulas():
     m = M.create_model("deit_nano_patch7_28", num_classes=10, global_pool=True)
@@ -1569,8 +1870,8 @@ def test_mae_kill_then_resume_equals_uninterrupted(tmp_path):
     full = run_cli(args + ["--out-dir", str(tmp_path / "full")], cmd=(sys.executable, "mae.py"))
     assert full.returncode == 0, full.stderr
     out = tmp_path / "killed"
-    p = subprocess.Popen([sys.executable, "mae.py", *args, "--out-dir", str(out)], cwd=HERE, env=ENV,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = spawn([sys.executable, "mae.py", *args, "--out-dir", str(out)],
+              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while p.poll() is None and not (out / "ckpt.pt").exists():
         time.sleep(0.02)
     p.send_signal(signal.SIGKILL)
@@ -1597,12 +1898,12 @@ def test_mae_on_two_processes(tmp_path):
 
 
 @pytest.mark.parametrize("flags, match", [
-    (["--mask-ratio", "1.0"], "--mask-ratio must be at least 0 and below 1"),
+    (["--mask-ratio", "1.0"], "--mask-ratio must be in [0, 1), not 1"),
     (["--mask-ratio", "0.99"], "hides every one of the 16 patches"),
     (["--model", "deit_nano_distilled_patch7_28"], "MAE pretrains a plain ViT"),
     (["--model", "convnet"], "mae.py pretrains a ViT, not convnet"),
     (["--distill", "hard"], "drop --distill"),
 ])
-def test_mae_bad_inputs_are_one_line(flags, match):
-    r = run_cli(QUICK + flags + ["--out-dir", "unused"], cmd=(sys.executable, "mae.py"))
+def test_mae_bad_inputs_are_one_line(flags, match, tmp_path):
+    r = run_cli(QUICK + flags + ["--out-dir", str(tmp_path)], cmd=(sys.executable, "mae.py"))
     assert r.returncode == 2 and "Traceback" not in r.stderr and match in r.stderr, r.stderr

@@ -24,8 +24,10 @@ import functools
 import json
 import math
 import os
+import shutil
 import socket
 import sys
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -38,9 +40,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import augment as A
-from data import BUNDLED_TEACHER, HERE, EpochSampler, load_data, train_batches, val_batches
+from data import BUNDLED_TEACHER, HERE, EpochSampler, free_memory, load_data, train_batches, val_batches
 from distill import CONVNETS, DistillationLoss, create_convnet, load_teacher, ours, rebuild
-from model import MODELS, create_model, fit_pos_embed, load_checked, param_groups, read_file, state_dict_of, variant
+from model import MODELS, SIZES, create_model, fit_pos_embed, load_checked, param_groups, read_file, state_dict_of, variant
 
 DEFAULT_MODEL = "deit_nano_patch7_28"  # the default job: 0.68M parameters, 16 tokens of 28-px Fashion-MNIST
 NEVER = 2 ** 62  # the step at which the loss became nan/inf, while it has not
@@ -108,7 +110,10 @@ def get_parser():
     a("--lr", type=float, default=8e-3, help="base lr per 512 images, scaled by global batch / 512 (DeiT: 5e-4)")
     a("--min-lr", type=float, default=1e-5, help="the cosine's end")
     a("--warmup-lr", type=float, default=1e-6, help="the linear warm-up's start")
-    a("--warmup-epochs", type=float, default=2, help="DeiT: 5")
+    a("--warmup-epochs", type=float, default=2, help="DeiT: 5; a default longer than the run is cut to --epochs")
+    a("--sched", choices=["deit", "mae"], default="deit", help="deit: linear warm-up from --warmup-lr, then a cosine "
+      "over the whole run (timm's, as DeiT uses it); mae: warm-up from 0, then a half-cosine over the epochs after "
+      "it (MAE's util/lr_sched.py; mae.py's default)")
     a("--weight-decay", type=float, default=0.05, help="AdamW's, none on biases, norms and tokens")
     a("--beta2", type=float, default=0.999, help="AdamW's second-moment decay (DeiT: 0.999; MAE: 0.95)")
     a("--smoothing", type=float, default=0.1, help="label smoothing")
@@ -138,13 +143,60 @@ def get_parser():
     return p
 
 
-def check_args(args, ctx):
-    """Flags that cannot work, each one line before anything loads; the --workers default."""
-    for flag, value, least in (("--batch-size", args.batch_size, 1), ("--epochs", args.epochs, 1),
-                               ("--check-interval", args.check_interval, 1), ("--workers", args.workers, 0),
-                               ("--ckpt-every-minutes", args.ckpt_every_minutes, 0), ("--log-seconds", args.log_seconds, 0)):
-        if value is not None and value < least:
-            raise ValueError(f"{flag} must be at least {least}, not {value}")
+# Every number flag's valid values, in one table checked in one place (check_args), before anything loads:
+# a bad value is one line naming the flag, the value and the range. "[a, b)" as in mathematics; a bound may
+# name another flag. finetune.py's and mae.py's flags are here too, checked where the script has them.
+RANGES = {
+    # train.py: data, model, augmentation
+    "train_subset": "(0, inf)", "workers": "[0, inf)", "img_size": "[1, inf)", "drop_path": "[0, 1)",
+    "crop_pad": "[0, inf)", "hflip": "[0, 1]", "rrc_scale": "(0, 1]", "reprob": "[0, 1]", "mixup": "[0, inf)",
+    "cutmix": "[0, inf)", "mixup_switch_prob": "[0, 1]", "distill_alpha": "[0, 1]", "distill_tau": "(0, inf)",
+    # optimisation
+    "epochs": "[1, inf)", "batch_size": "[1, inf)", "lr": "(0, inf)", "min_lr": "[0, inf)", "warmup_lr": "[0, inf)",
+    "warmup_epochs": "[0, epochs]", "weight_decay": "[0, inf)", "beta2": "[0, 1)", "smoothing": "[0, 1)",
+    "clip_grad": "(0, inf)", "model_ema_decay": "[0, 1]",
+    # running
+    "seed": "[0, 4294967296)", "ckpt_every_minutes": "[0, inf)", "log_seconds": "[0, inf)", "check_interval": "[1, inf)",
+    # finetune.py
+    "layer_decay": "(0, 1]", "head_init_std": "(0, inf)",
+    # mae.py
+    "mask_ratio": "[0, 1)", "decoder_dim": "[1, inf)", "decoder_depth": "[0, inf)", "decoder_heads": "[1, inf)",
+}
+
+
+FILES_READ = ("teacher_weights", "ckpt", "weights", "probe")  # flags naming a file that must exist
+
+
+def out_of_range(name, spec, args):
+    """None if args.<name> lies in spec (a RANGES entry), else the one-line complaint."""
+    flags = vars(args)
+    lo, hi = (b.strip() for b in spec[1:-1].split(","))
+    lo_v, hi_v = (flags[b] if b in flags else float(b) for b in (lo, hi))
+    value = flags[name]
+    if (lo_v < value if spec[0] == "(" else lo_v <= value) and (value < hi_v if spec[-1] == ")" else value <= hi_v):
+        return None
+    named = lambda b: f"--{b.replace('_', '-')} {flags[b]:g}" if b in flags else b
+    bound = (f"above {lo}" if spec[0] == "(" else f"at least {lo}") if hi == "inf" else \
+        f"in {spec[0]}{named(lo)}, {named(hi)}{spec[-1]}"
+    return f"--{name.replace('_', '-')} must be {bound}, not {value:g}"
+
+
+def check_args(args, ctx, given=()):
+    """Flags that cannot work, each one line before anything loads (RANGES, the files to read, and what a
+    range cannot say); the --workers default. A default warm-up (one not in given, the flags on the command
+    line) longer than a short run is cut to the run (`--epochs 1` warms up over its one epoch)."""
+    flags = vars(args)
+    if "warmup_epochs" not in given and args.warmup_epochs > args.epochs:
+        args.warmup_epochs = float(args.epochs)
+    for name, spec in RANGES.items():
+        problem = out_of_range(name, spec, args) if flags.get(name) is not None else None
+        if problem:
+            raise ValueError(problem)
+    for name in FILES_READ:
+        path = flags.get(name)
+        if path is not None and not os.path.isfile(path):
+            what = "is a directory, not a file" if os.path.isdir(path) else "does not exist"
+            raise ValueError(f"--{name.replace('_', '-')} {path} {what}")
     if args.batch_size % ctx.world:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {ctx.world} processes")
     if args.aa != "none":
@@ -155,20 +207,27 @@ def check_args(args, ctx):
 
 
 def start(parser, argv=None, defaults=None):
-    """What every entry point (train.py, finetune.py, mae.py) does first: the flags, the processes, the seed,
-    process 0's printer, the flag checks. Flags the command line leaves out come from the checkpoint that
-    --resume continues or --eval-only evaluates (ours: `--resume --epochs 72` trains on as the run began),
-    then from defaults(args) if given (finetune.py: from its weights), then from the parser. Returns
-    (args, ctx, log)."""
+    """What every entry point (train.py, finetune.py, mae.py) does first: the flags, checked; the processes;
+    the out-dir's lock (process 0, before anything slow: a run started a moment later must not win the
+    out-dir while this one loads); the seed and process 0's printer. Flags the command line leaves out come
+    from the checkpoint that --resume continues or --eval-only evaluates (ours: `--resume --epochs 72`
+    trains on as the run began), then from defaults(args) if given (finetune.py: from its weights), then
+    from the parser. Returns (args, ctx, log); ctx.lock is the held lock file (None: not process 0, or
+    --eval-only, which writes nothing)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    unset = object()  # parsed into a namespace that holds it everywhere, a flag the command line gives replaces it
+    given = {k for k, v in vars(parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset)))).items()
+             if v is not unset}
+    ctx = setup_distributed(args.amp)
+    check_args(args, ctx, given)
+    ctx.lock = lock_out_dir(args.out_dir) if ctx.master and not args.eval_only else None
     inherited = {**(defaults(args) if defaults else {}), **saved_flags(args)}
     if inherited:  # argparse sets a default only where the namespace has no value yet
         args = parser.parse_args(argv, namespace=argparse.Namespace(**inherited))
-    ctx = setup_distributed(args.amp)
+        check_args(args, ctx, given)
     torch.manual_seed(args.seed + ctx.rank)  # seed + rank, as the reference (drop path differs per process)
     log = print if ctx.master else (lambda *a, **k: None)
-    check_args(args, ctx)
     return args, ctx, log
 
 
@@ -206,6 +265,7 @@ def setup_distributed(amp=None):
         store, _, _ = next(dist.rendezvous("env://"))
         store = dist.PrefixStore(f"restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
         dist.init_process_group(backend="nccl" if cuda else "gloo", store=store, rank=rank, world_size=world)
+        stop_with_parent(rank)
     else:
         rank, world, local_rank = 0, 1, 0
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
@@ -217,6 +277,21 @@ def setup_distributed(amp=None):
                               autocast=torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext())
 
 
+def stop_with_parent(rank):
+    """A worker of torchrun stops when its agent dies. The agent stops its workers when it ends normally, but a
+    kill -9 gives it no chance: they would live on as orphans, keep the out-dir's lock and wait for peers that
+    are gone, and the same command could not run again. A thread watches for the parent to change (the
+    orphan is adopted by init or a subreaper) and ends the process; the lock goes with it."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        print(f"rank {rank}: the torchrun agent (pid {parent}) is gone: stopping", file=sys.stderr, flush=True)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True, name="stop_with_parent").start()
+
+
 def all_sum(values, ctx):
     """Sum a list of numbers (or a float64 tensor) over all processes; the result is read back to the host."""
     t = torch.as_tensor(values, dtype=torch.float64, device=ctx.device)
@@ -225,11 +300,11 @@ def all_sum(values, ctx):
     return t.tolist()
 
 
-def check_model(args):
-    """--model and --distill, checked before anything loads (model.variant names the known models). Without
-    --model: the default job's model, its distilled variant with --distill (so that `torchrun ... train.py
-    --distill hard` runs as typed). Returns the input size: --img-size, else the variant's (a convnet:
-    None, the data's own)."""
+def check_model(args, ctx=None):
+    """--model and --distill, checked before anything loads (model.variant names the known models), and with
+    ctx whether a training step can fit in memory. Without --model: the default job's model, its distilled
+    variant with --distill (so that `torchrun ... train.py --distill hard` runs as typed). Returns the input
+    size: --img-size, else the variant's (a convnet: None, the data's own)."""
     if args.model is None:
         args.model = DEFAULT_MODEL.replace("nano_", "nano_distilled_") if args.distill != "none" else DEFAULT_MODEL
     v = None if args.model in CONVNETS else variant(args.model)
@@ -239,7 +314,44 @@ def check_model(args):
     if args.distill != "none" and not (v and v.distilled):
         raise ValueError(f"--distill {args.distill} needs a student with a distillation token, and {args.model} has "
                          f"none; distilled models: {', '.join(m for m, v in MODELS.items() if v.distilled)}")
-    return args.img_size or (v.img_size if v else None)
+    size = args.img_size or (v.img_size if v else None)
+    if ctx is not None and size:
+        check_memory(args, ctx, v, size)
+    return size
+
+
+def check_memory(args, ctx, v, size):
+    """Refuse, before anything loads, a step that cannot fit: `--img-size 7000` would otherwise run out of
+    memory after a minute with no message (or be killed by the OS). step_bytes is a lower bound, so a run
+    it lets through may still not fit, but one it stops cannot."""
+    free = free_memory(ctx.device)
+    if free is None:
+        return
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if ctx.device.type == "cpu" else 1  # processes sharing it
+    flags = vars(args)  # mae.py's encoder sees the unmasked share; finetune.py --freeze keeps no activations
+    kept = 0 if flags.get("freeze") else 1 - (flags.get("mask_ratio") or 0)
+    need, tokens = step_bytes(v, size, args.batch_size // ctx.world, not isinstance(ctx.autocast, nullcontext), kept)
+    if need * local > free:
+        raise ValueError(f"a training step of {args.model} at --img-size {size} ({tokens} tokens an image) with "
+                         f"{args.batch_size // ctx.world} images per process needs at least {need / 2**30:.1f} GiB, "
+                         f"and {free / 2**30:.1f} GiB of {ctx.device.type} memory is free"
+                         + (f" for {local} processes" if local > 1 else "") + ": lower --img-size or --batch-size")
+
+
+def step_bytes(v, size, batch, bf16, kept=1.0):
+    """A lower bound on the memory one training step holds (bytes), and the tokens an image: the batch
+    through augmentation (3 channels of float32, 4 copies), and for a ViT the activations its backward keeps
+    (about 16 numbers per token and channel in each block: 2 norms, q, k, v, the attention's output and
+    projection, the MLP's 4x-wide hidden layer before and after GELU; 2 bytes each under bf16 autocast), the
+    weights, their gradients and AdamW's two moments; kept: the share of the activations kept. A convnet
+    (v None): the batch only."""
+    images = batch * 3 * size * size * 4 * 4
+    if v is None:
+        return images, None
+    width, depth, _ = SIZES[v.size]
+    tokens = (size // v.patch_size) ** 2 + 1 + v.distilled
+    params = 12 * depth * width * width
+    return images + int(kept * 16 * tokens * width * depth * batch * (2 if bf16 else 4)) + 16 * params, tokens
 
 
 def build_model(args, data, ctx, img_size, global_pool=None):
@@ -283,13 +395,20 @@ def augmentation(args, data):
 
 
 def lr_at(epoch_float, args, peak):
-    """Linear warm-up from warmup_lr, then cosine to min_lr over the whole run (timm's CosineLRScheduler
-    without warmup_prefix, as DeiT uses it). Deliberate difference: the reference steps it once per epoch,
-    calling step(epoch) after the epoch, so it runs one epoch behind (epochs 0 and 1 both at 1e-6, the peak
-    never reached); we evaluate it at every step, at the fractional epoch, with no lag."""
-    if epoch_float < args.warmup_epochs:
-        return args.warmup_lr + (peak - args.warmup_lr) * epoch_float / args.warmup_epochs
-    return args.min_lr + 0.5 * (peak - args.min_lr) * (1 + math.cos(math.pi * epoch_float / args.epochs))
+    """--sched deit: a linear warm-up from warmup_lr, then a cosine to min_lr over the whole run (timm's
+    CosineLRScheduler without warmup_prefix, as DeiT uses it). Deliberate difference: the reference steps it
+    once per epoch, calling step(epoch) after the epoch, so it runs one epoch behind (epochs 0 and 1 both at
+    1e-6, the peak never reached); we evaluate it at every step, at the fractional epoch, with no lag.
+    --sched mae: MAE's adjust_learning_rate (util/lr_sched.py), which is also evaluated at every step: a
+    warm-up from 0, then a half-cosine to min_lr over the epochs after the warm-up."""
+    e, w = epoch_float, args.warmup_epochs
+    if args.sched == "mae":
+        if e < w:
+            return peak * e / w
+        return args.min_lr + 0.5 * (peak - args.min_lr) * (1 + math.cos(math.pi * (e - w) / (args.epochs - w)))
+    if e < w:
+        return args.warmup_lr + (peak - args.warmup_lr) * e / w
+    return args.min_lr + 0.5 * (peak - args.min_lr) * (1 + math.cos(math.pi * e / args.epochs))
 
 
 def compute_loss(out, targets, smoothing):
@@ -327,7 +446,7 @@ def main(argv=None):
     args, ctx, log = start(get_parser(), argv)
     if args.eval_only:
         return eval_only(args, ctx, log)
-    img_size = check_model(args)
+    img_size = check_model(args, ctx)
     data = load_data(args, ctx.device, img_size)
     model = build_model(args, data, ctx, img_size)
     return train(args, ctx, model, data, log, build_teacher(args, data, img_size, log))
@@ -349,7 +468,6 @@ class Run:
     peak: float  # the peak lr
     spe: int  # steps per epoch
     compile: bool
-    lock: Any  # out_dir/lock, held open by process 0
     ckpt_path: str
     log_path: str
     start_epoch: int = 0  # where this session starts (resumed: epochs done, steps done in the next one)
@@ -364,7 +482,6 @@ class Run:
 def start_run(args, ctx, model, data, teacher, log, task=None, layer_decay=1.0):
     """Everything a run holds besides the model and the data: the sampler, AdamW, the EMA, the compiled / DDP
     model and the loss, resumed from out_dir with --resume."""
-    lock = lock_out_dir(args, ctx)
     n_train = len(data.train[1]) if data.tensors else len(data.train)
     sampler = EpochSampler(n_train, args.batch_size, args.seed, ctx.rank, ctx.world, 3 if args.repeated_aug else 1)
     peak = args.lr * args.batch_size / 512  # DeiT's linear scaling rule (paper §6)
@@ -379,7 +496,7 @@ def start_run(args, ctx, model, data, teacher, log, task=None, layer_decay=1.0):
     compiled = ctx.device.type == "cuda" if args.compile is None else args.compile
     net, criterion = wrap(args, ctx, model, teacher, compiled)
     run = Run(model, net, criterion, augmentation(args, data), opt, ema, pairs, sampler, task, peak, sampler.steps,
-              compiled, lock, os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "log.jsonl"),
+              compiled, os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "log.jsonl"),
               nonfinite_at=torch.tensor(NEVER, device=ctx.device))
     run.start_epoch, run.start_step, run.partial = resume_or_start(args, ctx, run, log)
     if ctx.master:
@@ -595,49 +712,82 @@ def cli():
 # A run's state on disk: out_dir/ckpt.pt (plain types and tensors only, so torch.load(weights_only=True)
 # reads it) and out_dir/log.jsonl, one JSON line per epoch; one run per out_dir.
 
-def lock_out_dir(args, ctx):
+def lock_out_dir(out_dir):
     """One out-dir, one run: process 0 holds an exclusive lock on out_dir/lock for its whole life. The OS
     releases it when the process ends in any way, kill -9 included, so a dead run never blocks a new one.
-    Also where an out-dir that cannot be written is found, before any training. Returns the open file."""
-    if not ctx.master:
-        return None
-    path = os.path.join(args.out_dir, "lock")
+    It is a POSIX record lock (lockf), which belongs to this process alone: DataLoader workers forked from
+    it do not hold it too (flock's would pass to them, and outlive a killed run in them). Also where an
+    out-dir that cannot be written is found, before any training. Returns the open file."""
+    path = os.path.join(out_dir, "lock")
     try:
-        os.makedirs(args.out_dir, exist_ok=True)
+        os.makedirs(out_dir, exist_ok=True)
         f = open(path, "a+")
     except OSError as e:
-        raise ValueError(f"cannot write to --out-dir {args.out_dir}: {e.strerror or e}")
+        raise ValueError(f"cannot write to --out-dir {out_dir}: {e.strerror or e}")
     try:
         import fcntl
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except ImportError:  # not on Linux/macOS: no lock
         pass
     except OSError:
         f.seek(0)
-        raise ValueError(f"--out-dir {args.out_dir} is in use by another run ({f.read().strip() or 'starting'}): "
+        raise ValueError(f"--out-dir {out_dir} is in use by another run ({f.read().strip() or 'starting'}): "
                          "wait for it to end, or choose another --out-dir")
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    f.flush()
-    for name in os.listdir(args.out_dir):  # temp files of a run killed while writing: no one else writes here
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+    except OSError as e:  # a full disk
+        raise ValueError(f"cannot write to --out-dir {out_dir}: {e.strerror or e}")
+    for name in os.listdir(out_dir):  # temp files of a run killed while writing: no one else writes here
         if name.endswith(".tmp"):
-            os.remove(os.path.join(args.out_dir, name))
+            os.remove(os.path.join(out_dir, name))
     return f
 
 
-def write_atomic(path, save):
+def write_atomic(path, save, what="the previous file is kept"):
     """save(tmp) writes to a temp file of this process, then it replaces path in one step: a kill or a full
-    disk mid-write leaves the previous file intact and no temp file behind, and a disk problem is one line."""
+    disk mid-write leaves the previous file intact and no temp file behind, and a disk problem is one line.
+    (torch.save reports a full disk as RuntimeError "unexpected pos", not OSError: the free space tells.)"""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         save(tmp)
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
+        full = getattr(e, "errno", None) == errno.ENOSPC or disk_full(path)
         if os.path.exists(tmp):
             os.remove(tmp)
+        if not (full or isinstance(e, OSError)):
+            raise
+        reason = "No space left on device" if full else (e.strerror or str(e))
+        raise ValueError(f"cannot write {path}: {reason}{' (the disk is full)' if full else ''}; {what}") from None
+
+
+def append_line(path, line):
+    """Append one line to a log, all or nothing: a disk that fills mid-write is cut back to the lines before."""
+    size = os.path.getsize(path) if os.path.exists(path) else 0
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    except OSError as e:
+        if os.path.exists(path):
+            os.truncate(path, size)
         full = " (the disk is full)" if e.errno == errno.ENOSPC else ""
-        raise ValueError(f"cannot write {path}: {e.strerror or e}{full}; the previous checkpoint is kept") from None
+        raise ValueError(f"cannot write {path}: {e.strerror or e}{full}; it keeps its earlier lines") from None
+
+
+def write_lines(path, lines):
+    with open(path, "w") as f:  # closed here, so that a full disk raises here (not, unseen, at garbage collection)
+        f.writelines(l + "\n" for l in lines)
+
+
+def disk_full(path, least=1 << 20):
+    """Whether the filesystem of path has less than least bytes free (1 MiB)."""
+    try:
+        return shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < least
+    except OSError:
+        return False
 
 
 def resume_or_start(args, ctx, run, log):
@@ -673,8 +823,8 @@ def resume_or_start(args, ctx, run, log):
         log(f"note: checkpoint was written by {len(ckpt['rng'])} processes, now {ctx.world}: fresh RNG streams")
     if ctx.master:  # keep the log of the epochs the checkpoint holds, drop any written after it
         lines = open(run.log_path).read().splitlines() if os.path.exists(run.log_path) else []
-        write_atomic(run.log_path, lambda tmp: open(tmp, "w").writelines(
-            l + "\n" for l in lines if json.loads(l)["epoch"] <= epoch))
+        write_atomic(run.log_path, lambda tmp: write_lines(tmp, [l for l in lines if json.loads(l)["epoch"] <= epoch]),
+                     "the log is kept")
         log(f"resumed from {run.ckpt_path} after epoch {epoch}" + (f", step {epoch_step}" if epoch_step else "")
             + (" (the run is finished)" if epoch >= args.epochs else ""))
     return epoch, epoch_step, (state or {}).get("partial")
@@ -695,17 +845,13 @@ def save_checkpoint(args, ctx, run, data, epoch, epoch_step, partial, record=Non
     # the log line first, then the checkpoint: a kill between the two leaves a line past the checkpoint,
     # which --resume drops, never a checkpoint without its line
     if record is not None:
-        try:
-            with open(run.log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        except OSError as e:
-            raise ValueError(f"cannot write {run.log_path}: {e.strerror or e}") from None
+        append_line(run.log_path, json.dumps(record))
     ckpt = {"model": run.model.state_dict(), "optimizer": run.opt.state_dict(),
             "ema": run.ema.state_dict() if run.ema is not None else None,
             "epoch": epoch, "epoch_step": epoch_step, "step": epoch * run.spe + epoch_step, "rng": states,
             "config": vars(args), "model_config": vars(run.model.cfg) if hasattr(run.model, "cfg") else None,
             "num_classes": data.num_classes, "mean": list(data.mean), "std": list(data.std)}
-    write_atomic(run.ckpt_path, lambda tmp: torch.save(ckpt, tmp))
+    write_atomic(run.ckpt_path, lambda tmp: torch.save(ckpt, tmp), "the previous checkpoint is kept")
     run.t_ckpt = time.time()
 
 
