@@ -7,8 +7,10 @@
 source "$(dirname "$0")/lib.sh"
 needs_fashion_mnist
 D=(--data fashion-mnist)
-# the fine-tune, the same for both backbones (written out in full: an MAE checkpoint's defaults are MAE's recipe)
-FT=(--lr 4e-3 --min-lr 1e-5 --warmup-epochs 1 --warmup-lr 1e-6 --weight-decay 0.05 --layer-decay 0.75 --global-pool)
+# the fine-tune, the same for both backbones: MAE's (its schedule and head init, layer decay, global pool), written
+# out in full, since only an MAE checkpoint gets them by default
+FT=(--lr 4e-3 --min-lr 1e-5 --warmup-epochs 1 --sched mae --head-init-std 2e-5 --weight-decay 0.05 --layer-decay 0.75
+    --global-pool)
 cell mae python mae.py "${D[@]}" --epochs 10 --warmup-epochs 1
 cell sup python train.py "${D[@]}" --epochs 10 --warmup-epochs 1
 cell sup04 python train.py "${D[@]}" --classes 0-4 --epochs 10 --warmup-epochs 1
