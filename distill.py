@@ -127,10 +127,6 @@ def _num_classes(state):
 
 def _torchvision(name, weights):
     import torchvision
-    names = torchvision.models.list_models(module=torchvision.models)
-    if name not in names:
-        raise ValueError(f"unknown teacher {name!r}: give a train.py checkpoint, 'convnet', or a torchvision "
-                         f"classification model ({', '.join(n for n in names if n.startswith('regnet_y'))}, ...)")
     if weights is not None:  # a local file, with as many classes as its classifier has rows
         state = state_dict_of(read_file(weights, "teacher weights"), weights)
         model = torchvision.models.get_model(name, weights=None, num_classes=_num_classes(state))
@@ -144,6 +140,29 @@ def _torchvision(name, weights):
                          "--teacher-weights FILE") from None
 
 
+def is_file_name(name):
+    return os.path.isfile(name) or os.sep in name or name.endswith((".pt", ".pth"))
+
+
+def check_teacher(name, weights=None):
+    """What load_teacher would refuse in its arguments, found without loading anything (train.py checks it
+    with the flags, before the data loads)."""
+    if is_file_name(name):
+        if not os.path.isfile(name):
+            raise ValueError(f"teacher checkpoint {name} " + ("is a directory, not a file" if os.path.isdir(name)
+                                                              else "does not exist"))
+    elif name in CONVNETS or name in MODELS:
+        if weights is None:
+            raise ValueError(f"teacher {name} needs trained weights: train it with train.py --model {name} and "
+                             "pass its ckpt.pt as --teacher (or a weights file as --teacher-weights)")
+    else:
+        import torchvision
+        names = torchvision.models.list_models(module=torchvision.models)
+        if name not in names:
+            raise ValueError(f"unknown teacher {name!r}: give a train.py checkpoint, 'convnet', or a torchvision "
+                             f"classification model ({', '.join(n for n in names if n.startswith('regnet_y'))}, ...)")
+
+
 def load_teacher(name, weights=None, num_classes=None, in_chans=None, img_size=None):
     """Build a teacher, in eval mode with requires_grad off, from
     - a checkpoint written by train.py (its model is rebuilt from the checkpoint's config; weights: "model"),
@@ -151,7 +170,8 @@ def load_teacher(name, weights=None, num_classes=None, in_chans=None, img_size=N
     - a torchvision classification model name: torchvision's ImageNet weights, or weights=FILE.
     With num_classes, in_chans and img_size given, a dry run checks that the teacher takes such images
     and predicts that many classes, so a mismatch is one clear error before training starts."""
-    if os.path.isfile(name) or os.sep in name or name.endswith((".pt", ".pth")):
+    check_teacher(name, weights)
+    if is_file_name(name):
         ckpt = read_file(name, "teacher checkpoint")
         if not ours(ckpt):
             raise ValueError(f"teacher checkpoint {name} was not written by train.py: give the architecture "
@@ -159,9 +179,6 @@ def load_teacher(name, weights=None, num_classes=None, in_chans=None, img_size=N
         teacher = rebuild(ckpt)
         load_checked(teacher, ckpt["model"], f"teacher checkpoint {name}")
     elif name in CONVNETS or name in MODELS:
-        if weights is None:
-            raise ValueError(f"teacher {name} needs trained weights: train it with train.py --model {name} and "
-                             "pass its ckpt.pt as --teacher (or a weights file as --teacher-weights)")
         state = state_dict_of(read_file(weights, "teacher weights"), weights)
         classes = _num_classes(state)
         chans = next((v.shape[1] for v in state.values() if v.ndim == 4), 3)

@@ -1547,6 +1547,10 @@ BAD_VALUES = [
     ("--seed -1", "--seed must be in [0, 4294967296), not -1"), ("--crop-pad -1", "--crop-pad must be at least 0, not -1"),
     ("--batch-size 0", "--batch-size must be at least 1, not 0"), ("--epochs 0", "--epochs must be at least 1, not 0"),
     ("--lr nan", "--lr must be above 0, not nan"), ("--teacher-weights .", "--teacher-weights . is a directory, not a file"),
+    ("--distill hard --teacher nowhere.pt", "teacher checkpoint nowhere.pt does not exist"),
+    ("--distill hard --teacher resnet5000", "unknown teacher 'resnet5000'"),
+    ("--distill soft --teacher convnet", "teacher convnet needs trained weights"),
+    ("--classes a-b", "--classes 'a-b': expected a range such as 0-4"),
 ]
 
 

@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import augment as A
-from data import BUNDLED_TEACHER, HERE, EpochSampler, free_memory, load_data, train_batches, val_batches
-from distill import CONVNETS, DistillationLoss, create_convnet, load_teacher, ours, rebuild
+from data import BUNDLED_TEACHER, HERE, EpochSampler, free_memory, load_data, parse_classes, train_batches, val_batches
+from distill import CONVNETS, DistillationLoss, check_teacher, create_convnet, load_teacher, ours, rebuild
 from model import MODELS, SIZES, create_model, fit_pos_embed, load_checked, param_groups, read_file, state_dict_of, variant
 
 DEFAULT_MODEL = "deit_nano_patch7_28"  # the default job: 0.68M parameters, 16 tokens of 28-px Fashion-MNIST
@@ -199,6 +199,10 @@ def check_args(args, ctx, given=()):
             raise ValueError(f"--{name.replace('_', '-')} {path} {what}")
     if args.batch_size % ctx.world:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {ctx.world} processes")
+    if args.distill != "none":
+        check_teacher(default_teacher(args), args.teacher_weights)
+    if args.classes is not None:
+        parse_classes(args.classes, math.inf)  # its form; the class numbers are checked against the data's
     if args.aa != "none":
         A.parse_aa(args.aa)  # a malformed string fails now, not at the first step
     if args.workers is None:  # the machine's CPUs shared by the processes on it (torchrun's LOCAL_WORLD_SIZE)
