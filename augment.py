@@ -336,6 +336,23 @@ def _resample_matrices(lo, hi, n_in, out, n_max):
     return w / w.sum(-1, keepdim=True)
 
 
+def tf32(t):
+    """float32 t rounded to TF32's 10-bit mantissa (to nearest), what a CUDA matmul in TF32 reads of it."""
+    bits = t.contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+def exact_matmul(a, b):
+    """a @ b in float32 precision, also where CUDA runs float32 matmuls in TF32 (train.py allows it for the
+    model; the flag is global): each operand is split into its TF32 part and the rest, and the three products
+    that matter are summed ("3xTF32"; the rest's own rounding is 2^-11 of 2^-11). The crops need it to stay
+    within a level of PIL: in a single TF32 product 2% of their pixels move, by up to 2 levels."""
+    if not torch.backends.cuda.matmul.allow_tf32:
+        return a @ b
+    a_hi, b_hi = tf32(a), tf32(b)
+    return a_hi @ b_hi + (a_hi @ (b - b_hi) + (a - a_hi) @ b_hi)
+
+
 def resized_crops(images, boxes, sizes, size, budget=2 ** 26):
     """Decoded files of different sizes -> (B, C, size, size) uint8: each image's box (x0, y0, x1, y1 in its
     pixels, floats) resized as PIL's img.resize((size, size), BICUBIC, box=box) does, for a whole batch at once.
@@ -365,8 +382,8 @@ def resized_crops(images, boxes, sizes, size, budget=2 ** 26):
         bx, sz = boxes_d[a:b], sizes_d[a:b]
         wx = _resample_matrices(bx[:, 0], bx[:, 2], sz[:, 1], size, Wm).float()  # (b, size, Wm)
         wy = _resample_matrices(bx[:, 1], bx[:, 3], sz[:, 0], size, Hm).float()  # (b, size, Hm)
-        t = (x @ wx.transpose(1, 2)[:, None]).add_(0.5).floor_().clamp_(0, 255)  # (b, C, Hm, size): uint8 as PIL
-        outs.append((wy[:, None] @ t).add_(0.5).floor_().clamp_(0, 255).to(torch.uint8))
+        t = exact_matmul(x, wx.transpose(1, 2)[:, None]).add_(0.5).floor_().clamp_(0, 255)  # (b, C, Hm, size): uint8 as PIL
+        outs.append(exact_matmul(wy[:, None], t).add_(0.5).floor_().clamp_(0, 255).to(torch.uint8))
     return torch.cat(outs)[inverse.long()]
 
 
@@ -419,8 +436,8 @@ def _gaussian_blur(images, sigma):
     k = k / k.sum(1, keepdim=True)  # (B, 9)
     B, C, H, W = images.shape
     x = F.pad(images.float(), (4, 4, 4, 4), mode="replicate")
-    x = x.unfold(3, 9, 1) @ k[:, None, None, :, None]  # along W: (B, C, H+8, W, 9) @ (B, 1, 1, 9, 1)
-    x = x[..., 0].unfold(2, 9, 1) @ k[:, None, None, :, None]  # along H
+    x = exact_matmul(x.unfold(3, 9, 1), k[:, None, None, :, None])  # along W: (B, C, H+8, W, 9) @ (B, 1, 1, 9, 1)
+    x = exact_matmul(x[..., 0].unfold(2, 9, 1), k[:, None, None, :, None])  # along H
     return x[..., 0].round().clamp(0, 255).to(torch.uint8)
 
 

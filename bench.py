@@ -288,7 +288,11 @@ def jpeg_train_rows(ctx, root, model, steps, workers, batch=256):
     import data as DT
     sync = torch.cuda.synchronize if ctx.device.type == "cuda" else (lambda: None)
     rows = []
-    for decode in ("device", "workers"):
+    prefetch = DT.prefetch
+    for decode, ahead in (("device", True), ("device", False), ("workers", True)):
+        # ahead False: the device decode on the training stream, between steps (data.prefetch off), to show
+        # what decoding one batch ahead on a stream of its own buys
+        DT.prefetch = prefetch if ahead else (lambda batches, device: batches)
         targs = T.get_parser().parse_args(["--model", model, "--data", root, "--decode", decode, "--workers", str(workers),
                                            "--batch-size", str(batch), "--out-dir", tempfile.mkdtemp()])
         data = DT.load_data(targs, ctx.device, 224)
@@ -304,8 +308,10 @@ def jpeg_train_rows(ctx, root, model, steps, workers, batch=256):
             T.train_step(targs, ctx, run, x, y, step)
             n += len(y)
         sync()
-        rows.append({"decode": data.decode, "workers": workers, "images/s": n / (time.perf_counter() - t)})
+        rows.append({"decode": data.decode + ("" if ahead else ", no prefetch: on the training stream"),
+                     "workers": workers, "images/s": n / (time.perf_counter() - t)})
         del run
+    DT.prefetch = prefetch
     rows.append({"decode": "the reference's pipeline, data loading alone", "workers": workers,
                  "images/s": reference_loading_rate(root, steps, workers, batch)})
     return rows

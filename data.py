@@ -16,7 +16,10 @@ import io
 import math
 import os
 import pickle
+import queue
 import struct
+import threading
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -503,40 +506,132 @@ def val_batches(data, batch_size, device, rank=0, world=1, skipped=None):
 
 def _folder_batches(data, dataset, batch_size, device, skipped, keep_empty=False, **kw):
     # A DataLoader per epoch, as the reference's: workers read (and on the workers path decode and crop) the
-    # files; the JPEGs left to the device are decoded as one batch and cropped by augment.resized_crops.
+    # files; the JPEGs left to the device are decoded as one batch and cropped by augment.resized_crops, one
+    # batch ahead, on a stream of their own (prefetch).
+    # The loader's iterator is made here, in the caller's thread: it draws its workers' seeds from the global
+    # generator, at the same point of the run every time.
+    files = iter(torch.utils.data.DataLoader(dataset, batch_size, num_workers=data.workers, collate_fn=collate_files,
+                                             pin_memory=device.type == "cuda", **kw))
+    batches = _decoded_batches(data, files, device, skipped, keep_empty, training=dataset is data.train)
+    return prefetch(batches, device) if data.decoder is not None else batches
+
+
+def _decoded_batches(data, files, device, skipped, keep_empty, training):
     size = data.train.size
-    for b in torch.utils.data.DataLoader(dataset, batch_size, num_workers=data.workers, collate_fn=collate_files,
-                                         pin_memory=device.type == "cuda", **kw):
+    for b in files:
+        # the labels go to the device from the DataLoader's pinned buffers (an asynchronous copy), and are
+        # selected there, never rebuilt on the host (fresh pageable memory: a copy that waits)
         xs, ys, bad = [], [], b["bad"]
         if b["lengths"]:
-            decoded, ok, failed = _decode(data.decoder, list(b["jpegs"].split(b["lengths"])), device)
-            bad += [f"{b['paths'][i]} ({why})" for i, why in failed]
+            jpegs = list(b["jpegs"].split(b["lengths"]))
+            decoded, ok, failed = _decode(data.decoder, jpegs, device)
+            labels = b["jpeg_labels"].to(device, non_blocking=True)
             if decoded:
                 xs.append(A.resized_crops(decoded, b["boxes"][ok], b["sizes"][ok], size))
-                ys.append(b["jpeg_labels"][ok])
+                ys.append(labels if len(ok) == len(jpegs) else labels[torch.as_tensor(ok, device=device)])
+            rescued = []  # a file the device decoder rejects goes to the CPU's (PIL), as the workers path would
+            for i, why in failed:
+                try:
+                    raw = bytearray(jpegs[i].numpy().tobytes())
+                    box = tuple(b["boxes"][i]) if training else None  # None: the reference's resize and centre crop
+                    rescued.append((i, decode_crop(Image.open(io.BytesIO(raw)), size, box, raw)))
+                except Exception as e:
+                    bad.append(f"{b['paths'][i]} ({why}; PIL: {type(e).__name__}: {e})")
+            if rescued:
+                xs.append(torch.stack([x for _, x in rescued]).to(device, non_blocking=True))
+                ys.append(labels[torch.as_tensor([i for i, _ in rescued], device=device)])
         if b["pixels"] is not None:
             xs.append(b["pixels"].to(device, non_blocking=True))
-            ys.append(b["pixel_labels"])
+            ys.append(b["pixel_labels"].to(device, non_blocking=True))
         for msg in bad:
             print(f"warning: skipped an image that cannot be decoded: {msg}", flush=True)
         skipped += bad
         if xs:
-            yield torch.cat(xs), torch.cat(ys).to(device, non_blocking=True)
+            yield torch.cat(xs), torch.cat(ys)
         elif keep_empty:
             yield None, torch.zeros(0, dtype=torch.long)
 
 
+def prefetch(batches, device, ahead=1):
+    """The generator batches runs in a thread of its own, on a CUDA stream of its own, up to `ahead` batches
+    before the step that takes them. TorchCodec's CUDA decoder synchronises the stream it runs on, twice per
+    batch (before the hardware decode and before it returns): on the training stream, batch i+1 could not
+    start decoding before step i had finished, and the GPU would idle while the host prepares the decode.
+    Here the host's share of the decode overlaps the running step, and the GPU's share runs beside it.
+    Each batch carries an event recorded after its work; the taking stream waits for that event only, and
+    marks the batch's tensors as used there (record_stream: their memory is not reused while the step
+    reads them). Order, content and errors are those of batches, each batch handed over once; on the CPU
+    there are no streams, only the thread."""
+    cuda = device.type == "cuda"
+    stream = torch.cuda.Stream(device) if cuda else None
+    handover, stop, end = queue.Queue(maxsize=ahead), threading.Event(), object()
+
+    def put(item):
+        while not stop.is_set():
+            try:
+                return handover.put(item, timeout=0.1)
+            except queue.Full:
+                pass
+
+    def produce():
+        try:
+            with torch.cuda.device(device) if cuda else nullcontext(), torch.cuda.stream(stream) if cuda else nullcontext():
+                for item in batches:
+                    event = torch.cuda.Event() if cuda else None
+                    if cuda:
+                        event.record(stream)
+                    put((item, event))
+                    if stop.is_set():
+                        break
+            put(end)
+        except BaseException as e:  # handed over, raised where the batch was expected
+            put(e)
+        finally:
+            batches.close()  # the DataLoader's workers end with it
+
+    thread = threading.Thread(target=produce, name="prefetch", daemon=True)
+    thread.start()
+    try:
+        while (got := handover.get()) is not end:
+            if isinstance(got, BaseException):
+                raise got
+            item, event = got
+            if cuda:
+                current = torch.cuda.current_stream(device)
+                current.wait_event(event)
+                for t in item:
+                    if isinstance(t, torch.Tensor) and t.is_cuda:
+                        t.record_stream(current)
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
 def _decode(decoder, jpegs, device):
     """The batch in one call; should that fail (a file the header check let through), file by file, so that
-    only the bad ones are left out: (decoded images, indices kept, [(index, reason)])."""
+    only the files the decoder rejects are left to the caller: (decoded images, indices kept, [(index,
+    reason)]). An error of the device itself (out of memory, a CUDA or nvJPEG setup error) is raised: it is
+    no fault of a file, and the files would be dropped in silence."""
     try:
         return decoder(jpegs, device), np.arange(len(jpegs)), []
-    except Exception:
-        out, ok, bad = [], [], []
-        for i, j in enumerate(jpegs):  # the error path only
-            try:
-                out.append(decoder([j], device)[0])
-                ok.append(i)
-            except Exception as e:
-                bad.append((i, f"{type(e).__name__}: {e}"))
-        return out, np.array(ok, dtype=np.int64), bad
+    except Exception as e:
+        raise_if_device_error(e)
+    out, ok, bad = [], [], []
+    for i, j in enumerate(jpegs):  # the error path only
+        try:
+            out.append(decoder([j], device)[0])
+            ok.append(i)
+        except Exception as e:
+            raise_if_device_error(e)
+            bad.append((i, f"{type(e).__name__}: {e}"))
+    return out, np.array(ok, dtype=np.int64), bad
+
+
+DEVICE_ERRORS = ("CUDA error", "out of memory", "CUDA driver", "NVJPEG_STATUS_NOT_INITIALIZED", "NVJPEG_STATUS_ALLOCATOR_FAILURE",
+                 "NVJPEG_STATUS_EXECUTION_FAILED", "NVJPEG_STATUS_INTERNAL_ERROR", "NVJPEG_STATUS_ARCH_MISMATCH")
+
+
+def raise_if_device_error(e):
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)) or any(s in str(e) for s in DEVICE_ERRORS):
+        raise e

@@ -22,6 +22,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -630,6 +631,44 @@ def test_batched_crops_equal_pil_resize_with_a_box():
         assert (out[landscape].int() - ref[landscape]).abs().max() <= 1  # only PIL's fixed-point rounding
 
 
+class TF32(TorchFunctionMode):
+    """Emulates CUDA's TF32 matmuls on the CPU: while torch.backends.cuda.matmul.allow_tf32 is on (train.py
+    turns it on with CUDA), every float32 matmul reads its operands with a 10-bit mantissa, truncated (the
+    tensor cores' conversion; rounding to nearest errs by half as much)."""
+    MATMULS = {"matmul", "__matmul__", "__rmatmul__", "bmm", "mm", "einsum"}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.MATMULS and torch.backends.cuda.matmul.allow_tf32:
+            cut = lambda t: (t.contiguous().view(torch.int32) & ~0x1FFF).view(torch.float32) \
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t
+            args = tuple(cut(a) for a in args)
+        return func(*args, **(kwargs or {}))
+
+
+def test_crops_and_blur_stay_exact_under_tf32(monkeypatch):
+    """With TF32 on, as train.py has it on CUDA, the batched crops stay within PIL's 1 level (a single TF32
+    product moves 2% of the pixels, by up to 2 levels) and the 3-Augment blur within rounding of float32."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    ims = [photo(n) for n in ("astronaut", "chelsea", "coffee", "rocket")]
+    sizes = [(im.height, im.width) for im in ims]
+    boxes = rrc_boxes(rng, sizes)
+    ref = torch.stack([chw(im.resize((224, 224), Image.BICUBIC, box=b)) for im, b in zip(ims, boxes)])
+    tensors = [chw(im).to(torch.uint8) for im in ims]
+    fp32 = A.resized_crops(tensors, np.array(boxes), np.array(sizes), 224)
+    blur_ref = A._gaussian_blur(fp32, torch.tensor([0.3, 0.9, 1.5, 2.0]))
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    third = torch.full((1, 1), 1 / 3)
+    with TF32():
+        assert (third @ third).item() != pytest.approx(1 / 9, rel=1e-4)  # the emulation is on
+        out = A.resized_crops(tensors, np.array(boxes), np.array(sizes), 224)
+        blurred = A._gaussian_blur(fp32, torch.tensor([0.3, 0.9, 1.5, 2.0]))
+    landscape = [i for i, (H, W) in enumerate(sizes) if W >= H]  # (the others: see close())
+    assert (out[landscape].int() - ref[landscape]).abs().max() <= 1
+    assert (out != fp32).float().mean() < 1e-4  # float32's own result but for a few ties (6 of 602,112 pixels)
+    assert (blurred.int() - blur_ref.int()).abs().max() <= 1
+
+
 def test_evaluation_box_is_the_reference_resize_and_centre_crop():
     from PIL import Image
     for W, H in ((500, 375), (375, 500), (333, 500), (256, 256), (600, 400), (224, 300)):
@@ -781,6 +820,108 @@ def test_device_and_worker_paths_give_the_same_crops(tmp_path):
         data = DT.load_data(parse("--data", str(tmp_path), "--decode", decode, "--workers", "0"), torch.device("cpu"), 224)
         x, y = next(DT.val_batches(data, 4, torch.device("cpu")))
         assert all(close_to_eval(x[i], Image.open(data.val.samples[int(i)][0]).convert("RGB")) for i in range(4)), decode
+
+
+def test_prefetch_keeps_order_hands_each_batch_once_and_passes_errors_on():
+    """prefetch (the device decode's thread and side stream; on the CPU the thread alone): the batches of the
+    source in its order, each once; an error of the source raised where its batch was expected, after the
+    batches before it; a consumer that stops early closes the source and ends the thread."""
+    made = [(torch.full((2,), i), torch.tensor([i])) for i in range(7)]
+    got = list(DT.prefetch((m for m in made), torch.device("cpu")))
+    assert len(got) == 7 and all(g is m for g, m in zip(got, made))
+
+    def failing():
+        yield made[0]
+        yield made[1]
+        raise ValueError("file 3 is a mess")
+    seen = []
+    with pytest.raises(ValueError, match="file 3 is a mess"):
+        for item in DT.prefetch(failing(), torch.device("cpu")):
+            seen.append(item)
+    assert seen == made[:2]
+    closed = []
+
+    def endless():
+        try:
+            i = 0
+            while True:
+                yield made[i % 7]
+                i += 1
+        finally:
+            closed.append(True)
+    stream = DT.prefetch(endless(), torch.device("cpu"), ahead=2)
+    assert [next(stream)[0][0].item() for _ in range(3)] == [0, 1, 2]
+    stream.close()
+    assert closed == [True] and not any(th.name == "prefetch" for th in threading.enumerate())
+
+
+def jpeg_data(tmp_path, **kw):
+    from prepare_data import make_jpeg_folder
+    make_jpeg_folder(str(tmp_path), n_train=12, n_val=4, short=(60, 90))
+    return DT.load_data(parse("--data", str(tmp_path), "--decode", "device", "--workers", "0", **kw), torch.device("cpu"), 32)
+
+
+def test_device_decode_with_prefetch_is_deterministic_and_sends_labels_from_the_loaders_buffers(tmp_path, monkeypatch):
+    """Two epochs through the device path (prefetched) equal each other and the same batches made without
+    the thread; the labels travel to the device from the tensors the DataLoader delivers (on CUDA its pinned
+    buffers: an asynchronous copy), never from a fresh host tensor."""
+    data = jpeg_data(tmp_path)
+    sampler = DT.EpochSampler(12, 4, 0)
+    delivered, sent = set(), []
+    real_collate, real_to = DT.collate_files, torch.Tensor.to
+
+    def collate(batch):
+        b = real_collate(batch)
+        delivered.update({id(b["jpeg_labels"]), id(b["pixel_labels"])})
+        return b
+
+    def to(self, *a, **k):
+        if self.dtype == torch.long and a and isinstance(a[0], torch.device):
+            sent.append((id(self), k.get("non_blocking")))
+        return real_to(self, *a, **k)
+    monkeypatch.setattr(DT, "collate_files", collate)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    epochs = []
+    for _ in range(2):
+        data.train.seed = None  # (workers 0: the boxes' stream is the main process's, started again here)
+        epochs.append([(x.clone(), y.clone()) for x, y in DT.train_batches(data, sampler, 0, torch.device("cpu"))])
+    assert sent and all(i in delivered and nb for i, nb in sent)
+    monkeypatch.setattr(DT, "prefetch", lambda batches, device: batches)
+    data.train.seed = None
+    plain = list(DT.train_batches(data, sampler, 0, torch.device("cpu")))
+    assert len(plain) == len(epochs[0]) == 3
+    for a, b, c in zip(*epochs, plain):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and torch.equal(a[0], c[0]) and torch.equal(a[1], c[1])
+
+
+def test_a_file_the_device_decoder_rejects_goes_to_pil_and_device_errors_are_raised(tmp_path, monkeypatch):
+    """nvJPEG may reject a JPEG that PIL reads: it is decoded on the CPU, not dropped. An error of the device
+    itself (out of memory, CUDA, nvJPEG's setup) is raised, not taken for a bad file."""
+    data = jpeg_data(tmp_path)
+    real = data.decoder
+    rejected = data.val.samples[1][0]
+    raw = open(rejected, "rb").read()
+
+    def picky(jpegs, device):
+        if any(bytes(j.numpy().tobytes()) == raw for j in jpegs):
+            raise RuntimeError("nvjpegDecode: NVJPEG_STATUS_BAD_JPEG")
+        return real(jpegs, device)
+    data.decoder = picky
+    x, y = next(DT.val_batches(data, 4, torch.device("cpu")))
+    data.decoder = real
+    x0, y0 = next(DT.val_batches(data, 4, torch.device("cpu")))
+    assert len(y) == 4 and sorted(y.tolist()) == sorted(y0.tolist())  # nothing dropped; the rescued file last
+    from PIL import Image
+    assert y[3] == data.val.samples[1][1] and close(x[3], pil_eval(Image.open(rejected).convert("RGB"), 32))
+    for error in (RuntimeError("CUDA error: an illegal memory access was encountered"),
+                  torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                  RuntimeError("nvjpegCreate failed: NVJPEG_STATUS_NOT_INITIALIZED")):
+        def broken(jpegs, device, error=error):
+            raise error
+        data.decoder = broken
+        with pytest.raises(type(error), match=re.escape(str(error)[:20])):
+            list(DT.val_batches(data, 4, torch.device("cpu")))
+        data.decoder = real
 
 
 def test_a_batch_of_only_bad_files_still_makes_a_step(monkeypatch):
@@ -962,6 +1103,9 @@ def test_training_step_never_waits(tmp_path, recipe):
     run = T.start_run(args, ctx, T.build_model(args, data, ctx, 28), data, teacher, log=lambda *a: None)
     cuda = ctx.device.type == "cuda"  # on a GPU, CUDA's own detector watches the same steps
     for step, (x, y) in zip(range(6), DT.train_batches(data, run.sampler, 0, ctx.device)):  # Mixup and CutMix
+        if cuda and step == 0:  # the first step compiles, which may wait as it likes
+            loss, lr = T.train_step(args, ctx, run, x, y, step)
+            continue
         if cuda:
             torch.cuda.set_sync_debug_mode("error")
         try:
