@@ -107,6 +107,13 @@ class Attention(nn.Module):
         x = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(hs)) v, flash kernel on GPU
         return self.proj(x.transpose(1, 2).reshape(B, T, D))
 
+    def weights(self, x):
+        """The attention weights softmax(q k^T / sqrt(hs)) that forward applies, (B, heads, T, T), written
+        out from the same q and k (forward never materialises them): for looking, not for training."""
+        B, T, D = x.shape
+        q, k, _ = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        return (q @ k.transpose(-2, -1) / math.sqrt(D // self.num_heads)).softmax(-1)
+
 
 class Mlp(nn.Module):
     def __init__(self, cfg):
@@ -203,14 +210,28 @@ class DeiT(nn.Module):
             return int(name.split(".")[1]) + 1
         return self.cfg.depth + 1
 
-    def forward_features(self, x):
+    def embed(self, x):
+        """Images -> the first block's input: [cls, (dist), patches] + pos_embed, (B, prefix + N, D)."""
         x = self.patch_embed(x)  # (B, N, D)
         prefix = [self.cls_token, self.dist_token] if self.cfg.distilled else [self.cls_token]
-        x = torch.cat([t.expand(x.shape[0], -1, -1) for t in prefix] + [x], dim=1)  # [cls, (dist), patches]
-        x = x + self.pos_embed
+        x = torch.cat([t.expand(x.shape[0], -1, -1) for t in prefix] + [x], dim=1)
+        return x + self.pos_embed
+
+    def forward_features(self, x):
+        x = self.embed(x)
         for block in self.blocks:
             x = block(x)
         return self.norm(x)  # (B, prefix + N, D)
+
+    def forward_intermediates(self, x):
+        """The tokens after each block, before the final norm: a list of depth (B, prefix + N, D) tensors,
+        the last of which forward_features normalises. What a detector's neck, or a look at what the class
+        and distillation tokens become through the network (paper §5), reads."""
+        x, out = self.embed(x), []
+        for block in self.blocks:
+            x = block(x)
+            out.append(x)
+        return out
 
     def forward_heads(self, x):
         """Logits of every head: the class head alone, or (class_logits, dist_logits) when distilled."""

@@ -299,6 +299,41 @@ def test_attention_matches_handwritten_softmax_attention():
     torch.testing.assert_close(attn(x), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_intermediate_tokens_and_attention_weights_are_the_forwards():
+    """forward_intermediates: each block's output as the forward computes it (the last, normalised, is
+    forward_features); Attention.weights: the softmax(q k^T / sqrt(hs)) that SDPA applies, written out."""
+    torch.manual_seed(0)
+    m = small(distilled=True).eval()
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        inter = m.forward_intermediates(x)
+        t = m.embed(x)
+        assert len(inter) == len(m.blocks)
+        for block, got in zip(m.blocks, inter):
+            t = block(t)
+            assert torch.equal(got, t)
+        torch.testing.assert_close(m.norm(inter[-1]), m.forward_features(x))
+        attn = m.blocks[1].attn
+        h = m.blocks[1].norm1(inter[0])
+        w = attn.weights(h)  # (B, heads, T, T), rows of probabilities
+        B, T, D = h.shape
+        assert w.shape == (3, attn.num_heads, T, T) and torch.allclose(w.sum(-1), torch.ones(3, attn.num_heads, T))
+        v = attn.qkv(h).view(B, T, 3, attn.num_heads, D // attn.num_heads)[:, :, 2].transpose(1, 2)
+        torch.testing.assert_close(attn.proj((w @ v).transpose(1, 2).reshape(B, T, D)), attn(h), atol=1e-5, rtol=1e-5)
+
+
+def test_token_cosines_on_hand_made_tokens():
+    """studies/tokens.py's cosine of the class and distillation tokens, per block, the mean over images."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("tokens", os.path.join(HERE, "studies", "tokens.py"))
+    tokens = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tokens)
+    a = torch.tensor([[[1.0, 0.0], [1.0, 1.0], [5.0, 5.0]], [[0.0, 2.0], [0.0, -3.0], [1.0, 0.0]]])  # (2 images, 3 tokens, 2)
+    got = tokens.cosines([a, a.flip(1)])
+    assert got[0] == pytest.approx((2 ** -0.5 - 1) / 2)  # image 0: 45 degrees apart; image 1: opposite
+    assert got[1] == pytest.approx((1 + 0) / 2)  # tokens 2 and 1: the same direction; orthogonal
+
+
 def test_distilled_model_train_and_eval_outputs():
     torch.manual_seed(0)
     m = small(distilled=True)
@@ -1177,6 +1212,10 @@ def test_soft_and_hard_distillation_losses_match_formulas():
     assert torch.allclose(hard, (1 - alpha) * base_hand + alpha * hard_hand, rtol=1e-6)
     none = D.DistillationLoss(base)(None, (cls, dist), y)
     assert torch.allclose(none, base_hand, rtol=1e-6)
+    # labels (a second class token, the paper's control): the dist head gets the base loss of the labels
+    logp_d = dist - dist.exp().sum(1, keepdim=True).log()
+    labels = D.DistillationLoss(base, None, "labels", alpha)(None, (cls, dist), y)
+    assert torch.allclose(labels, (1 - alpha) * base_hand + alpha * -(q * logp_d).sum(1).mean(), rtol=1e-6)
 
 
 def test_no_distillation_leaves_head_dist_without_gradient():
@@ -1802,6 +1841,13 @@ def test_files_and_sizes_that_cannot_work(tmp_path):
     assert "--img-size 7000 (1000001 tokens an image)" in line and "lower --img-size or --batch-size" in line
     r = run_cli(["--img-size", "7000", "--out-dir", str(tmp_path / "big")], cmd=(sys.executable, "mae.py"))
     assert r.returncode == 2 and "needs at least" in r.stderr, r.stderr
+
+
+def test_eval_interval_evaluates_every_kth_epoch_and_the_last(tmp_path, capsys):
+    T.main(QUICK + ["--epochs", "5", "--eval-interval", "2", "--out-dir", str(tmp_path)])
+    log = read_log(tmp_path)
+    assert [r["epoch"] for r in log if "top1" in r] == [2, 4, 5] and all("train_loss" in r for r in log)
+    assert "final top1" in capsys.readouterr().out
 
 
 def test_resume_without_a_run_or_of_a_finished_one(tmp_path):

@@ -97,7 +97,8 @@ def get_parser():
     a("--repeated-aug", action=argparse.BooleanOptionalAction, default=True,
       help="3 repeats of each image on different processes (distributed runs only)")
     # distillation (distill.py; paper §4): the student must be a *_distilled_* model
-    a("--distill", default="none", choices=["none", "soft", "hard"], help="distillation through the dist token")
+    a("--distill", default="none", choices=["none", "soft", "hard", "labels"], help="distillation through the dist "
+      "token; labels: no teacher, the dist token learns the labels too (paper §4's control: two class tokens)")
     a("--teacher", default=None, help="a torchvision model name (DeiT's: regnet_y_16gf, with torchvision's ImageNet "
       "weights), convnet or a DeiT name with --teacher-weights, or a train.py ckpt.pt. Default: on the bundled data "
       "the convnet trained on it (data/teachers/, made by prepare_data.py --teacher), elsewhere regnet_y_16gf")
@@ -136,6 +137,8 @@ def get_parser():
       "default: out-dir/ckpt.pt")
     a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on with CUDA)")
     a("--amp", choices=["bf16", "none"], default=None, help="bf16 autocast (default: bf16 with CUDA, none on CPU)")
+    a("--eval-interval", type=int, default=1, help="epochs between evaluations on the held-out split (and the "
+      "last epoch): for many short epochs, where evaluating each would cost more than training")
     a("--log-seconds", type=float, default=5, help="seconds between progress lines within an epoch")
     a("--check-interval", type=int, default=100, help="steps between checks for a nan/inf loss (the one wait "
       "for the device within an epoch), which is also when a mid-epoch checkpoint may be written")
@@ -157,6 +160,7 @@ RANGES = {
     "clip_grad": "(0, inf)", "model_ema_decay": "[0, 1]",
     # running
     "seed": "[0, 4294967296)", "ckpt_every_minutes": "[0, inf)", "log_seconds": "[0, inf)", "check_interval": "[1, inf)",
+    "eval_interval": "[1, inf)",
     # finetune.py
     "layer_decay": "(0, 1]", "head_init_std": "(0, inf)",
     # mae.py
@@ -199,7 +203,7 @@ def check_args(args, ctx, given=()):
             raise ValueError(f"--{name.replace('_', '-')} {path} {what}")
     if args.batch_size % ctx.world:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {ctx.world} processes")
-    if args.distill != "none":
+    if args.distill in ("soft", "hard"):
         check_teacher(default_teacher(args), args.teacher_weights)
     if args.classes is not None:
         parse_classes(args.classes, math.inf)  # its form; the class numbers are checked against the data's
@@ -379,7 +383,7 @@ def default_teacher(args):
 
 def build_teacher(args, data, img_size, log):
     """The teacher for --distill soft/hard (distill.py), checked against the data before training starts."""
-    if args.distill == "none":
+    if args.distill in ("none", "labels"):
         return None
     args.teacher = default_teacher(args)
     size = data.train[0].shape[-1] if data.tensors else img_size
@@ -577,7 +581,9 @@ def end_of_epoch(args, ctx, run, data, epoch, stats, log):
     """Evaluate, then write the epoch's log line, save the checkpoint and print the line. stats: this
     process's train_loss (mean over its steps), lr, img_per_s, epoch_time."""
     batch = max(256, args.batch_size // ctx.world)
-    if run.task is not None:
+    if (epoch + 1) % args.eval_interval and epoch + 1 < args.epochs:
+        metrics = {}  # --eval-interval: not this epoch
+    elif run.task is not None:
         metrics = run.task.evaluate(run, data, ctx, batch)
     else:
         metrics = evaluate(run.net, data, ctx, batch)
@@ -598,7 +604,7 @@ def end_of_epoch(args, ctx, run, data, epoch, stats, log):
     eta = (time.time() - run.t_start) / max(run.done_steps, 1) * (args.epochs - epoch - 1) * run.spe
     heads = f" (cls {metrics['top1_cls']:.2f} dist {metrics['top1_dist']:.2f})" if "top1_cls" in metrics else ""
     log(f"epoch {epoch + 1}/{args.epochs} | loss {record['train_loss']:.4f} | lr {stats['lr']:.2e} | "
-        f"{record['img_per_s']:.0f} img/s | val loss {metrics['val_loss']:.4f}"
+        f"{record['img_per_s']:.0f} img/s" + (f" | val loss {metrics['val_loss']:.4f}" if metrics else "")
         + (f" top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f}" if "top1" in metrics else "")
         + heads + (f" ema top1 {metrics['ema_top1']:.2f}" if "ema_top1" in metrics else "")
         + (f" | skipped {int(n_skipped)} images" if n_skipped else "")
@@ -659,7 +665,7 @@ def summary(args, run, log):
     if not records:
         return
     key, sign = ("top1", 1) if "top1" in records[-1] else ("val_loss", -1)
-    best = max(records, key=lambda r: sign * r[key])
+    best = max((r for r in records if key in r), key=lambda r: sign * r[key])  # (--eval-interval: some have none)
     steps = run.task.next_steps(args) if run.task else next_steps(args)
     log(f"done: {records[-1]['epoch']} epochs in {fmt_time(time.time() - run.t_start)} (this session) | final {key} "
         f"{records[-1][key]:.4g} | best {key} {best[key]:.4g} (epoch {best['epoch']})\n"

@@ -14,6 +14,12 @@ def last(name, key="top1"):
         return [json.loads(line) for line in f][-1][key]
 
 
+def finished(name, epochs):
+    """Whether $OUT/name ran all its epochs (a cell killed midway has a shorter log)."""
+    path = os.path.join(OUT, name, "log.jsonl")
+    return os.path.exists(path) and last(name, "epoch") == epochs
+
+
 def seeds(names, key="top1"):
     """'mean (seed 0, seed 1, ...)' over the cells named."""
     values = [last(n, key) for n in names]

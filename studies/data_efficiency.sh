@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The write-up's argument, measured (RESULTS.md "Data efficiency"; paper §1, §5): top-1 on Fashion-MNIST's
+# 10,000 test images against the number of training images (1,000 / 3,000 / 10,000 / 60,000, stratified), for
+#   convnet   (a) distill.py's convnet, the inductive-bias baseline, with its recipe (the shipped teacher's:
+#                 flips, label smoothing, AdamW; no RandAugment, erasing, Mixup or CutMix)
+#   noaug     (b) the ViT (deit_nano_patch7_28) without augmentation (no flips either; the optimisation
+#                 recipe kept: label smoothing, drop path, EMA)
+#   recipe    (c) the ViT with DeiT's full recipe (train.py's defaults)
+#   distill   (d) (c) + hard distillation through the dist token from (a) of the same subset and seed
+#   mae       (e) the ViT MAE-pretrained on the subset's images (no labels), then fine-tuned on it with MAE's
+#                 fine-tune recipe (DeiT's augmentation, layer decay, global pool: finetune.py's default)
+# Every run sees the same 300,000 training images (the small sets get many epochs: 300 for 1,000 images,
+# 5 for 60,000), so the small sets are trained long enough to overfit; the warm-up is DeiT's share of the run
+# (5 of 300 epochs); evaluation every tenth of the run and at its end. Seed 0 for every cell first, then
+# seeds 1 and 2. About 4 hours on 2 CPU cores; each cell is skipped once done, so a rerun resumes.
+source "$(dirname "$0")/lib.sh"
+needs_fashion_mnist
+SEEN=300000
+for seed in 0 1 2; do
+  for n in 1000 3000 10000 60000; do
+    E=$((SEEN / n))
+    W=$(python -c "print(round($E / 60, 3))")
+    I=$(( E / 10 > 0 ? E / 10 : 1 ))
+    S=(--data fashion-mnist --train-subset $n --epochs $E --warmup-epochs $W --eval-interval $I --seed $seed)
+    NOAUG=(--aa none --reprob 0 --mixup 0 --cutmix 0)
+    cell convnet-$n-$seed python train.py "${S[@]}" --model convnet "${NOAUG[@]}"
+    cell noaug-$n-$seed python train.py "${S[@]}" "${NOAUG[@]}" --hflip 0
+    cell recipe-$n-$seed python train.py "${S[@]}"
+    cell distill-$n-$seed python train.py "${S[@]}" --distill hard --teacher "$OUT/convnet-$n-$seed/ckpt.pt"
+    cell mae-$n-$seed python mae.py "${S[@]}"
+    cell maeft-$n-$seed python finetune.py --weights "$OUT/mae-$n-$seed/ckpt.pt" "${S[@]}"
+  done
+done
+report <<'PY'
+SIZES = [1000, 3000, 10000, 60000]
+ARMS = [("convnet", "(a) convnet"), ("noaug", "(b) ViT, no augmentation"), ("recipe", "(c) ViT + DeiT's recipe"),
+        ("distill", "(d) (c) + hard distillation from (a)"), ("maeft", "(e) ViT, MAE-pretrained, fine-tuned")]
+runs = {(arm, n): [last(f"{arm}-{n}-{s}") for s in range(3) if finished(f"{arm}-{n}-{s}", 300000 // n)]
+        for arm, _ in ARMS for n in SIZES}
+mean = lambda v: f"{sum(v) / len(v):.2f}" + (f" ({', '.join(f'{x:.2f}' for x in v)})" if len(v) > 1 else "") if v else "—"
+table(["training images (epochs)"] + [label for _, label in ARMS],
+      [[f"{n:,} ({300000 // n})"] + [mean(runs[arm, n]) for arm, _ in ARMS] for n in SIZES])
+print("\ntop-1 (%) on the 10,000 test images: the mean over the seeds run, each in brackets")
+from plot import lines
+lines({label: {n: runs[arm, n] for n in SIZES if runs[arm, n]} for arm, label in ARMS}, f"{OUT}/data-efficiency.png",
+      "training images (log scale)", "top-1 on the 10,000 test images (%)",
+      "Fashion-MNIST, deit_nano_patch7_28 / convnet, 300,000 images seen per run")
+machine()
+PY
+[ "${QUICK:-0}" = 1 ] || [ ! -f "$OUT/data-efficiency.png" ] || cp "$OUT/data-efficiency.png" assets/
