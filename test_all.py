@@ -243,7 +243,7 @@ assert torch.isfinite(loss) and student.head_dist.weight.grad.abs().sum() > 0
     env = {k: v for k, v in ENV.items() if k != "PYTHONPATH"}
     r = subprocess.run([sys.executable, "-c", common + code], cwd=tmp_path, env=env, capture_output=True, text=True,
                        timeout=120)
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, r.stdout[-1500:] + r.stderr
 
 
 # ------------------------------------------------------------------------------------------------- model.py
@@ -1167,7 +1167,7 @@ def test_compile_and_bf16_autocast_on_the_cpu(tmp_path):
     common, logs = distilled_run_args(tmp_path), {}
     for name, extra in (("eager", []), ("compile", ["--compile"]), ("bf16", ["--amp", "bf16"])):
         r = run_cli([*common, *extra, "--out-dir", str(tmp_path / name)])
-        assert r.returncode == 0, r.stderr
+        assert r.returncode == 0, r.stdout[-1500:] + r.stderr
         logs[name] = read_log(tmp_path / name)
     assert "autocast True" in r.stdout
     for name, tol in (("compile", 1e-3), ("bf16", 2e-2)):
@@ -1289,12 +1289,12 @@ def test_teachers_load_and_bad_teachers_fail_clearly(tmp_path, monkeypatch):
 
 def test_convnet_teacher_then_two_process_distilled_student(tmp_path):
     r = run_cli([*QUICK, "--epochs", "1", "--model", "convnet", "--out-dir", str(tmp_path / "teacher")])
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, r.stdout[-1500:] + r.stderr
     ckpt = str(tmp_path / "teacher" / "ckpt.pt")
     r = run_cli([*QUICK, "--epochs", "1", "--model", "deit_nano_distilled_patch7_28", "--distill", "hard",
                  "--teacher", ckpt, "--out-dir", str(tmp_path / "student")],
                 cmd=(*TORCHRUN2, "train.py"))
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, r.stdout[-1500:] + r.stderr
     log = read_log(tmp_path / "student")
     # repeated augmentation: 640 // 256 * 256 / 2 = 256 samples a process, 8 steps of 32
     assert log[0]["step"] == 8 and math.isfinite(log[0]["train_loss"]) and "top1_dist" in log[0]
@@ -1379,10 +1379,10 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     common = QUICK + ["--epochs", "2", "--drop-path", "0", "--aa", "none", "--reprob", "0", "--mixup", "0",
                       "--cutmix", "0", "--hflip", "0", "--no-repeated-aug"]
     one = run_cli(common + ["--out-dir", str(tmp_path / "one")])
-    assert one.returncode == 0, one.stderr
+    assert one.returncode == 0, one.stdout[-1500:] + one.stderr
     two = run_cli(common + ["--out-dir", str(tmp_path / "two")],
                   cmd=(*TORCHRUN2, "train.py"))
-    assert two.returncode == 0, two.stderr
+    assert two.returncode == 0, two.stdout[-1500:] + two.stderr
     assert "global batch 64 on 2 process(es)" in two.stdout
     assert "Grad strides do not match" not in two.stderr  # the batch comes in the usual layout (augment.pad_crop_flip)
     w1, w2 = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
@@ -1405,7 +1405,7 @@ def test_two_process_ddp_equals_one_process(tmp_path):
 def test_two_process_run_with_the_full_recipe(tmp_path):
     r = run_cli(["--train-subset", "600", "--batch-size", "64", "--epochs", "1", "--out-dir", str(tmp_path)],
                 cmd=(*TORCHRUN2, "train.py"))
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, r.stdout[-1500:] + r.stderr
     log = read_log(tmp_path)  # repeated augmentation: 600 // 256 * 256 / 2 = 256 samples a process, 8 steps of 32
     assert log[0]["step"] == 8 and math.isfinite(log[0]["train_loss"])
 
@@ -1423,7 +1423,7 @@ def test_two_process_run_on_an_image_folder(tmp_path, decode):
                  "--decode", decode, "--batch-size", "26", "--no-repeated-aug", "--epochs", "1",
                  "--out-dir", str(tmp_path / "out")],
                 cmd=(*TORCHRUN2, "train.py"))
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, r.stdout[-1500:] + r.stderr
     assert "Grad strides" not in r.stderr and "suggested max number of worker" not in r.stderr  # --workers default
     assert f"decode: {decode}" in r.stdout and r.stdout.count("skipped an image that cannot be decoded") == 3
     log = read_log(tmp_path / "out")
@@ -1436,7 +1436,7 @@ def test_two_process_run_compiled_with_bf16_autocast(tmp_path):
     load (measured), most of it whatever the number of steps; hence a budget of 3x the loaded figure."""
     args = [*distilled_run_args(tmp_path), "--compile", "--amp", "bf16"]
     r = run_cli([*args, "--out-dir", str(tmp_path / "run")], cmd=(*TORCHRUN2, "train.py"), timeout=600)
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, r.stdout[-1500:] + r.stderr
     first, last = read_log(tmp_path / "run")
     assert math.isfinite(last["train_loss"]) and last["train_loss"] < first["train_loss"]
     assert last["graph_breaks"] == 0 and last["compiled_frames"] == first["compiled_frames"]
@@ -1445,7 +1445,7 @@ def test_two_process_run_compiled_with_bf16_autocast(tmp_path):
 def test_kill_then_resume_equals_uninterrupted(tmp_path):
     args = QUICK + ["--epochs", "4"]
     full = run_cli(args + ["--out-dir", str(tmp_path / "full")])
-    assert full.returncode == 0, full.stderr
+    assert full.returncode == 0, full.stdout[-1500:] + full.stderr
     out = tmp_path / "killed"
     p = spawn([sys.executable, "train.py", *args, "--out-dir", str(out)],
               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -1457,7 +1457,7 @@ def test_kill_then_resume_equals_uninterrupted(tmp_path):
     r = run_cli(args + ["--out-dir", str(out)])  # without --resume it refuses to overwrite the run
     assert r.returncode == 2 and "--resume" in r.stderr
     r = run_cli(args + ["--out-dir", str(out), "--resume"])
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, r.stdout[-1500:] + r.stderr
     assert "resumed from" in r.stdout
     a, b = read_log(tmp_path / "full"), read_log(out)
     assert [r["epoch"] for r in b] == [1, 2, 3, 4]
@@ -1499,7 +1499,7 @@ def test_headline_command_distills_with_the_shipped_teacher(tmp_path):
     student, the convnet teacher that ships for the bundled data, no DDP warning."""
     r = run_cli(["--distill", "hard", "--train-subset", "640", "--batch-size", "64", "--epochs", "1",
                  "--out-dir", str(tmp_path)], cmd=(*TORCHRUN2, "train.py"))
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, r.stdout[-1500:] + r.stderr
     assert "deit_nano_distilled_patch7_28" in r.stdout and "teacher " + DT.BUNDLED_TEACHER in r.stdout
     assert "Grad strides do not match" not in r.stderr
     assert "top1_dist" in read_log(tmp_path)[0]
@@ -1528,7 +1528,7 @@ def test_torchrun_restart_finishes_the_run_by_itself(tmp_path):
     store prefix per restart the restarted processes fail to connect (or wait 30 minutes)."""
     args = ["--train-subset", "640", "--batch-size", "64", "--epochs", "3", "--log-seconds", "1000", "--resume", "auto"]
     full = run_cli(args + ["--out-dir", str(tmp_path / "full")], cmd=(*TORCHRUN2, "train.py"))
-    assert full.returncode == 0, full.stderr
+    assert full.returncode == 0, full.stdout[-1500:] + full.stderr
     out = tmp_path / "killed"
     p = spawn([*TORCHRUN2, "--max-restarts=1", "train.py", *args, "--out-dir", str(out)],
               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -1559,7 +1559,7 @@ def test_one_out_dir_one_run(tmp_path):
     p.wait()
     (out / f"ckpt.pt.{p.pid}.tmp").write_bytes(b"half a checkpoint")
     r = run_cli(QUICK + ["--epochs", "2", "--resume", "auto", "--out-dir", str(out)])
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, r.stdout[-1500:] + r.stderr
     assert "resumed from" in r.stdout and not list(out.glob("*.tmp"))
 
 
@@ -1636,7 +1636,7 @@ def test_workers_stop_when_the_torchrun_agent_is_killed(tmp_path):
         time.sleep(0.1)
     assert all(gone(w) for w in workers), "workers outlived their agent"
     r = run_cli([*args[:-4], "--epochs", "2", "--resume", "auto", "--out-dir", str(tmp_path)], cmd=(*TORCHRUN2, "train.py"))
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-3000:]
     assert "resumed from" in r.stdout
 
 
@@ -1646,7 +1646,7 @@ def test_mid_epoch_checkpoint_resumes_exactly(tmp_path):
     args = ["--train-subset", "1280", "--batch-size", "64", "--epochs", "2", "--log-seconds", "1000",
             "--check-interval", "5", "--ckpt-every-minutes", "0"]
     full = run_cli(args + ["--out-dir", str(tmp_path / "full")])
-    assert full.returncode == 0, full.stderr
+    assert full.returncode == 0, full.stdout[-1500:] + full.stderr
     out = tmp_path / "killed"
     p = spawn([sys.executable, "train.py", *args, "--out-dir", str(out)],
               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -1663,7 +1663,7 @@ def test_mid_epoch_checkpoint_resumes_exactly(tmp_path):
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["epoch"] == 0 and ckpt["epoch_step"] in (5, 10, 15), "no mid-epoch checkpoint before the kill"
     r = run_cli(args + ["--out-dir", str(out), "--resume"])
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, r.stdout[-1500:] + r.stderr
     assert f"step {ckpt['epoch_step']}" in r.stdout
     a, b = read_log(tmp_path / "full"), read_log(out)
     assert [x["epoch"] for x in b] == [1, 2]
@@ -1776,7 +1776,7 @@ def test_a_real_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
         pytest.skip("no unshare(1) here to mount a small filesystem")
     if "mount" in r.stderr and r.returncode != 0 and not r.stdout:
         pytest.skip(f"this machine does not allow a tmpfs in a user namespace: {r.stderr.strip()}")
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-3000:]
     full = "No space left on device (the disk is full)"
     lines = r.stdout.splitlines()
     for i in (0, 2):
@@ -1881,7 +1881,7 @@ def test_first_run_progress_summary_and_help(tmp_path):
     next, and --help that states each default once and never as None."""
     r = run_cli(["--train-subset", "640", "--batch-size", "64", "--epochs", "1", "--log-seconds", "0",
                  "--out-dir", str(tmp_path)])
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, r.stdout[-1500:] + r.stderr
     assert r.stdout.count("epoch 1 step ") == 9  # steps 1-9 of 10; the 10th is the epoch's line
     assert "done: 1 epochs" in r.stdout and f"checkpoint {tmp_path / 'ckpt.pt'}" in r.stdout
     assert f"python train.py --eval-only --out-dir {tmp_path}" in r.stdout
@@ -2062,7 +2062,7 @@ def test_layer_decay_and_global_pool_formulas():
 def test_mae_kill_then_resume_equals_uninterrupted(tmp_path):
     args = QUICK + ["--epochs", "3"]
     full = run_cli(args + ["--out-dir", str(tmp_path / "full")], cmd=(sys.executable, "mae.py"))
-    assert full.returncode == 0, full.stderr
+    assert full.returncode == 0, full.stdout[-1500:] + full.stderr
     out = tmp_path / "killed"
     p = spawn([sys.executable, "mae.py", *args, "--out-dir", str(out)],
               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -2072,7 +2072,7 @@ def test_mae_kill_then_resume_equals_uninterrupted(tmp_path):
     p.wait()
     assert len(read_log(out)) < 3, "the run finished before it could be killed"
     r = run_cli(args + ["--out-dir", str(out), "--resume"], cmd=(sys.executable, "mae.py"))
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, r.stdout[-1500:] + r.stderr
     a, b = read_log(tmp_path / "full"), read_log(out)
     assert [x["epoch"] for x in b] == [1, 2, 3]
     for ra, rb in zip(a, b):
@@ -2087,7 +2087,7 @@ def test_mae_on_two_processes(tmp_path):
     """torchrun: the same loop under DDP (the decoder's position embeddings and the encoder's are buffers in
     all but name: frozen parameters, which DDP must leave alone)."""
     r = run_cli(QUICK + ["--epochs", "1", "--out-dir", str(tmp_path)], cmd=(*TORCHRUN2, "mae.py"))
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, r.stdout[-1500:] + r.stderr
     assert math.isfinite(read_log(tmp_path)[0]["val_loss"]) and "Grad strides" not in r.stderr
 
 
