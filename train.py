@@ -274,7 +274,8 @@ def setup_distributed(amp=None):
         store, _, _ = next(dist.rendezvous("env://"))
         store = dist.PrefixStore(f"restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
         dist.init_process_group(backend="nccl" if cuda else "gloo", store=store, rank=rank, world_size=world)
-        stop_with_parent(rank)
+        if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun's agent (not by another launcher)
+            stop_with_parent(rank)
     else:
         rank, world, local_rank = 0, 1, 0
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
