@@ -17,8 +17,9 @@ loss is the mean squared error on the hidden patches only, against pixels normal
 It runs on train.py's loop (DDP, compile and bf16 on CUDA, checkpoints, exact --resume, the JSON log, the nan
 stop): only the task differs (reconstruction_task: the step's loss, the evaluation, the picture). The
 checkpoint's encoder has DeiT's key names, so finetune.py --weights takes it (with MAE's fine-tune recipe);
-the decoder's keys (decoder_*, mask_token) are left out there. After every epoch a picture, out_dir/reconstructions/epoch_NNN.png: held-out images, their masked
-version, and the reconstruction (visible patches pasted back, as in MAE's figures).
+the decoder's keys (decoder_*, mask_token) are left out there. After every evaluated epoch (--eval-interval) a
+picture, out_dir/reconstructions/epoch_NNN.png: held-out images, their masked version, and the reconstruction
+(visible patches pasted back, as in MAE's figures).
 """
 
 import argparse

@@ -583,7 +583,7 @@ def end_of_epoch(args, ctx, run, data, epoch, stats, log):
     """Evaluate, then write the epoch's log line, save the checkpoint and print the line. stats: this
     process's train_loss (mean over its steps), lr, img_per_s, epoch_time."""
     batch = max(256, args.batch_size // ctx.world)
-    if (epoch + 1) % args.eval_interval and epoch + 1 < args.epochs:
+    if not evaluated(args, epoch):
         metrics = {}  # --eval-interval: not this epoch
     elif run.task is not None:
         metrics = run.task.evaluate(run, data, ctx, batch)
@@ -601,7 +601,7 @@ def end_of_epoch(args, ctx, run, data, epoch, stats, log):
     save_checkpoint(args, ctx, run, data, epoch + 1, 0, None, record)
     if not ctx.master:
         return
-    if run.task is not None:
+    if run.task is not None and evaluated(args, epoch):
         run.task.after_epoch(run, data, epoch)
     eta = (time.time() - run.t_start) / max(run.done_steps, 1) * (args.epochs - epoch - 1) * run.spe
     heads = f" (cls {metrics['top1_cls']:.2f} dist {metrics['top1_dist']:.2f})" if "top1_cls" in metrics else ""
@@ -613,6 +613,11 @@ def end_of_epoch(args, ctx, run, data, epoch, stats, log):
         + (f" | skipped {record['skipped_val_images']} val images" if record["skipped_val_images"] else "")
         + f" | eta {fmt_time(eta)}"
         + (f" | compiled {record['compiled_frames']} frames, {record['graph_breaks']} graph breaks" if run.compile else ""))
+
+
+def evaluated(args, epoch):
+    """Whether epoch (0-based) ends with an evaluation: every --eval-interval epochs, and the last."""
+    return (epoch + 1) % args.eval_interval == 0 or epoch + 1 == args.epochs
 
 
 @torch.no_grad()
