@@ -342,13 +342,21 @@ def tf32(t):
     return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
 
 
-def exact_matmul(a, b):
+def exact_matmul(a, b, a_exact=False, b_exact=False):
     """a @ b in float32 precision, also where CUDA runs float32 matmuls in TF32 (train.py allows it for the
     model; the flag is global): each operand is split into its TF32 part and the rest, and the three products
-    that matter are summed ("3xTF32"; the rest's own rounding is 2^-11 of 2^-11). The crops need it to stay
-    within a level of PIL: in a single TF32 product 2% of their pixels move, by up to 2 levels."""
+    that matter are summed ("3xTF32"; the rest's own rounding is 2^-11 of 2^-11). An operand that TF32 holds
+    exactly (a_exact, b_exact: pixel values, integers up to 255) is not split, which leaves two products.
+    The crops need it to stay within a level of PIL: in a single TF32 product 2% of their pixels move, by up
+    to 2 levels."""
     if not torch.backends.cuda.matmul.allow_tf32:
         return a @ b
+    if a_exact:
+        b_hi = tf32(b)
+        return a @ b_hi + a @ (b - b_hi)
+    if b_exact:
+        a_hi = tf32(a)
+        return a_hi @ b + (a - a_hi) @ b
     a_hi, b_hi = tf32(a), tf32(b)
     return a_hi @ b_hi + (a_hi @ (b - b_hi) + (a - a_hi) @ b_hi)
 
@@ -382,8 +390,8 @@ def resized_crops(images, boxes, sizes, size, budget=2 ** 26):
         bx, sz = boxes_d[a:b], sizes_d[a:b]
         wx = _resample_matrices(bx[:, 0], bx[:, 2], sz[:, 1], size, Wm).float()  # (b, size, Wm)
         wy = _resample_matrices(bx[:, 1], bx[:, 3], sz[:, 0], size, Hm).float()  # (b, size, Hm)
-        t = exact_matmul(x, wx.transpose(1, 2)[:, None]).add_(0.5).floor_().clamp_(0, 255)  # (b, C, Hm, size): uint8 as PIL
-        outs.append(exact_matmul(wy[:, None], t).add_(0.5).floor_().clamp_(0, 255).to(torch.uint8))
+        t = exact_matmul(x, wx.transpose(1, 2)[:, None], a_exact=True).add_(0.5).floor_().clamp_(0, 255)  # (b, C, Hm, size)
+        outs.append(exact_matmul(wy[:, None], t, b_exact=True).add_(0.5).floor_().clamp_(0, 255).to(torch.uint8))
     return torch.cat(outs)[inverse.long()]
 
 
@@ -436,8 +444,9 @@ def _gaussian_blur(images, sigma):
     k = k / k.sum(1, keepdim=True)  # (B, 9)
     B, C, H, W = images.shape
     x = F.pad(images.float(), (4, 4, 4, 4), mode="replicate")
-    x = exact_matmul(x.unfold(3, 9, 1), k[:, None, None, :, None])  # along W: (B, C, H+8, W, 9) @ (B, 1, 1, 9, 1)
-    x = exact_matmul(x[..., 0].unfold(2, 9, 1), k[:, None, None, :, None])  # along H
+    # along W: (B, C, H+8, W, 9) @ (B, 1, 1, 9, 1), then along H; the pixels are exact in TF32, the sums not
+    x = exact_matmul(x.unfold(3, 9, 1), k[:, None, None, :, None], a_exact=True)
+    x = exact_matmul(x[..., 0].unfold(2, 9, 1), k[:, None, None, :, None])
     return x[..., 0].round().clamp(0, 255).to(torch.uint8)
 
 
