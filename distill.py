@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import MODELS, DeiT, DeiTConfig, create_model, load_checked, read_file, state_dict_of
+from model import MODELS, DeiT, DeiTConfig, check_file, create_model, load_checked, read_file, state_dict_of
 
 
 class DistillationLoss(nn.Module):
@@ -153,9 +153,7 @@ def check_teacher(name, weights=None):
     """What load_teacher would refuse in its arguments, found without loading anything (train.py checks it
     with the flags, before the data loads)."""
     if is_file_name(name):
-        if not os.path.isfile(name):
-            raise ValueError(f"teacher checkpoint {name} " + ("is a directory, not a file" if os.path.isdir(name)
-                                                              else "does not exist"))
+        check_file(name, "teacher checkpoint")
     elif name in CONVNETS or name in MODELS:
         if weights is None:
             raise ValueError(f"teacher {name} needs trained weights: train it with train.py --model {name} and "

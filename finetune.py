@@ -153,12 +153,13 @@ def main(argv=None):
     log(f"loaded {len(state)} tensors ({n_loaded / 1e6:.2f}M values) from {args.weights}" + (" (EMA)" if args.use_ema else ""))
     for n in notes:
         log(f"  {n}")
-    if args.head_init_std is not None and not args.keep_head:  # MAE's main_finetune.py: trunc_normal_(std=2e-5)
+    redrawn = args.head_init_std is not None and not args.keep_head
+    if redrawn:  # MAE's main_finetune.py: trunc_normal_(head.weight, std=2e-5)
         for head in [model.head] + ([model.head_dist] if model.cfg.distilled else []):
             torch.nn.init.trunc_normal_(head.weight, std=args.head_init_std)
             torch.nn.init.zeros_(head.bias)
     log(f"  newly initialised: {', '.join(new) if new else 'nothing'}"
-        + (f" (heads: std {args.head_init_std:g})" if args.head_init_std is not None and not args.keep_head else ""))
+        + (f" (heads: std {args.head_init_std:g})" if redrawn else ""))
     if args.freeze:  # linear probe: only the heads learn; the optimizer never sees the rest (model.param_groups)
         for k, p in model.named_parameters():
             p.requires_grad = k.startswith(("head.", "head_dist."))

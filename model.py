@@ -100,19 +100,21 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim, bias=True)  # rows ordered q, k, v
         self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim)
 
-    def forward(self, x):
+    def split_qkv(self, x):
         B, T, D = x.shape
         # (B, T, 3, nh, hs) -> (3, B, nh, T, hs): the official checkpoints split qkv rows this way
-        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        return self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+
+    def forward(self, x):
+        q, k, v = self.split_qkv(x)
         x = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(hs)) v, flash kernel on GPU
-        return self.proj(x.transpose(1, 2).reshape(B, T, D))
+        return self.proj(x.transpose(1, 2).flatten(2))
 
     def weights(self, x):
         """The attention weights softmax(q k^T / sqrt(hs)) that forward applies, (B, heads, T, T), written
         out from the same q and k (forward never materialises them): for looking, not for training."""
-        B, T, D = x.shape
-        q, k, _ = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        return (q @ k.transpose(-2, -1) / math.sqrt(D // self.num_heads)).softmax(-1)
+        q, k, _ = self.split_qkv(x)
+        return (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(-1)
 
 
 class Mlp(nn.Module):
@@ -295,10 +297,15 @@ def load_weights(model, path, ema=False):
     return model
 
 
-def read_file(path, what="weights file"):
-    """torch.load onto the CPU with weights_only=True: a weights file never runs pickled code."""
+def check_file(path, what):
+    """A file that is not there, or a folder where a file is expected, as one line."""
     if not os.path.isfile(path):
         raise ValueError(f"{what} {path} " + ("is a directory, not a file" if os.path.isdir(path) else "does not exist"))
+
+
+def read_file(path, what="weights file"):
+    """torch.load onto the CPU with weights_only=True: a weights file never runs pickled code."""
+    check_file(path, what)
     if os.path.getsize(path) == 0:
         raise ValueError(f"{what} {path} is empty (0 bytes): a copy or a download that did not finish?")
     try:

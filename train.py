@@ -43,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import augment as A
 from data import BUNDLED_TEACHER, HERE, EpochSampler, free_memory, load_data, parse_classes, train_batches, val_batches
 from distill import CONVNETS, DistillationLoss, check_teacher, create_convnet, load_teacher, ours, rebuild
-from model import MODELS, SIZES, create_model, fit_pos_embed, load_checked, param_groups, read_file, state_dict_of, variant
+from model import MODELS, SIZES, check_file, create_model, fit_pos_embed, load_checked, param_groups, read_file, state_dict_of, variant
 
 DEFAULT_MODEL = "deit_nano_patch7_28"  # the default job: 0.68M parameters, 16 tokens of 28-px Fashion-MNIST
 NEVER = 2 ** 62  # the step at which the loss became nan/inf, while it has not
@@ -198,10 +198,8 @@ def check_args(args, ctx, given=()):
         if problem:
             raise ValueError(problem)
     for name in FILES_READ:
-        path = flags.get(name)
-        if path is not None and not os.path.isfile(path):
-            what = "is a directory, not a file" if os.path.isdir(path) else "does not exist"
-            raise ValueError(f"--{name.replace('_', '-')} {path} {what}")
+        if flags.get(name) is not None:
+            check_file(flags[name], f"--{name.replace('_', '-')}")
     if args.batch_size % ctx.world:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {ctx.world} processes")
     if args.distill in ("soft", "hard"):
@@ -780,13 +778,9 @@ def write_atomic(path, save, what="the previous file is kept"):
         save(tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
-        full = getattr(e, "errno", None) == errno.ENOSPC or disk_full(path)
         if os.path.exists(tmp):
             os.remove(tmp)
-        if not (full or isinstance(e, OSError)):
-            raise
-        reason = "No space left on device" if full else (e.strerror or str(e))
-        raise ValueError(f"cannot write {path}: {reason}{' (the disk is full)' if full else ''}; {what}") from None
+        raise write_error(path, e, what) from None
 
 
 def append_line(path, line):
@@ -798,8 +792,17 @@ def append_line(path, line):
     except OSError as e:
         if os.path.exists(path):
             os.truncate(path, size)
-        full = " (the disk is full)" if e.errno == errno.ENOSPC else ""
-        raise ValueError(f"cannot write {path}: {e.strerror or e}{full}; it keeps its earlier lines") from None
+        raise write_error(path, e, "it keeps its earlier lines") from None
+
+
+def write_error(path, e, what):
+    """The one line for a write that failed (OSError, or torch.save's RuntimeError on a full disk), saying
+    what is kept; a RuntimeError with disk space to spare is a fault of ours, raised as it is."""
+    full = getattr(e, "errno", None) == errno.ENOSPC or disk_full(path)
+    if not (full or isinstance(e, OSError)):
+        raise e
+    reason = "No space left on device (the disk is full)" if full else (e.strerror or str(e))
+    return ValueError(f"cannot write {path}: {reason}; {what}")
 
 
 def write_lines(path, lines):
