@@ -724,9 +724,9 @@ def cli():
         if dist.is_initialized():
             # The process group is taken down while Python is whole: destroyed, then what still refers to it
             # (DDP's reducer, in reference cycles) collected now, not in the interpreter's teardown, whose
-            # order of destruction is arbitrary. (About 1 in 35 two-process runs of the test suite on a loaded
-            # 2-core machine ended in "terminate called without an active exception" in a worker; 37 runs
-            # of the same command alone did not: this is the defence, not a proof.)
+            # order of destruction is arbitrary. (One clean-clone test suite in 11 on a loaded 2-core machine
+            # had a 2-process run end in "terminate called without an active exception" in a worker; 37 runs
+            # of such commands alone did not: this is the defence, not a proof.)
             dist.destroy_process_group()
             gc.collect()
 
