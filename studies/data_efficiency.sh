@@ -14,8 +14,10 @@
 # (5 of 300 epochs); evaluation every tenth of the run and at its end. Seed 0 for every cell first, then
 # seeds 1 and 2 below 60,000 images, where the arms are closest and the seeds' spread is largest (add them
 # at 60,000 where two arms' means differ by less than twice their spread). About 4 hours on 2 CPU cores
-# (a cell of 300,000 images takes 3-6 minutes); each cell is skipped once done, so a rerun resumes.
+# (a cell of 300,000 images takes 3-6 minutes). Each finished cell's log is kept in studies/logs/data_efficiency/
+# (committed), so a rerun, in this clone or a fresh one, resumes where the last one stopped.
 source "$(dirname "$0")/lib.sh"
+keep_logs
 needs_fashion_mnist
 SEEN=300000
 for seed in 0 1 2; do
@@ -26,11 +28,11 @@ for seed in 0 1 2; do
     I=$(( E / 10 > 0 ? E / 10 : 1 ))
     S=(--data fashion-mnist --train-subset $n --epochs $E --warmup-epochs $W --eval-interval $I --seed $seed)
     NOAUG=(--aa none --reprob 0 --mixup 0 --cutmix 0)
-    cell convnet-$n-$seed python train.py "${S[@]}" --model convnet "${NOAUG[@]}"
+    cell convnet-$n-$seed --feeds distill-$n-$seed python train.py "${S[@]}" --model convnet "${NOAUG[@]}"
     cell noaug-$n-$seed python train.py "${S[@]}" "${NOAUG[@]}" --hflip 0
     cell recipe-$n-$seed python train.py "${S[@]}"
     cell distill-$n-$seed python train.py "${S[@]}" --distill hard --teacher "$OUT/convnet-$n-$seed/ckpt.pt"
-    cell mae-$n-$seed python mae.py "${S[@]}"
+    cell mae-$n-$seed --feeds maeft-$n-$seed python mae.py "${S[@]}"
     cell maeft-$n-$seed python finetune.py --weights "$OUT/mae-$n-$seed/ckpt.pt" "${S[@]}"
   done
 done
@@ -45,7 +47,7 @@ table(["training images (epochs)"] + [label for _, label in ARMS],
       [[f"{n:,} ({300000 // n})"] + [mean(runs[arm, n]) for arm, _ in ARMS] for n in SIZES])
 print("\ntop-1 (%) on the 10,000 test images: the mean over the seeds run, each in brackets")
 from plot import lines
-lines({label: {n: runs[arm, n] for n in SIZES if runs[arm, n]} for arm, label in ARMS}, f"{OUT}/data-efficiency.png",
+lines({label: {n: runs[arm, n] for n in SIZES if runs[arm, n]} for arm, label in ARMS}, f"{RUNS}/data-efficiency.png",
       "training images (log scale)", "top-1 on the 10,000 test images (%)",
       "Fashion-MNIST, deit_nano_patch7_28 / convnet, 300,000 images seen per run")
 machine()

@@ -1,19 +1,37 @@
 # Sourced by every study: runs from the repository root, keeps each cell's run in $OUT/<name>/ (default
-# studies/out/<study>, one folder per study) and its printed output in $OUT/<name>.txt. Each cell runs with --resume auto, so a finished
-# cell is skipped and a killed one continues: rerun the study to resume it. QUICK=1 shrinks every cell
-# (--train-subset 640 --epochs 1) to check that a study runs end to end; its numbers mean nothing.
+# studies/out/<study>, one folder per study) and its printed output in $OUT/<name>.txt. Each cell runs with
+# --resume auto, so a finished cell is skipped and a killed one continues: rerun the study to resume it. A study
+# that calls keep_logs also copies each finished cell's log.jsonl and printed output to studies/logs/<study>/,
+# which is committed: its report reads them there, and a fresh clone skips those cells (delete the folder to
+# rerun them all). QUICK=1 shrinks every cell (--train-subset 640 --epochs 1) to check that a study runs end
+# to end; its numbers mean nothing, and it keeps nothing.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-studies/out}/$(basename "$0" .sh)
 mkdir -p "$OUT"
+LOGS=$OUT  # where the report reads each cell's log; keep_logs moves it into git
 SHRINK=()
 if [ "${QUICK:-0}" = 1 ]; then SHRINK=(--train-subset 640 --epochs 1 --warmup-epochs 0); fi
 
-cell() {  # cell NAME python SCRIPT.py FLAGS...: one run, skipped when finished
-  local name=$1; shift
+keep_logs() {  # a study that runs for hours keeps each finished cell's log in git, so it resumes in a fresh clone
+  [ "${QUICK:-0}" = 1 ] || LOGS=studies/logs/$(basename "$0" .sh)
+  mkdir -p "$LOGS"
+}
+
+cell() {  # cell NAME [--feeds LATER] python SCRIPT.py FLAGS...: one run, skipped when finished
+  local name=$1 feeds=; shift
+  if [ "$1" = --feeds ]; then feeds=$2; shift 2; fi  # LATER reads this cell's checkpoint
+  # a kept cell is skipped unless a cell it feeds still has to run and its checkpoint is gone (then it is
+  # rerun, seeded, to remake it)
+  if [ -f "$LOGS/$name/log.jsonl" ] && { [ -z "$feeds" ] || [ -f "$LOGS/$feeds/log.jsonl" ] || [ -f "$OUT/$name/ckpt.pt" ]; }; then
+    echo "$(date +%H:%M:%S) $name: kept in $LOGS/$name" >&2; return
+  fi
   echo "$(date +%H:%M:%S) $name: $*" >&2
   if ! "$@" "${SHRINK[@]}" --out-dir "$OUT/$name" --resume auto > "$OUT/$name.txt" 2>&1; then
     echo "failed: $name (its output: $OUT/$name.txt)" >&2; tail -3 "$OUT/$name.txt" >&2; exit 1
+  fi
+  if [ "$LOGS" != "$OUT" ]; then
+    mkdir -p "$LOGS/$name"; cp "$OUT/$name/log.jsonl" "$LOGS/$name/"; cp "$OUT/$name.txt" "$LOGS/"
   fi
 }
 
@@ -22,5 +40,5 @@ needs_fashion_mnist() {
 }
 
 report() {  # report <<'EOF' ... EOF: python that prints the study's table (studies/report.py's helpers)
-  OUT="$OUT" python -c "import sys; sys.path.insert(0, 'studies'); from report import *; exec(sys.stdin.read())"
+  RUNS="$OUT" OUT="$LOGS" python -c "import sys; sys.path.insert(0, 'studies'); from report import *; exec(sys.stdin.read())"
 }

@@ -5,7 +5,8 @@ import platform
 
 import torch
 
-OUT = os.environ.get("OUT", "studies/out")
+OUT = os.environ.get("OUT", "studies/out")  # the cells' logs (studies/logs/STUDY for a study that keeps them)
+RUNS = os.environ.get("RUNS", OUT)  # the cells' runs and the pictures
 
 
 def last(name, key="top1"):
