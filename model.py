@@ -16,7 +16,7 @@ one clear ValueError. This file needs only torch: copy it into your project.
 
 import math
 import os
-from collections import namedtuple
+from collections import OrderedDict, namedtuple
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 @dataclass
 class DeiTConfig:
-    img_size: int = 224
+    img_size: int = 224  # or (height, width)
     patch_size: int = 16
     in_chans: int = 3
     num_classes: int = 1000
@@ -157,12 +157,14 @@ class Block(nn.Module):
 class DeiT(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        if cfg.img_size % cfg.patch_size:
+        H, W = (cfg.img_size, cfg.img_size) if isinstance(cfg.img_size, int) else tuple(cfg.img_size)
+        if H % cfg.patch_size or W % cfg.patch_size:
             raise ValueError(f"img_size {cfg.img_size} is not a multiple of the patch size {cfg.patch_size}")
         self.cfg = cfg
         D = cfg.embed_dim
         self.num_prefix_tokens = 2 if cfg.distilled else 1
-        num_patches = (cfg.img_size // cfg.patch_size) ** 2
+        self.grid = (H // cfg.patch_size, W // cfg.patch_size)  # the patch grid pos_embed was made for
+        num_patches = self.grid[0] * self.grid[1]
         # Registration order gives the official checkpoints' key order: cls_token, pos_embed, dist_token, ...
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.num_prefix_tokens, D))
@@ -213,11 +215,27 @@ class DeiT(nn.Module):
         return self.cfg.depth + 1
 
     def embed(self, x):
-        """Images -> the first block's input: [cls, (dist), patches] + pos_embed, (B, prefix + N, D)."""
+        """Images -> the first block's input: [cls, (dist), patches] + pos_embed, (B, prefix + N, D). Any
+        height and width the patch size divides: another grid than the model's gets pos_embed_at's."""
+        H, W = x.shape[-2:]
+        p = self.cfg.patch_size
+        if H % p or W % p:
+            raise ValueError(f"a {H}x{W} input is not a multiple of the patch size {p}: pad or resize it to "
+                             f"{-(-H // p) * p}x{-(-W // p) * p}")
         x = self.patch_embed(x)  # (B, N, D)
         prefix = [self.cls_token, self.dist_token] if self.cfg.distilled else [self.cls_token]
         x = torch.cat([t.expand(x.shape[0], -1, -1) for t in prefix] + [x], dim=1)
-        return x + self.pos_embed
+        return x + self.pos_embed_at((H // p, W // p))
+
+    def pos_embed_at(self, grid):
+        """pos_embed for a (rows, columns) patch grid: the model's own, or its patch rows resized bicubically
+        as resize_pos_embed does for a checkpoint (paper §3), here as one cached matrix per grid, so the
+        embeddings keep training and a loop at a fixed size pays one small matmul."""
+        if grid == self.grid:
+            return self.pos_embed
+        P, pe = self.num_prefix_tokens, self.pos_embed
+        M = resize_matrix(self.grid, grid, pe.device)
+        return torch.cat([pe[:, :P], (M @ pe[0, P:].float()).to(pe.dtype)[None]], dim=1)
 
     def forward_features(self, x):
         x = self.embed(x)
@@ -225,15 +243,24 @@ class DeiT(nn.Module):
             x = block(x)
         return self.norm(x)  # (B, prefix + N, D)
 
-    def forward_intermediates(self, x):
-        """The tokens after each block, before the final norm: a list of depth (B, prefix + N, D) tensors,
-        the last of which forward_features normalises. What a detector's neck, or a look at what the class
-        and distillation tokens become through the network (paper §5), reads."""
+    def forward_intermediates(self, x, depth=None):
+        """The tokens after each block (the first depth blocks), before the final norm: a list of
+        (B, prefix + N, D) tensors, the last of which forward_features normalises. What a detector's
+        backbone (feature_maps), or a look at what the class and distillation tokens become through the
+        network (paper §5), reads."""
         x, out = self.embed(x), []
-        for block in self.blocks:
+        for block in self.blocks[:depth]:
             x = block(x)
             out.append(x)
         return out
+
+    def feature_maps(self, x, blocks=(-1,)):
+        """The patch tokens after the chosen blocks as (B, D, H/p, W/p) maps, class and distillation tokens
+        dropped: a convnet's feature maps, for any input size the patch size divides."""
+        B, (H, W), p = x.shape[0], x.shape[-2:], self.cfg.patch_size
+        blocks = [b % len(self.blocks) for b in blocks]
+        tokens = self.forward_intermediates(x, max(blocks) + 1)
+        return [tokens[b][:, self.num_prefix_tokens:].transpose(1, 2).reshape(B, -1, H // p, W // p) for b in blocks]
 
     def forward_heads(self, x):
         """Logits of every head: the class head alone, or (class_logits, dist_logits) when distilled."""
@@ -269,20 +296,35 @@ def param_groups(model, weight_decay, layer_decay=1.0):
 
 
 def resize_pos_embed(pos_embed, new_grid, num_prefix_tokens):
-    """Resize (1, prefix + g*g, D) position embeddings to a new_grid x new_grid patch grid: the prefix
-    (class/distillation) rows are kept as they are, the patch rows are interpolated bicubically as a
-    square image. Paper §3 "Fine-tuning at different resolution": bicubic keeps the embeddings' norm,
-    bilinear shrinks it."""
+    """Resize (1, prefix + g*g, D) position embeddings to a new_grid patch grid (n for n x n, or (rows,
+    columns)): the prefix (class/distillation) rows are kept as they are, the patch rows are interpolated
+    bicubically as a square image. Paper §3 "Fine-tuning at different resolution": bicubic keeps the
+    embeddings' norm, bilinear shrinks it."""
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     old = math.isqrt(grid.shape[1])
     assert old * old == grid.shape[1], f"patch rows ({grid.shape[1]}) do not form a square grid"
-    if old == new_grid:
+    new = (new_grid, new_grid) if isinstance(new_grid, int) else tuple(new_grid)
+    if (old, old) == new:
         return pos_embed
     D = grid.shape[-1]
     grid = grid.reshape(1, old, old, D).permute(0, 3, 1, 2)  # (1, D, old, old)
-    grid = F.interpolate(grid.float(), size=(new_grid, new_grid), mode="bicubic", align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, D).to(pos_embed.dtype)
+    grid = F.interpolate(grid.float(), size=new, mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new[0] * new[1], D).to(pos_embed.dtype)
     return torch.cat([prefix, grid], dim=1)
+
+
+_RESIZE = {}
+
+
+def resize_matrix(old, new, device):
+    """The (new rows * columns, old rows * columns) matrix of bicubic resizing from grid old to grid new:
+    interpolation is linear, so resizing every channel is one matmul. Made once per grids and device."""
+    key = (tuple(old), tuple(new), str(device))
+    if key not in _RESIZE:
+        eye = torch.eye(old[0] * old[1], dtype=torch.float64).reshape(-1, 1, *old)
+        M = F.interpolate(eye, size=tuple(new), mode="bicubic", align_corners=False).flatten(1).T
+        _RESIZE[key] = M.float().to(device)
+    return _RESIZE[key]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -337,7 +379,7 @@ def fit_pos_embed(state, model):
     prefix = model.num_prefix_tokens
     if math.isqrt(pe.shape[1] - prefix) ** 2 != pe.shape[1] - prefix:
         return state
-    return {**state, "pos_embed": resize_pos_embed(pe, math.isqrt(own.shape[1] - prefix), prefix)}
+    return {**state, "pos_embed": resize_pos_embed(pe, model.grid, prefix)}
 
 
 def load_checked(model, state, what):
@@ -354,3 +396,109 @@ def load_checked(model, state, what):
     if problems:
         raise ValueError(f"{what} does not fit the model: " + "; ".join(problems))
     model.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A DeiT as a detector's backbone, in place of a ResNet-50-FPN: ViTDet's recipe (Li et al. 2022, "Exploring
+# Plain Vision Transformer Backbones for Object Detection", arXiv 2203.16527, §3): the plain ViT's last map,
+# made into a pyramid by a few (de)convolutions, no FPN top-down path. We keep global attention in every
+# block (ViTDet uses windows in most blocks and relative positions: a cost cut at 1024 px, not needed here).
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of (B, C, H, W) maps (ViTDet's norm in the pyramid)."""
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class SimpleFeaturePyramid(nn.Module):
+    """ViTDet's simple feature pyramid (§3, Fig. 2c) from one (B, dim, H/p, W/p) map: strides 4, 8, 16, 32,
+    each by 2x2 transposed convs (LayerNorm and GELU between two) or a max-pool from the patch size p (for
+    p = 16, ViTDet's: two deconvs, one, identity, a 2x2 max-pool), then a 1x1 and a 3x3 conv to out_channels,
+    each with a LayerNorm; plus "pool", the stride-64 level that torchvision's FPN backbones add
+    (LastLevelMaxPool). Keys "0"-"3" and "pool": what torchvision's resnet_fpn_backbone returns."""
+
+    def __init__(self, dim, patch_size, out_channels=256, strides=(4, 8, 16, 32)):
+        super().__init__()
+        p = patch_size
+        if p & (p - 1) or any(s & (s - 1) for s in strides):
+            raise ValueError(f"the pyramid needs a power-of-2 patch size (strides {strides} in halvings and "
+                             f"doublings of it), not {p}: choose a patch4/patch16 model")
+        self.stages = nn.ModuleList()
+        for s in strides:
+            ops, d = [], dim
+            for i in range(int(math.log2(p // s)) if s < p else 0):  # upsample: p/s = 2, 4, ...
+                ops += [LayerNorm2d(d, eps=1e-6), nn.GELU()] if i else []
+                ops.append(nn.ConvTranspose2d(d, d // 2, kernel_size=2, stride=2))
+                d //= 2
+            if s > p:
+                ops.append(nn.MaxPool2d(kernel_size=s // p, stride=s // p))
+            ops += [nn.Conv2d(d, out_channels, 1, bias=False), LayerNorm2d(out_channels, eps=1e-6),
+                    nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), LayerNorm2d(out_channels, eps=1e-6)]
+            self.stages.append(nn.Sequential(*ops))
+
+    def forward(self, x):
+        maps = OrderedDict((str(i), stage(x)) for i, stage in enumerate(self.stages))
+        maps["pool"] = F.max_pool2d(maps[str(len(self.stages) - 1)], kernel_size=1, stride=2)
+        return maps
+
+
+TRUNK = ("cls_token", "dist_token", "pos_embed", "patch_embed.", "blocks.")  # what a backbone keeps of a ViT
+
+
+class Backbone(nn.Module):
+    """A DeiT and ViTDet's pyramid, as torchvision's detectors take a backbone: forward(images) returns an
+    OrderedDict of (B, out_channels, H/s, W/s) maps keyed as a ResNet-50-FPN's, and out_channels says
+    their width, so
+
+        backbone = Backbone.from_file("deit_small_patch16_224-cd65a155.pth", "deit_small_patch16_224")
+        detector = torchvision.models.detection.FasterRCNN(backbone, num_classes=91)
+
+    is the swap. The ViT's heads and final norm are dropped (ViTDet reads the last block's tokens)."""
+
+    def __init__(self, vit, out_channels=256):
+        super().__init__()
+        for name in ("head", "head_dist", "fc_norm", "norm"):
+            if hasattr(vit, name):
+                setattr(vit, name, nn.Identity())
+        self.vit, self.out_channels = vit, out_channels
+        self.pyramid = SimpleFeaturePyramid(vit.cfg.embed_dim, vit.cfg.patch_size, out_channels)
+
+    def forward(self, x):
+        return self.pyramid(self.vit.feature_maps(x)[0])
+
+    # for param_groups (layer-wise lr decay, as ViTDet fine-tunes): the pyramid trains at the full lr
+    @property
+    def blocks(self):
+        return self.vit.blocks
+
+    def layer_id(self, name):
+        return self.vit.layer_id(name[len("vit."):]) if name.startswith("vit.") else len(self.blocks) + 1
+
+    def no_weight_decay(self):
+        return {"vit." + n for n in self.vit.no_weight_decay()}
+
+    @classmethod
+    def from_file(cls, path, model=None, out_channels=256, ema=False, **overrides):
+        """A backbone from any weights file of this project: an official DeiT release or a plain state dict
+        (model names the architecture), or a checkpoint of train.py, finetune.py or mae.py (which carries
+        its own). Only the ViT's trunk is loaded; .left_out names what the file has besides (heads, the
+        final norm, an MAE decoder). overrides: DeiTConfig fields (drop_path_rate, img_size, ...)."""
+        obj = read_file(path)
+        state = state_dict_of(obj, path, ema)
+        if "patch_embed.proj.weight" not in state:
+            raise ValueError(f"{path} is not a ViT/DeiT weights file (no patch_embed.proj.weight); its keys begin: "
+                             + ", ".join(list(state)[:3]))
+        ours = isinstance(obj, dict) and isinstance(obj.get("model_config"), dict)
+        if ours and "embed_dim" in obj["model_config"]:
+            cfg = {**obj["model_config"], "global_pool": False, **overrides}
+            vit = DeiT(DeiTConfig(**cfg))
+        elif model is not None:
+            vit = create_model(model, **{"distilled": "dist_token" in state, **overrides})
+        else:
+            raise ValueError(f"{path} does not say its architecture (an official release or a plain state "
+                             "dict): name the model, e.g. deit_small_patch16_224")
+        backbone = cls(vit, out_channels)
+        trunk = {k: v for k, v in state.items() if k.startswith(TRUNK)}
+        load_checked(backbone.vit, fit_pos_embed(trunk, vit), path)
+        backbone.left_out = sorted({k.split(".")[0] for k in state if not k.startswith(TRUNK)})
+        return backbone

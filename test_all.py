@@ -388,6 +388,122 @@ def test_resize_pos_embed():
     assert torch.allclose(res, res[0:1].expand(20, 20)) and res[0, -1] > res[0, 0]
 
 
+def test_feature_maps_for_any_size_and_the_pyramids_strides():
+    """feature_maps: the last block's patch tokens as (B, D, H/p, W/p), for every variant, square or not;
+    the pyramid: keys and strides as torchvision's ResNet-FPN backbone returns them on the same input."""
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    torch.manual_seed(0)
+    for name, v in M.MODELS.items():
+        m = M.create_model(name, depth=2, num_classes=3, embed_dim=96 if "base" in name else None).eval()
+        p, D = v.patch_size, m.cfg.embed_dim
+        for H, W in ((4 * p, 4 * p), (5 * p, 3 * p)):
+            x = torch.randn(2, 3, H, W)
+            with torch.no_grad():
+                first, last = m.feature_maps(x, blocks=(0, -1))
+                tokens = m.forward_intermediates(x)
+            assert first.shape == last.shape == (2, D, H // p, W // p), name
+            P = m.num_prefix_tokens  # the map at (row 3, column 2) is patch token 3 * W/p + 2 of that block
+            assert torch.equal(last[1, :, 3, 2], tokens[-1][1, P + 3 * (W // p) + 2])
+            assert torch.equal(first[0, :, 1, 0], tokens[0][0, P + W // p])
+    ref = resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5).eval()
+    for patch in (4, 8, 16, 32):
+        b = M.Backbone(M.create_model("deit_tiny_patch16_224", patch_size=patch, depth=1, img_size=64), 16).eval()
+        x = torch.randn(1, 3, 64, 96)
+        with torch.no_grad():
+            ours, theirs = b(x), ref(x)
+        assert list(ours) == list(theirs) == ["0", "1", "2", "3", "pool"] and b.out_channels == 16
+        assert [o.shape[-2:] for o in ours.values()] == [t.shape[-2:] for t in theirs.values()], patch
+        assert all(o.shape[1] == 16 for o in ours.values())
+    with pytest.raises(ValueError, match="power-of-2 patch size"):
+        M.Backbone(M.create_model("deit_nano_patch7_28"))
+    with pytest.raises(ValueError, match=r"^a 30x28 input is not a multiple of the patch size 7: pad or resize it to 35x28$"):
+        M.create_model("deit_nano_patch7_28", in_chans=1)(torch.randn(1, 1, 30, 28))
+
+
+def test_a_224_model_at_320x256_equals_one_built_at_that_size(tmp_path):
+    """A 224 checkpoint fed 320x256 images (pos_embed resized on the fly) gives the feature maps and logits of
+    a model built at 320x256 that loaded it (pos_embed resized once by resize_pos_embed, paper §3); the
+    on-the-fly embeddings keep their gradient and their resizing matrix is made once."""
+    torch.manual_seed(0)
+    path = tmp_path / "release.pth"
+    torch.save({"model": M.create_model("deit_tiny_distilled_patch16_224", depth=2).state_dict()}, path)
+    a = M.load_weights(M.create_model("deit_tiny_distilled_patch16_224", depth=2), path).eval()
+    b = M.load_weights(M.create_model("deit_tiny_distilled_patch16_224", depth=2, img_size=(320, 256)), path).eval()
+    assert b.grid == (20, 16) and b.pos_embed.shape == (1, 2 + 320, 192)
+    torch.testing.assert_close(b.pos_embed, M.resize_pos_embed(a.pos_embed, (20, 16), 2))
+    x = torch.randn(2, 3, 320, 256)
+    with torch.no_grad():
+        torch.testing.assert_close(a.feature_maps(x)[0], b.feature_maps(x)[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a(x), b(x), atol=1e-5, rtol=1e-5)
+        assert torch.equal(a(torch.randn(1, 3, 224, 224)).isfinite(), torch.ones(1, 1000, dtype=torch.bool))
+    assert M.resize_matrix((14, 14), (20, 16), "cpu") is M.resize_matrix((14, 14), (20, 16), "cpu")
+    a.train()
+    a(x)[0].sum().backward()
+    assert a.pos_embed.grad[0, 2:].abs().sum(-1).min() > 0  # every patch row of the 14x14 grid gets gradient
+
+
+def test_backbone_loads_every_kind_of_weights_file(tmp_path):
+    """Official releases (plain and distilled), train.py's checkpoints (weights or EMA) and mae.py's: the
+    trunk loaded, what is left out named; a file that is not a ViT's, or that needs a model name, is one line."""
+    torch.manual_seed(0)
+    for name, left in (("deit_tiny_patch16_224", ["head", "norm"]),
+                       ("deit_tiny_distilled_patch16_224", ["head", "head_dist", "norm"])):
+        state = M.create_model(name, depth=2).state_dict()
+        torch.save({"model": state}, tmp_path / "release.pth")
+        b = M.Backbone.from_file(tmp_path / "release.pth", "deit_tiny_patch16_224", depth=2)  # the file's tokens
+        assert b.left_out == left and b.vit.cfg.distilled == ("distilled" in name)
+        assert all(torch.equal(v, state[k]) for k, v in b.vit.state_dict().items())
+        assert set(b.vit.state_dict()) == {k for k in state if k.split(".")[0] not in left}
+    with pytest.raises(ValueError, match=r"does not say its architecture .*: name the model"):
+        M.Backbone.from_file(tmp_path / "release.pth")
+    with pytest.raises(ValueError, match=r"does not fit the model: .*shape"):
+        M.Backbone.from_file(tmp_path / "release.pth", "deit_small_patch16_224", depth=2)
+    T.main(QUICK + ["--model", "deit_nano_patch4_28", "--epochs", "1", "--out-dir", str(tmp_path / "sup")])
+    MAE.main(QUICK + ["--model", "deit_nano_patch4_28", "--epochs", "1", "--out-dir", str(tmp_path / "mae")])
+    for run, ema, left in (("sup", False, ["head", "norm"]), ("sup", True, ["head", "norm"]),
+                           ("mae", False, ["decoder_blocks", "decoder_embed", "decoder_norm", "decoder_pos_embed",
+                                           "decoder_pred", "mask_token", "norm"])):
+        b = M.Backbone.from_file(tmp_path / run / "ckpt.pt", ema=ema)  # the checkpoint names its model
+        ckpt = torch.load(tmp_path / run / "ckpt.pt", weights_only=True)
+        assert b.left_out == left and b.vit.grid == (7, 7) and b.vit.cfg.in_chans == 1
+        assert all(torch.equal(v, ckpt["ema" if ema else "model"][k]) for k, v in b.vit.state_dict().items())
+    for path, match in ((DT.BUNDLED_TEACHER, "is not a ViT/DeiT weights file"), (__file__, "cannot read weights file")):
+        with pytest.raises(ValueError, match=match):
+            M.Backbone.from_file(path, "deit_nano_patch4_28")
+
+
+def test_torchvision_detectors_take_the_backbone():
+    """torchvision's FasterRCNN and MaskRCNN with our backbone in place of a ResNet-50-FPN: one training step
+    (every trunk parameter gets a gradient) and one evaluation forward on the CPU; layer-wise lr decay groups
+    the backbone as the ViT (pyramid at the full lr)."""
+    from torchvision.models.detection import FasterRCNN, MaskRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    torch.manual_seed(0)
+    b = M.Backbone(M.create_model("deit_nano_patch4_28", in_chans=1, depth=2), 32)
+    scales = {g["lr_scale"] for g in M.param_groups(b, 0.05, 0.5)}
+    assert scales == {0.5 ** 3, 0.5 ** 2, 0.5, 1.0}  # patch embedding and tokens, block 0, block 1, pyramid
+    anchors = AnchorGenerator(((8,), (16,), (32,), (64,), (128,)), ((0.5, 1.0, 2.0),) * 5)
+    images = [torch.rand(1, 64, 64), torch.rand(1, 64, 96)]
+    masks = torch.zeros(1, 64, 64, dtype=torch.uint8)
+    masks[0, 10:40, 8:30] = 1
+    targets = [{"boxes": torch.tensor([[8.0, 10.0, 30.0, 40.0]]), "labels": torch.tensor([3]), "masks": masks},
+               {"boxes": torch.tensor([[50.0, 5.0, 90.0, 30.0]]), "labels": torch.tensor([1]),
+                "masks": torch.zeros(1, 64, 96, dtype=torch.uint8)}]
+    for Detector in (FasterRCNN, MaskRCNN):
+        det = Detector(b, num_classes=11, min_size=64, max_size=96, image_mean=[0.5], image_std=[0.25],
+                       rpn_anchor_generator=anchors)
+        det.train()
+        losses = det(images, targets)
+        sum(losses.values()).backward()
+        assert all(v.isfinite() for v in losses.values()) and ("loss_mask" in losses) == (Detector is MaskRCNN)
+        assert all(p.grad is not None for p in b.parameters())
+        b.zero_grad()
+        det.eval()
+        with torch.no_grad():
+            out = det(images)
+        assert len(out) == 2 and {"boxes", "labels", "scores"} <= set(out[0])
+
+
 def test_checkpoint_mismatch_names_keys_and_shapes(tmp_path):
     wrong = M.create_model("deit_nano_distilled_patch4_28", num_classes=7, in_chans=1).state_dict()
     torch.save({"model": wrong}, tmp_path / "w.pth")
