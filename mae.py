@@ -168,7 +168,7 @@ def reconstruction_task(args, model):
     resumed run repeats them), the held-out loss with masks fixed per batch, and the picture."""
     raw = model
 
-    def loss(run, x, gen):  # the loss lives in the model's forward, as in MAE
+    def loss(run, x, targets, gen):  # the loss lives in the model's forward, as in MAE
         return run.net(x, noise_for(x, raw.grid, gen))[0]
 
     @torch.no_grad()
@@ -198,7 +198,7 @@ def reconstruction_task(args, model):
                 f"--out-dir {args.out_dir}-finetune",
                 f"train on: python mae.py --resume --epochs {2 * args.epochs} --out-dir {args.out_dir}"]
 
-    return argparse.Namespace(loss=loss, evaluate=evaluate, after_epoch=after_epoch, next_steps=next_steps)
+    return argparse.Namespace(augment=None, loss=loss, evaluate=evaluate, after_epoch=after_epoch, next_steps=next_steps)
 
 
 @torch.no_grad()

@@ -382,6 +382,17 @@ def fit_pos_embed(state, model):
     return {**state, "pos_embed": resize_pos_embed(pe, model.grid, prefix)}
 
 
+def fit_in_chans(state, key, in_chans, what):
+    """RGB weights for greyscale images: the first layer's filters summed over R, G and B (a grey image is the
+    same value in each, so the sum gives the same response)."""
+    w = state[key]
+    if w.shape[1] == in_chans:
+        return state
+    if in_chans != 1:
+        raise ValueError(f"{what} takes {w.shape[1]}-channel images, the data has {in_chans}")
+    return {**state, key: w.sum(1, keepdim=True)}
+
+
 def load_checked(model, state, what):
     """model.load_state_dict(state), strict, but a mismatch is one line naming the keys and shapes, not a
     page of traceback. Works for any nn.Module (torchvision teachers too)."""
@@ -498,7 +509,8 @@ class Backbone(nn.Module):
             raise ValueError(f"{path} does not say its architecture (an official release or a plain state "
                              "dict): name the model, e.g. deit_small_patch16_224")
         backbone = cls(vit, out_channels)
-        trunk = {k: v for k, v in state.items() if k.startswith(TRUNK)}
+        trunk = fit_in_chans({k: v for k, v in state.items() if k.startswith(TRUNK)}, "patch_embed.proj.weight",
+                             vit.cfg.in_chans, path)
         load_checked(backbone.vit, fit_pos_embed(trunk, vit), path)
         backbone.left_out = sorted({k.split(".")[0] for k in state if not k.startswith(TRUNK)})
         return backbone

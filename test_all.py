@@ -33,6 +33,7 @@ from torch.overrides import TorchFunctionMode
 
 import augment as A
 import data as DT
+import detect as DET
 import distill as D
 import finetune as FT
 import mae as MAE
@@ -207,7 +208,8 @@ def readme_block(needle):
 @pytest.mark.parametrize("files", [["model.py"], ["augment.py"], ["distill.py", "model.py"]])
 def test_library_files_work_copied_alone(tmp_path, files):
     """model.py, augment.py, and distill.py with model.py, each copied alone into an empty folder: they import
-    and do their job there. augment.py runs exactly the README's lines for another project's loop."""
+    and do their job there. augment.py runs exactly the README's lines for another project's loop, model.py
+    the README's swap of a detector's ResNet-50 (torchvision installed, as in such a project)."""
     for f in files:
         shutil.copy(os.path.join(HERE, f), tmp_path)
     common = ("import torch\ntorch.manual_seed(0)\n"
@@ -220,6 +222,11 @@ torch.save({"model": m.state_dict()}, "w.pth")
 m2 = M.load_weights(M.create_model("deit_nano_patch4_28", num_classes=10, img_size=64, in_chans=3), "w.pth")
 groups = M.param_groups(m2, 0.05, layer_decay=0.75)
 assert m2(torch.randn(2, 3, 64, 64)).shape == (2, 10) and len(groups) > 2
+torch.save({"model": M.create_model("deit_small_patch16_224").state_dict()}, "deit_small_patch16_224-cd65a155.pth")
+README
+assert backbone.left_out == ["head", "norm"] and len(M.param_groups(backbone, 0.1, layer_decay=0.7)) > 2
+detector.eval().transform.min_size, detector.transform.max_size = (64,), 96  # (800 px by default: slow here)
+assert set(detector([torch.rand(3, 64, 96)])[0]) == {"boxes", "labels", "scores"}
 """, "augment.py": """
 seed = 0
 model(torch.zeros(1, 3, 40, 40))  # (the lazy layer takes its size)
@@ -238,8 +245,7 @@ loss = D.DistillationLoss(torch.nn.functional.cross_entropy, teacher, "hard")(x,
 loss.backward()
 assert torch.isfinite(loss) and student.head_dist.weight.grad.abs().sum() > 0
 """}[files[0]]
-    if files[0] == "augment.py":
-        code = code.replace("README", readme_block("deit_augment"))
+    code = code.replace("README", readme_block("deit_augment" if files[0] == "augment.py" else "FasterRCNN(backbone"))
     env = {k: v for k, v in ENV.items() if k != "PYTHONPATH"}
     r = subprocess.run([sys.executable, "-c", common + code], cwd=tmp_path, env=env, capture_output=True, text=True,
                        timeout=120)
@@ -1924,7 +1930,7 @@ def just_outside(spec, args):
         ([hi if spec[-1] == ")" else hi + 1] if math.isfinite(hi) else [])
 
 
-@pytest.mark.parametrize("script", [T, FT, MAE])
+@pytest.mark.parametrize("script", [T, FT, MAE, DET])
 def test_every_number_flag_has_a_range_and_each_range_is_enforced(script, tmp_path, monkeypatch):
     """The table covers every int/float flag of train.py, finetune.py and mae.py, and a value just outside each
     finite bound of each is one line naming the flag, before anything loads."""
@@ -2217,3 +2223,109 @@ def test_mae_on_two_processes(tmp_path):
 def test_mae_bad_inputs_are_one_line(flags, match, tmp_path):
     r = run_cli(QUICK + flags + ["--out-dir", str(tmp_path)], cmd=(sys.executable, "mae.py"))
     assert r.returncode == 2 and "Traceback" not in r.stderr and match in r.stderr, r.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------
+# detect.py
+
+def test_average_precision_on_a_hand_worked_case():
+    """Class 1: two boxes; detections in score order: an exact hit, a miss, one at IoU 0.62 with the second
+    box. At IoU .50-.60 that is precision 1 up to recall 1/2, 2/3 up to recall 1: COCO's 101-point AP
+    (51 x 1 + 50 x 2/3) / 101; at .65-.95 only the first hits: 51 / 101. Class 2 has a box and no detection
+    (AP 0); class 3 a detection and no box (not counted). The same as masks of those rectangles."""
+    g = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0], [40.0, 0.0, 50.0, 10.0]])
+    d = torch.tensor([[0.0, 0.0, 10.0, 10.0], [50.0, 50.0, 60.0, 60.0], [20.0, 20.0, 30.0, 26.2], [0.0, 40.0, 9.0, 49.0]])
+    dets = [(torch.tensor([0.9, 0.8, 0.7, 0.95]), torch.tensor([1, 1, 1, 3]), d)]
+    gts = [(torch.tensor([1, 1, 2]), g)]
+    low, high = (51 + 50 * 2 / 3) / 101, 51 / 101
+    ap, per_t = DET.average_precision(dets, gts)
+    assert per_t[0] == pytest.approx(100 * low / 2) and per_t[2] == pytest.approx(100 * low / 2)
+    assert per_t[3] == pytest.approx(100 * high / 2) and per_t[9] == pytest.approx(100 * high / 2)
+    assert ap == pytest.approx(100 * (3 * low + 7 * high) / 20)
+    def masks(boxes):
+        m = torch.zeros(len(boxes), 64, 64, dtype=torch.bool)
+        for k, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
+            m[k, round(y0 * 10) // 10:int(y1), int(x0):int(x1)] = True
+        return m
+    d_m = masks(torch.tensor([[0.0, 0.0, 10.0, 10.0], [50.0, 50.0, 60.0, 60.0], [20.0, 20.0, 30.0, 26.0], [0.0, 40.0, 9.0, 49.0]]))
+    assert DET.average_precision([(dets[0][0], dets[0][1], d_m)], [(gts[0][0], masks(g))], DET.mask_iou)[0] == pytest.approx(ap)
+    # a second image with the same detections and boxes doubles every count and leaves AP as it is
+    assert DET.average_precision(dets * 2, gts * 2)[0] == pytest.approx(ap)
+
+
+def test_scenes_are_deterministic_and_annotate_what_is_visible():
+    x, y = DT.load_idx_folder(DT.BUNDLED)[0]
+    a = DET.make_scenes(x, y, 20, 64, seed=3)
+    b = DET.make_scenes(x, y, 20, 64, seed=3)
+    assert all(torch.equal(u, v) for u, v in zip(a[:2], b[:2])) and all(torch.equal(u, v) for u, v in zip(a[2], b[2]))
+    canvas, ids, boxes, labels = a
+    assert canvas.shape == (20, 1, 64, 64) and canvas.dtype == torch.uint8
+    for i in range(20):
+        k = len(boxes[i])
+        assert 1 <= k <= 5 and set(labels[i].tolist()) <= set(range(1, 11))
+        assert ids[i].max() == k and (canvas[i, 0][ids[i] > 0] > 32).all()
+        for j in range(k):  # each box is the tight box of that object's visible pixels
+            ys, xs = (ids[i] == j + 1).nonzero(as_tuple=True)
+            assert len(ys) >= DET.MIN_PIXELS
+            assert boxes[i][j].tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+    assert not torch.equal(DET.make_scenes(x, y, 20, 64, seed=4)[0], canvas)
+
+
+def coco_folder(root):
+    """A COCO-style folder: 6 images per split of 40x30 px, a bright rectangle in each, its box annotated."""
+    from PIL import Image
+    for split in ("train", "val"):
+        os.makedirs(root / split)
+        images, anns = [], []
+        for i in range(6):
+            im = np.zeros((30, 40, 3), np.uint8)
+            x0, y0 = 2 + 3 * i, 4 + i
+            im[y0:y0 + 12, x0:x0 + 16] = (200, 40 * i, 90)
+            Image.fromarray(im).save(root / split / f"{i}.png")
+            images.append({"id": 10 + i, "file_name": f"{i}.png", "width": 40, "height": 30})
+            anns.append({"id": i, "image_id": 10 + i, "bbox": [x0, y0, 16, 12], "category_id": 7 if i % 2 else 3})
+        json.dump({"images": images, "annotations": anns,
+                   "categories": [{"id": 3, "name": "box"}, {"id": 7, "name": "crate"}]}, open(root / split / "annotations.json", "w"))
+    return root
+
+
+def test_detect_trains_resumes_exactly_and_reads_a_coco_folder(tmp_path, capsys):
+    """Faster R-CNN with our backbone on composed scenes: 2 epochs equal 1 epoch and then --resume to 2
+    (weights and the log's mAP); --eval-only gives the logged mAP. A COCO folder is read (boxes scaled with
+    the image) and trained on by 2 processes with a ResNet-18."""
+    base = ["--scenes", "24", "--val-scenes", "12", "--img-size", "64", "--batch-size", "8", "--log-seconds", "1000",
+            "--fpn-channels", "16"]
+    DET.main(base + ["--epochs", "2", "--out-dir", str(tmp_path / "full")])
+    DET.main(base + ["--epochs", "1", "--out-dir", str(tmp_path / "cut")])
+    DET.main(base + ["--epochs", "2", "--out-dir", str(tmp_path / "cut"), "--resume"])
+    a, b = read_log(tmp_path / "full"), read_log(tmp_path / "cut")
+    assert [r["epoch"] for r in b] == [1, 2] and a[-1]["map"] == pytest.approx(b[-1]["map"])
+    wa, wb = final_weights(tmp_path / "full"), final_weights(tmp_path / "cut")
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k].float(), wb[k].float(), atol=1e-6) for k in wa)
+    assert (tmp_path / "full" / "detections.png").exists()
+    metrics = DET.main(["--eval-only", "--out-dir", str(tmp_path / "full")])
+    assert metrics["map"] == pytest.approx(a[-1]["map"]) and metrics["ap50"] == pytest.approx(a[-1]["ap50"])
+    coco = coco_folder(tmp_path / "coco")
+    data = DET.load_data(DET.get_parser().parse_args(["--data", str(coco), "--img-size", "80"]), torch.device("cpu"))
+    assert data.train[0].shape == (6, 3, 80, 80) and data.class_names == ["box", "crate"] and data.num_classes == 3
+    _, boxes, labels = data.annotations["val"]
+    assert boxes[1].tolist() == [[10.0, 10.0, 42.0, 34.0]] and labels[1].tolist() == [2]  # x2: 40 px -> 80
+    r = run_cli(["--data", str(coco), "--model", "resnet18", "--img-size", "64", "--epochs", "1", "--batch-size", "4",
+                 "--fpn-channels", "16", "--out-dir", str(tmp_path / "coco-run")], cmd=(*TORCHRUN2, "detect.py"))
+    assert r.returncode == 0, r.stdout[-1500:] + r.stderr
+    assert "map" in read_log(tmp_path / "coco-run")[0] and "2 process(es)" in r.stdout
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--model", "vgg16"], "--model vgg16: one of ours"),
+    (["--objects", "5-2"], "the smaller first"),
+    (["--masks", "--data", "COCO"], "--masks needs instance masks"),
+    (["--weights", DT.BUNDLED_TEACHER], "is not a ViT/DeiT weights file"),
+    (["--model", "deit_nano_patch7_28"], "power-of-2 patch size"),
+    (["--distill", "hard"], "drop --distill"),
+])
+def test_detect_bad_inputs_are_one_line(flags, match, tmp_path):
+    if "COCO" in flags:
+        flags = [str(coco_folder(tmp_path / "coco")) if f == "COCO" else f for f in flags]
+    with pytest.raises(ValueError, match=re.escape(match)):
+        DET.main(flags + ["--scenes", "8", "--val-scenes", "4", "--img-size", "32", "--out-dir", str(tmp_path / "run")])

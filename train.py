@@ -166,6 +166,8 @@ RANGES = {
     "layer_decay": "(0, 1]", "head_init_std": "(0, inf)",
     # mae.py
     "mask_ratio": "[0, 1)", "decoder_dim": "[1, inf)", "decoder_depth": "[0, inf)", "decoder_heads": "[1, inf)",
+    # detect.py
+    "scenes": "[1, inf)", "val_scenes": "[1, inf)", "fpn_channels": "[1, inf)",
 }
 
 
@@ -472,7 +474,8 @@ class Run:
     ema: Any  # an EMA copy of the model, or None
     ema_pairs: Any  # (EMA, model) tensors: (averaged, copied)
     sampler: EpochSampler
-    task: Any  # None: classification; mae.py's reconstruction (loss, evaluate, after_epoch, next_steps)
+    task: Any  # None: classification; mae.py's reconstruction or detect.py's detection (augment, loss,
+    # evaluate, after_epoch, next_steps)
     peak: float  # the peak lr
     spe: int  # steps per epoch
     compile: bool
@@ -503,7 +506,8 @@ def start_run(args, ctx, model, data, teacher, log, task=None, layer_decay=1.0):
         pairs = [list(zip(*[p for p in both if p[0].is_floating_point() == avg])) or [[], []] for avg in (True, False)]
     compiled = ctx.device.type == "cuda" if args.compile is None else args.compile
     net, criterion = wrap(args, ctx, model, teacher, compiled)
-    run = Run(model, net, criterion, augmentation(args, data), opt, ema, pairs, sampler, task, peak, sampler.steps,
+    augment = task.augment if task is not None and task.augment is not None else augmentation(args, data)
+    run = Run(model, net, criterion, augment, opt, ema, pairs, sampler, task, peak, sampler.steps,
               compiled, os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "log.jsonl"),
               nonfinite_at=torch.tensor(NEVER, device=ctx.device))
     run.start_epoch, run.start_step, run.partial = resume_or_start(args, ctx, run, log)
@@ -527,7 +531,7 @@ def train_step(args, ctx, run, x, y, step):
     for g in run.opt.param_groups:
         g["lr"] = lr * g["lr_scale"]
     with ctx.autocast:  # the teacher sees x too: the same mixed, augmented batch (reference)
-        loss = run.criterion(x, run.net(x), targets) if run.task is None else run.task.loss(run, x, gen)
+        loss = run.criterion(x, run.net(x), targets) if run.task is None else run.task.loss(run, x, targets, gen)
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
     if args.clip_grad is not None:
@@ -604,7 +608,9 @@ def end_of_epoch(args, ctx, run, data, epoch, stats, log):
     eta = (time.time() - run.t_start) / max(run.done_steps, 1) * (args.epochs - epoch - 1) * run.spe
     heads = f" (cls {metrics['top1_cls']:.2f} dist {metrics['top1_dist']:.2f})" if "top1_cls" in metrics else ""
     log(f"epoch {epoch + 1}/{args.epochs} | loss {record['train_loss']:.4f} | lr {stats['lr']:.2e} | "
-        f"{record['img_per_s']:.0f} img/s" + (f" | val loss {metrics['val_loss']:.4f}" if metrics else "")
+        f"{record['img_per_s']:.0f} img/s" + (f" | val loss {metrics['val_loss']:.4f}" if "val_loss" in metrics else "")
+        + (f" | mAP {metrics['map']:.2f} AP50 {metrics['ap50']:.2f}" if "map" in metrics else "")
+        + (f" mask mAP {metrics['mask_map']:.2f}" if "mask_map" in metrics else "")
         + (f" top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f}" if "top1" in metrics else "")
         + heads + (f" ema top1 {metrics['ema_top1']:.2f}" if "ema_top1" in metrics else "")
         + (f" | skipped {int(n_skipped)} images" if n_skipped else "")
@@ -669,7 +675,8 @@ def summary(args, run, log):
     records = [json.loads(l) for l in open(run.log_path)] if os.path.exists(run.log_path) else []
     if not records:
         return
-    key, sign = ("top1", 1) if "top1" in records[-1] else ("val_loss", -1)
+    key = next(k for k in ("top1", "map", "val_loss") if k in records[-1])
+    sign = -1 if key == "val_loss" else 1
     best = max((r for r in records if key in r), key=lambda r: sign * r[key])  # (--eval-interval: some have none)
     steps = run.task.next_steps(args) if run.task else next_steps(args)
     log(f"done: {records[-1]['epoch']} epochs in {fmt_time(time.time() - run.t_start)} (this session) | final {key} "

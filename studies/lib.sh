@@ -18,12 +18,13 @@ keep_logs() {  # a study that runs for hours keeps each finished cell's log in g
   mkdir -p "$LOGS"
 }
 
-cell() {  # cell NAME [--feeds LATER] python SCRIPT.py FLAGS...: one run, skipped when finished
-  local name=$1 feeds=; shift
-  if [ "$1" = --feeds ]; then feeds=$2; shift 2; fi  # LATER reads this cell's checkpoint
+cell() {  # cell NAME [--feeds "LATER..."] python SCRIPT.py FLAGS...: one run, skipped when finished
+  local name=$1 feeds= later pending=; shift
+  if [ "$1" = --feeds ]; then feeds=$2; shift 2; fi  # the cells LATER read this cell's checkpoint
+  for later in $feeds; do [ -f "$LOGS/$later/log.jsonl" ] || pending=1; done
   # a kept cell is skipped unless a cell it feeds still has to run and its checkpoint is gone (then it is
   # rerun, seeded, to remake it)
-  if [ -f "$LOGS/$name/log.jsonl" ] && { [ -z "$feeds" ] || [ -f "$LOGS/$feeds/log.jsonl" ] || [ -f "$OUT/$name/ckpt.pt" ]; }; then
+  if [ -f "$LOGS/$name/log.jsonl" ] && { [ -z "$pending" ] || [ -f "$OUT/$name/ckpt.pt" ]; }; then
     echo "$(date +%H:%M:%S) $name: kept in $LOGS/$name" >&2; return
   fi
   echo "$(date +%H:%M:%S) $name: $*" >&2

@@ -1,0 +1,429 @@
+"""
+Swap the ResNet-50: torchvision's Faster R-CNN (or Mask R-CNN) with a DeiT backbone (model.Backbone: the
+ViT's last map, ViTDet's simple feature pyramid), trained and evaluated by train.py's loop (DDP/torchrun,
+checkpoints and exact resume, progress, log.jsonl, the out-dir lock, one-line errors).
+
+    python detect.py                                  # deit_nano_patch4_28 from scratch, on garment scenes
+    python detect.py --weights out/ckpt.pt            # its backbone from train.py's (or mae.py's) checkpoint
+    python detect.py --model resnet50                 # torchvision's ResNet-50-FPN, the backbone being replaced
+    python detect.py --masks                          # Mask R-CNN: boxes and instance masks
+
+The data: scenes composed from Fashion-MNIST's garments (make_scenes: 2-5 per canvas, random size and
+place, overlaps allowed; boxes, labels and instance masks of what stays visible), the training split's for
+training and the test split's for evaluation; or your own COCO-style folder (--data DIR with train/ and val/,
+each images plus annotations.json; boxes only). The metric: COCO's box AP (IoU .50:.05:.95) and AP50,
+average_precision below; with --masks also the masks'.
+"""
+
+import argparse
+import json
+import os
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import train as T
+from data import BUNDLED, DEBIAN_FMNIST, load_idx_folder, val_batches
+from distill import ours
+from model import MODELS, Backbone, create_model, fit_in_chans, load_checked, read_file, state_dict_of
+
+RESNETS = ("resnet18", "resnet34", "resnet50")  # torchvision's, with its FPN (resnet_fpn_backbone)
+CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+MIN_PIXELS = 16  # an object left with fewer visible pixels (hidden by later ones) is not annotated
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data: composed scenes, or a COCO-style folder. Each split is (uint8 images (N, C, S, S), their indices)
+# for train.py's batches, and its annotations: per image a (k, 4) box tensor (x0, y0, x1, y1), k labels
+# (1..classes; 0 is torchvision's background) and, for scenes, an (S, S) map of which object each pixel shows.
+
+def make_scenes(images, labels, n, size, seed, objects=(2, 5), sides=(16, 48)):
+    """n size x size canvases, each with objects[0]..objects[1] garments of images (uint8 (N, 1, 28, 28)),
+    each resized to a random side in sides and pasted at a random place over the ones before (its pixels
+    brighter than 32 of 255). Deterministic from seed. Returns (canvases, ids, boxes, labels)."""
+    rng = np.random.default_rng(seed)
+    canvas = torch.zeros(n, 1, size, size, dtype=torch.uint8)
+    ids = torch.zeros(n, size, size, dtype=torch.uint8)
+    boxes, classes = [], []
+    for i in range(n):  # data preparation, once; not the training path
+        k = int(rng.integers(objects[0], objects[1] + 1))
+        picks, ss = rng.integers(0, len(images), k), rng.integers(sides[0], sides[1] + 1, k)
+        for j, (pick, s) in enumerate(zip(picks.tolist(), ss.tolist())):
+            y0, x0 = rng.integers(0, size - s + 1, 2).tolist()
+            g = F.interpolate(images[pick][None].float(), size=(s, s), mode="bilinear", antialias=True)[0, 0].round()
+            on = g > 32
+            canvas[i, 0, y0:y0 + s, x0:x0 + s][on] = g[on].to(torch.uint8)
+            ids[i, y0:y0 + s, x0:x0 + s][on] = j + 1
+        bx, cl, kept = [], [], torch.zeros_like(ids[i])
+        for j in range(k):
+            ys, xs = (ids[i] == j + 1).nonzero(as_tuple=True)
+            if len(ys) >= MIN_PIXELS:
+                bx.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+                cl.append(int(labels[picks[j]]) + 1)
+                kept[ids[i] == j + 1] = len(bx)
+        ids[i] = kept
+        boxes.append(torch.tensor(bx, dtype=torch.float32).reshape(-1, 4))
+        classes.append(torch.tensor(cl, dtype=torch.int64))
+    return canvas, ids, boxes, classes
+
+
+def load_coco_folder(root, split, size):
+    """root/split/annotations.json (COCO: images, annotations with bbox [x, y, w, h] and category_id,
+    categories) and its images, each scaled so that its longer side is size and padded to size x size."""
+    from PIL import Image
+    path = os.path.join(root, split, "annotations.json")
+    T.check_file(path, "annotations")
+    try:
+        coco = json.load(open(path))
+        cats = sorted(c["id"] for c in coco["categories"])
+        per_image = {im["id"]: [] for im in coco["images"]}
+        for a in coco["annotations"]:
+            per_image[a["image_id"]].append(a)
+        files = [(im["id"], os.path.join(root, split, im["file_name"])) for im in coco["images"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not COCO-style annotations ({type(e).__name__}: {e})") from None
+    x = torch.zeros(len(files), 3, size, size, dtype=torch.uint8)
+    boxes, classes = [], []
+    for i, (image_id, file) in enumerate(files):
+        T.check_file(file, "image")
+        im = Image.open(file).convert("RGB")
+        scale = size / max(im.size)
+        w, h = max(1, round(im.width * scale)), max(1, round(im.height * scale))
+        x[i, :, :h, :w] = torch.from_numpy(np.array(im.resize((w, h), Image.BICUBIC))).permute(2, 0, 1)
+        b = torch.tensor([a["bbox"] for a in per_image[image_id]], dtype=torch.float32).reshape(-1, 4) * scale
+        boxes.append(torch.cat([b[:, :2], b[:, :2] + b[:, 2:]], 1))
+        classes.append(torch.tensor([cats.index(a["category_id"]) + 1 for a in per_image[image_id]], dtype=torch.int64))
+    names = [c["name"] for c in sorted(coco["categories"], key=lambda c: c["id"])]
+    return x, None, boxes, classes, names
+
+
+def load_data(args, device):
+    """train.py's data namespace for detection: the splits' images and indices on the device, and
+    data.annotations[split] = (ids or None, boxes, labels) on the host."""
+    folder = {"bundled": BUNDLED, "fashion-mnist": DEBIAN_FMNIST}.get(args.data, args.data)
+    if not os.path.isdir(folder):
+        hint = " (apt-get install -y dataset-fashion-mnist)" if args.data == "fashion-mnist" else ""
+        raise ValueError(f"dataset path {folder} does not exist{hint}")
+    lo, hi = parse_objects(args.objects)
+    if os.path.isfile(os.path.join(folder, "train", "annotations.json")):
+        if args.masks:
+            raise ValueError("--masks needs instance masks: the composed scenes have them, COCO folders here do not")
+        splits = {s: load_coco_folder(folder, s, args.img_size) for s in ("train", "val")}
+        names, mean, std = splits["train"][4], (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's
+    else:
+        (tx, ty), (vx, vy) = load_idx_folder(folder)
+        sides = (max(8, args.img_size // 6), args.img_size // 2)
+        splits = {"train": make_scenes(tx, ty, args.scenes, args.img_size, args.seed, (lo, hi), sides),
+                  "val": make_scenes(vx, vy, args.val_scenes, args.img_size, 1_000_003, (lo, hi), sides)}
+        names, mean, std = CLASSES, (0.2860,), (0.3530,)  # Fashion-MNIST's: what train.py's backbones saw
+    data = argparse.Namespace(num_classes=len(names) + 1, class_names=names, mean=mean, std=std, tensors=True,
+                              skipped=[], annotations={}, in_chans=splits["train"][0].shape[1])
+    for split, (x, ids, boxes, labels, *_) in splits.items():
+        setattr(data, split, (x.to(device), torch.arange(len(x), device=device)))
+        data.annotations[split] = (ids, boxes, labels)
+    return data
+
+
+def parse_objects(spec):
+    try:
+        lo, hi = (int(v) for v in spec.split("-"))
+    except ValueError:
+        raise ValueError(f"--objects {spec!r}: give a range such as 2-5") from None
+    if not 1 <= lo <= hi:
+        raise ValueError(f"--objects {spec!r}: the range must be 1 or more, the smaller first")
+    return lo, hi
+
+
+def targets_of(data, split, index, flip, masks, device):
+    """torchvision's targets for the images index of split, mirrored where flip (a horizontal flip)."""
+    ids, boxes, labels = data.annotations[split]
+    W = getattr(data, split)[0].shape[-1]
+    out = []
+    for i, f in zip(index, flip):
+        b = boxes[i].clone()
+        if f:
+            b[:, [0, 2]] = W - b[:, [2, 0]]
+        t = {"boxes": b.to(device), "labels": labels[i].to(device)}
+        if masks:
+            m = ids[i] == torch.arange(1, len(b) + 1)[:, None, None]
+            t["masks"] = (m.flip(-1) if f else m).to(torch.uint8).to(device)
+        out.append(t)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The detector
+
+class Detector(nn.Module):
+    """torchvision's FasterRCNN / MaskRCNN around a backbone, taking train.py's batches: forward(images
+    (B, C, H, W) in [0, 1], targets) -> the dict of losses in training, the detections in evaluation. It
+    answers what train.py asks of a model (cfg, and for layer-wise lr decay blocks and layer_id)."""
+
+    def __init__(self, backbone, num_classes, size, mean, std, masks=False, model=""):
+        super().__init__()
+        from torchvision.models.detection import FasterRCNN, MaskRCNN
+        from torchvision.models.detection.anchor_utils import AnchorGenerator
+        from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+        from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+        # Sized for small images on a CPU, where torchvision's defaults are for 800-px COCO images: anchors
+        # for objects of size/12 to 16x that (torchvision's: 32-512 px), three shapes each; 300 proposals kept
+        # per image in training (2000), 150 in evaluation (1000); 128 of them sampled for the box head (512);
+        # its two layers 256 wide (1024); the mask head's convs as wide as the pyramid (256).
+        base, C = max(4, size // 12), backbone.out_channels
+        heads = dict(rpn_anchor_generator=AnchorGenerator(tuple((base * 2 ** i,) for i in range(5)), ((0.5, 1.0, 2.0),) * 5),
+                     rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300, rpn_pre_nms_top_n_test=300,
+                     rpn_post_nms_top_n_test=150, box_batch_size_per_image=128, box_head=TwoMLPHead(C * 7 * 7, 256),
+                     box_predictor=FastRCNNPredictor(256, num_classes))
+        if masks:
+            heads.update(mask_head=MaskRCNNHeads(C, (C,) * 4, 1), mask_predictor=MaskRCNNPredictor(C, C, num_classes))
+        kind = MaskRCNN if masks else FasterRCNN
+        self.det = kind(backbone, None, min_size=size, max_size=size, image_mean=list(mean), image_std=list(std), **heads)
+        self.cfg = argparse.Namespace(model=model, num_classes=num_classes, masks=masks, distilled=False)
+
+    def forward(self, images, targets=None):
+        return self.det(list(images), targets)
+
+    @property
+    def blocks(self):
+        return getattr(self.det.backbone, "blocks", [])
+
+    def layer_id(self, name):
+        head = "det.backbone."
+        if name.startswith(head) and isinstance(self.det.backbone, Backbone):
+            return self.det.backbone.layer_id(name[len(head):])
+        return len(self.blocks) + 1
+
+    def no_weight_decay(self):
+        b = self.det.backbone
+        return {"det.backbone." + n for n in b.no_weight_decay()} if isinstance(b, Backbone) else set()
+
+
+def build_backbone(args, in_chans, log):
+    """Ours (--model, from --weights or fresh) or torchvision's ResNet-FPN (from --weights: a torchvision
+    classification state dict, or fresh)."""
+    if args.model in RESNETS:
+        import torchvision
+        from torchvision.models.detection.backbone_utils import BackboneWithFPN
+        from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+        # BatchNorm that trains (torchvision's detectors freeze it, for ImageNet weights): from scratch it must
+        resnet = torchvision.models.get_model(args.model, weights=None, norm_layer=nn.BatchNorm2d)
+        if in_chans != 3:
+            resnet.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        if args.weights:
+            state = state_dict_of(read_file(args.weights), args.weights)
+            state = fit_in_chans({k: v for k, v in state.items() if not k.startswith("fc.")}, "conv1.weight",
+                                 in_chans, args.weights)
+            load_checked(resnet, {**state, "fc.weight": resnet.fc.weight, "fc.bias": resnet.fc.bias}, args.weights)
+            log(f"backbone: {args.model} from {args.weights} (fc left out)")
+        widths = [256, 512, 1024, 2048] if args.model == "resnet50" else [64, 128, 256, 512]
+        # torchvision's resnet_fpn_backbone, with the pyramid as wide as ours (--fpn-channels)
+        return BackboneWithFPN(resnet, {f"layer{i}": str(i - 1) for i in range(1, 5)}, widths, args.fpn_channels,
+                               extra_blocks=LastLevelMaxPool())
+    if args.weights:
+        backbone = Backbone.from_file(args.weights, args.model, args.fpn_channels, drop_path_rate=args.drop_path,
+                                      in_chans=in_chans)
+        log(f"backbone: {backbone.vit.cfg.embed_dim}-wide ViT, patch {backbone.vit.cfg.patch_size}, from "
+            f"{args.weights}; left out: {', '.join(backbone.left_out) or 'nothing'}")
+        return backbone
+    return Backbone(create_model(args.model, in_chans=in_chans, img_size=args.img_size, drop_path_rate=args.drop_path),
+                    args.fpn_channels)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# COCO's average precision
+
+def box_iou(a, b):
+    lt, rb = torch.max(a[:, None, :2], b[None, :, :2]), torch.min(a[:, None, 2:], b[None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    area = lambda x: (x[:, 2:] - x[:, :2]).prod(-1)
+    return inter / (area(a)[:, None] + area(b)[None] - inter)
+
+
+def mask_iou(a, b):
+    a, b = a.flatten(1).float(), b.flatten(1).float()
+    inter = a @ b.T
+    return inter / (a.sum(1)[:, None] + b.sum(1)[None] - inter)
+
+
+def average_precision(dets, gts, iou=box_iou, thresholds=np.arange(10) * 0.05 + 0.5):
+    """COCO's AP (pycocotools' evaluate + accumulate, all areas, at most 100 detections per image), in %.
+    dets: per image (scores, labels, items); gts: per image (labels, items); items are boxes (k, 4) or masks
+    (k, H, W). Per class and IoU threshold t: detections in score order each take the unmatched ground truth
+    they overlap most, if by t or more (a true positive), else count false; AP is the mean over recall
+    0, .01, ..., 1 of the best precision at that recall or more. Returns (AP averaged over the classes
+    that have ground truth and over thresholds, a list of AP per threshold)."""
+    classes = sorted({int(c) for labels, _ in gts for c in labels})
+    table = np.zeros((len(thresholds), len(classes)))
+    for ci, c in enumerate(classes):
+        scores, hits, n_gt = [], [], 0
+        for (ds, dl, di), (gl, gi) in zip(dets, gts):
+            keep = torch.argsort(ds, descending=True, stable=True)[:100]
+            ds, dl, di = ds[keep], dl[keep], di[keep]
+            d, g = dl == c, gl == c
+            n_gt += int(g.sum())
+            if not d.any():
+                continue
+            scores.append(ds[d])
+            ious = iou(di[d], gi[g]) if g.any() else torch.zeros(int(d.sum()), 0)
+            hit = torch.zeros(len(thresholds), int(d.sum()), dtype=torch.bool)
+            for ti, t in enumerate(thresholds):
+                taken = torch.zeros(ious.shape[1], dtype=torch.bool)
+                for k in range(ious.shape[0]):  # detections in score order
+                    cand = torch.where(taken, -1.0, ious[k])
+                    if len(cand) and cand.max() >= min(t, 1 - 1e-10):
+                        j = int(cand.argmax())
+                        taken[j], hit[ti, k] = True, True
+            hits.append(hit)
+        if n_gt == 0 or not scores:
+            continue
+        order = torch.argsort(torch.cat(scores), descending=True, stable=True)
+        tp = torch.cat(hits, 1)[:, order].double().cumsum(1)
+        fp = (~torch.cat(hits, 1)[:, order]).double().cumsum(1)
+        recall, precision = tp / n_gt, tp / (tp + fp)
+        precision = precision.flip(1).cummax(1).values.flip(1)  # the best precision at this recall or more
+        for ti in range(len(thresholds)):
+            at = torch.searchsorted(recall[ti].contiguous(), torch.linspace(0, 1, 101, dtype=torch.float64))
+            p = torch.where(at < recall.shape[1], precision[ti][at.clamp(max=recall.shape[1] - 1)], 0.0)
+            table[ti, ci] = p.mean().item()
+    if not classes:
+        return 0.0, [0.0] * len(thresholds)
+    return 100 * table.mean(), (100 * table.mean(1)).tolist()
+
+
+@torch.no_grad()
+def evaluate(model, data, ctx, batch_size=16):
+    """Box AP (and mask AP) on the held-out split: each process detects in its shard, process 0's sums
+    are everyone's (the detections are gathered)."""
+    model.eval()
+    found = []
+    masks = model.cfg.masks
+    for x, idx in val_batches(data, batch_size, ctx.device, ctx.rank, ctx.world):
+        with ctx.autocast:
+            out = model(x.float() / 255)
+        for i, o in zip(idx.tolist(), out):
+            found.append((i, {k: v.float().cpu() for k, v in o.items()}))
+    if ctx.ddp:
+        everyone = [None] * ctx.world
+        torch.distributed.all_gather_object(everyone, found)
+        found = [f for part in everyone for f in part]
+    model.train()
+    found.sort(key=lambda f: f[0])
+    ids, boxes, labels = data.annotations["val"]
+    dets = [(o["scores"], o["labels"], o["boxes"]) for _, o in found]
+    gts = [(labels[i], boxes[i]) for i, _ in found]
+    ap, per_t = average_precision(dets, gts)
+    metrics = {"map": ap, "ap50": per_t[0], "ap75": per_t[5]}
+    if masks:
+        dets = [(o["scores"], o["labels"], o["masks"][:, 0] > 0.5) for _, o in found]
+        gts = [(labels[i], ids[i] == torch.arange(1, len(labels[i]) + 1)[:, None, None]) for i, _ in found]
+        metrics["mask_map"], per_t = average_precision(dets, gts, mask_iou)
+        metrics["mask_ap50"] = per_t[0]
+    return metrics
+
+
+@torch.no_grad()
+def save_picture(model, data, path, n=8, min_score=0.5):
+    """n held-out scenes with the detections scoring min_score or more: box, class name and score."""
+    from torchvision.utils import draw_bounding_boxes, make_grid
+    x = data.val[0][:n]
+    model.eval()
+    out = model(x.float() / 255)
+    model.train()
+    tiles = []
+    for im, o in zip(x.cpu(), out):
+        keep = o["scores"].cpu() >= min_score
+        names = [f"{data.class_names[int(c) - 1]} {s:.2f}" for c, s in zip(o["labels"].cpu()[keep], o["scores"].cpu()[keep])]
+        im = im.expand(3, -1, -1) if im.shape[0] == 1 else im
+        im = F.interpolate(im[None].float(), scale_factor=2, mode="nearest")[0].to(torch.uint8)  # room for the names
+        tiles.append(draw_bounding_boxes(im, o["boxes"].cpu()[keep] * 2, names, colors="red") if keep.any() else im)
+    grid = make_grid(tiles, nrow=4, padding=2)
+    from PIL import Image
+    T.write_atomic(path, lambda tmp: Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp, format="png"),
+                   "no picture written")
+
+
+def detection_task(args, data):
+    """What train.train asks of a task: the batches' flips, the loss, the evaluation, the picture."""
+
+    def augment(x, index, rng, gen):  # torchvision's detection recipe: a horizontal flip, per image
+        flip = torch.from_numpy(rng.random(len(index)) < args.hflip).to(x.device)
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return x.float() / 255, (index, flip)
+
+    def loss(run, x, targets, gen):
+        index, flip = targets
+        losses = run.net(x, targets_of(data, "train", index.tolist(), flip.tolist(), args.masks, x.device))
+        return sum(losses.values())
+
+    def evaluate_(run, data, ctx, batch_size):
+        return evaluate(run.model, data, ctx)
+
+    def after_epoch(run, data, epoch):
+        save_picture(run.model, data, os.path.join(args.out_dir, "detections.png"))
+
+    def next_steps(args):
+        return [f"picture: {os.path.join(args.out_dir, 'detections.png')}",
+                f"train on: python detect.py --resume --epochs {2 * args.epochs} --out-dir {args.out_dir}"]
+
+    return argparse.Namespace(augment=augment, loss=loss, evaluate=evaluate_, after_epoch=after_epoch,
+                              next_steps=next_steps)
+
+
+def get_parser():
+    p = T.get_parser()
+    p.prog = "detect.py"
+    p.description = ("Train and evaluate a torchvision Faster R-CNN / Mask R-CNN with a DeiT backbone (or a ResNet). "
+                     "train.py's optimisation, running and data flags work here; its augmentation flags do not "
+                     "(detection flips only: --hflip).")
+    a = p.add_argument
+    a("--weights", default=None, help="the backbone's weights: any file model.Backbone.from_file reads (an official "
+      "DeiT release, train.py's, finetune.py's or mae.py's ckpt.pt) or, with --model resnet*, a torchvision "
+      "classification state dict; default: from scratch")
+    a("--masks", action="store_true", help="Mask R-CNN: instance masks too (composed scenes only)")
+    a("--scenes", type=int, default=2000, help="training scenes composed from the training split's garments")
+    a("--val-scenes", type=int, default=500, help="held-out scenes, from the test split's garments")
+    a("--objects", default="2-5", help="garments per scene, a range")
+    a("--fpn-channels", type=int, default=64, help="the pyramid's width (torchvision's and ViTDet's: 256)")
+    a("--layer-decay", type=float, default=0.7, help="layer-wise lr decay of a ViT backbone (ViTDet: 0.7 for "
+      "ViT-B); 1: none")
+    p.set_defaults(script=p.prog, model="deit_nano_patch4_28", img_size=96, epochs=12, batch_size=16, lr=8e-4,
+                   weight_decay=0.1, warmup_epochs=1, drop_path=0.1, model_ema=False, compile=False,
+                   aa="none", reprob=0.0, mixup=0.0, cutmix=0.0, smoothing=0.0, repeated_aug=False)
+    return p
+
+
+def main(argv=None):
+    args, ctx, log = T.start(get_parser(), argv)
+    if args.model not in MODELS and args.model not in RESNETS:
+        raise ValueError(f"--model {args.model}: one of ours ({', '.join(m for m in MODELS if 'distilled' not in m)}, "
+                         f"...) or torchvision's {', '.join(RESNETS)}")
+    if args.distill != "none":
+        raise ValueError("detect.py trains a detector without a teacher: drop --distill")
+    patch = MODELS[args.model].patch_size if args.model in MODELS else 4
+    if patch & (patch - 1):
+        raise ValueError(f"the pyramid needs a power-of-2 patch size, and {args.model} has {patch}: choose a patch4/"
+                         "patch16 model")
+    parse_objects(args.objects)
+    data = load_data(args, ctx.device)
+    if args.eval_only:
+        path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
+        ckpt = read_file(path, "checkpoint")
+        if not ours(ckpt) or "masks" not in ckpt["model_config"]:
+            raise ValueError(f"{path} is not a detect.py checkpoint")
+        args.weights = None
+    backbone = build_backbone(args, data.in_chans, log)
+    model = Detector(backbone, data.num_classes, args.img_size, data.mean, data.std, args.masks, args.model).to(ctx.device)
+    if args.eval_only:
+        load_checked(model, ckpt["model"], path)
+        metrics = evaluate(model, data, ctx)
+        log(" | ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+        return metrics
+    return T.train(args, ctx, model, data, log, task=detection_task(args, data),
+                   layer_decay=args.layer_decay if isinstance(backbone, Backbone) else 1.0)
+
+
+if __name__ == "__main__":
+    with T.cli():
+        main()
