@@ -26,10 +26,10 @@ import torch.nn.functional as F
 
 import train as T
 from data import BUNDLED, DEBIAN_FMNIST, load_idx_folder, val_batches
-from distill import ours
+from distill import create_convnet, ours
 from model import MODELS, Backbone, create_model, fit_in_chans, load_checked, read_file, state_dict_of
 
-RESNETS = ("resnet18", "resnet34", "resnet50")  # torchvision's, with its FPN (resnet_fpn_backbone)
+RESNETS = ("resnet18", "resnet34", "resnet50")  # torchvision's, with its FPN (as resnet_fpn_backbone)
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 MIN_PIXELS = 16  # an object left with fewer visible pixels (hidden by later ones) is not annotated
 
@@ -201,16 +201,13 @@ class Detector(nn.Module):
 
 
 def build_backbone(args, in_chans, log):
-    """Ours (--model, from --weights or fresh) or torchvision's ResNet-FPN (from --weights: a torchvision
-    classification state dict, or fresh)."""
+    """Ours (--model, from --weights or fresh) or torchvision's ResNet-FPN (from --weights: train.py's
+    checkpoint of it, or a torchvision classification state dict; or fresh)."""
     if args.model in RESNETS:
-        import torchvision
         from torchvision.models.detection.backbone_utils import BackboneWithFPN
         from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
-        # BatchNorm that trains (torchvision's detectors freeze it, for ImageNet weights): from scratch it must
-        resnet = torchvision.models.get_model(args.model, weights=None, norm_layer=nn.BatchNorm2d)
-        if in_chans != 3:
-            resnet.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        # BatchNorm that trains (resnet_fpn_backbone freezes it, for ImageNet weights; from scratch it must learn)
+        resnet = create_convnet(args.model, 1000, in_chans)
         if args.weights:
             state = state_dict_of(read_file(args.weights), args.weights)
             state = fit_in_chans({k: v for k, v in state.items() if not k.startswith("fc.")}, "conv1.weight",

@@ -75,7 +75,9 @@ class DistillationLoss(nn.Module):
 # stage and halves it twice: 28 -> 14 -> 7. A VGG-style stack of 3x3 conv + BatchNorm + ReLU, global
 # average pool, linear head: the convolutional inductive bias the paper's teacher hands on (§5.2).
 
-CONVNETS = {"convnet": (32, 64, 128)}  # name -> widths of the three stages
+# name -> widths of the three stages; torchvision's ResNets too, so that train.py pretrains the backbones
+# detect.py compares (the stride-4 stem leaves a 28-px image 7x7: fine for a backbone, weak for a teacher)
+CONVNETS = {"convnet": (32, 64, 128), "resnet18": "torchvision", "resnet34": "torchvision", "resnet50": "torchvision"}
 
 
 @dataclass
@@ -106,7 +108,14 @@ class ConvNet(nn.Module):
 
 
 def create_convnet(name, num_classes, in_chans):
-    return ConvNet(ConvNetConfig(num_classes=num_classes, in_chans=in_chans, widths=tuple(CONVNETS[name])))
+    if CONVNETS[name] != "torchvision":
+        return ConvNet(ConvNetConfig(num_classes=num_classes, in_chans=in_chans, widths=tuple(CONVNETS[name])))
+    import torchvision
+    net = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    if in_chans != 3:
+        net.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    net.cfg = ConvNetConfig(num_classes=num_classes, in_chans=in_chans, widths=())  # what train.py asks of a model
+    return net
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -122,7 +131,8 @@ def rebuild(ckpt, **overrides):
     """The model of a checkpoint written by train.py (finetune.py, mae.py), as its "model_config" describes it
     (DeiT or ConvNet, global pool and all), weights not loaded; overrides that are not None replace fields."""
     cfg = {**ckpt["model_config"], **{k: v for k, v in overrides.items() if v is not None}}
-    return ConvNet(ConvNetConfig(**cfg)) if ckpt["config"]["model"] in CONVNETS else DeiT(DeiTConfig(**cfg))
+    name = ckpt["config"]["model"]
+    return create_convnet(name, cfg["num_classes"], cfg["in_chans"]) if name in CONVNETS else DeiT(DeiTConfig(**cfg))
 
 
 def _num_classes(state):
@@ -154,7 +164,7 @@ def check_teacher(name, weights=None):
     with the flags, before the data loads)."""
     if is_file_name(name):
         check_file(name, "teacher checkpoint")
-    elif name in CONVNETS or name in MODELS:
+    elif name in MODELS or CONVNETS.get(name, "torchvision") != "torchvision":  # ours (resnet18 here: torchvision's)
         if weights is None:
             raise ValueError(f"teacher {name} needs trained weights: train it with train.py --model {name} and "
                              "pass its ckpt.pt as --teacher (or a weights file as --teacher-weights)")
@@ -181,7 +191,7 @@ def load_teacher(name, weights=None, num_classes=None, in_chans=None, img_size=N
                              "as --teacher NAME and this file as --teacher-weights")
         teacher = rebuild(ckpt)
         load_checked(teacher, ckpt["model"], f"teacher checkpoint {name}")
-    elif name in CONVNETS or name in MODELS:
+    elif name in MODELS or CONVNETS.get(name, "torchvision") != "torchvision":  # ours (resnet18 here: torchvision's)
         state = state_dict_of(read_file(weights, "teacher weights"), weights)
         classes = _num_classes(state)
         chans = next((v.shape[1] for v in state.values() if v.ndim == 4), 3)

@@ -2329,3 +2329,17 @@ def test_detect_bad_inputs_are_one_line(flags, match, tmp_path):
         flags = [str(coco_folder(tmp_path / "coco")) if f == "COCO" else f for f in flags]
     with pytest.raises(ValueError, match=re.escape(match)):
         DET.main(flags + ["--scenes", "8", "--val-scenes", "4", "--img-size", "32", "--out-dir", str(tmp_path / "run")])
+
+
+def test_a_resnet_pretrained_by_train_py_becomes_detects_backbone(tmp_path):
+    """train.py trains torchvision's ResNet-18 on greyscale images (a 1-channel stem), evaluates its checkpoint
+    again, and detect.py's ResNet-FPN backbone starts from exactly its weights (the classifier left out)."""
+    T.main(QUICK + ["--model", "resnet18", "--epochs", "1", "--out-dir", str(tmp_path / "r")])
+    log = read_log(tmp_path / "r")
+    assert T.main(["--eval-only", "--out-dir", str(tmp_path / "r")])["top1"] == pytest.approx(log[-1]["top1"])
+    args = DET.get_parser().parse_args(["--model", "resnet18", "--weights", str(tmp_path / "r" / "ckpt.pt")])
+    body = DET.build_backbone(args, 1, print).body
+    state = final_weights(tmp_path / "r")
+    assert body.conv1.weight.shape == (64, 1, 7, 7)
+    assert all(torch.equal(v, state[k]) for k, v in body.state_dict().items())
+    assert {k.split(".")[0] for k in state} - {k.split(".")[0] for k in body.state_dict()} == {"fc"}
