@@ -115,7 +115,9 @@ def load_data(args, device):
     else:
         (tx, ty), (vx, vy) = load_idx_folder(folder)
         sides = (max(8, args.img_size // 6), args.img_size // 2)
-        splits = {"train": make_scenes(tx, ty, args.scenes, args.img_size, args.seed, (lo, hi), sides),
+        n = args.scenes if args.train_subset is None else min(args.scenes, round(
+            args.train_subset * args.scenes if args.train_subset < 1 else args.train_subset))  # (studies' QUICK=1)
+        splits = {"train": make_scenes(tx, ty, max(1, n), args.img_size, args.seed, (lo, hi), sides),
                   "val": make_scenes(vx, vy, args.val_scenes, args.img_size, 1_000_003, (lo, hi), sides)}
         names, mean, std = CLASSES, (0.2860,), (0.3530,)  # Fashion-MNIST's: what train.py's backbones saw
     data = argparse.Namespace(num_classes=len(names) + 1, class_names=names, mean=mean, std=std, tensors=True,

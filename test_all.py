@@ -460,6 +460,8 @@ def test_backbone_loads_every_kind_of_weights_file(tmp_path):
         assert b.left_out == left and b.vit.cfg.distilled == ("distilled" in name)
         assert all(torch.equal(v, state[k]) for k, v in b.vit.state_dict().items())
         assert set(b.vit.state_dict()) == {k for k in state if k.split(".")[0] not in left}
+    grey = M.Backbone.from_file(tmp_path / "release.pth", "deit_tiny_patch16_224", depth=2, in_chans=1)
+    torch.testing.assert_close(grey.vit.patch_embed.proj.weight, state["patch_embed.proj.weight"].sum(1, keepdim=True))
     with pytest.raises(ValueError, match=r"does not say its architecture .*: name the model"):
         M.Backbone.from_file(tmp_path / "release.pth")
     with pytest.raises(ValueError, match=r"does not fit the model: .*shape"):

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Does the backbone's pretraining carry downstream? (RESULTS.md "Detection"; issue 21.) The same detector
+# (torchvision's Faster R-CNN, detect.py's small-image heads) and the same budget on composed garment scenes,
+# with six backbones:
+#   resnet-scratch   torchvision's ResNet-18-FPN from scratch (the ResNet-50 being replaced, at CPU scale)
+#   resnet-sup       the same, pretrained on Fashion-MNIST's labels by train.py (the convnet's recipe: flips,
+#                    smoothing, AdamW; RandAugment, erasing, Mixup and CutMix are a ViT's remedy)
+#   vit-scratch      deit_nano_patch4_28 (patch 4: the pyramid needs a power of 2) from scratch
+#   vit-sup          ... pretrained by train.py with DeiT's recipe
+#   vit-dist         deit_nano_distilled_patch4_28, hard-distilled from the convnet teacher
+#   vit-mae          ... pretrained by mae.py (no labels)
+# Each pretraining sees the same 300,000 images (5 epochs of the 60,000); each detector 10 epochs of 1,000
+# scenes of 64 px (2-5 garments of 10-32 px each), evaluated on 500 scenes of the test split's garments.
+# Seed 0 for every detector, then seeds 1 and 2 for those whose seed-0 mAP lies within CLOSE (1) point of
+# another's. Each finished cell's log is kept in studies/logs/detection/ (committed), so a rerun resumes.
+source "$(dirname "$0")/lib.sh"
+keep_logs
+needs_fashion_mnist
+CLOSE=${CLOSE:-1}
+D=(--data fashion-mnist --epochs 5)
+CNN=(--aa none --reprob 0 --mixup 0 --cutmix 0)  # the convnet teacher's recipe
+ALL=(resnet-scratch resnet-sup vit-scratch vit-sup vit-dist vit-mae)
+cell teacher --feeds vit-dist python train.py "${D[@]}" --model convnet "${CNN[@]}"
+cell resnet-sup --feeds "$(printf 'det-resnet-sup-%s ' 0 1 2)" python train.py "${D[@]}" --model resnet18 "${CNN[@]}"
+cell vit-sup --feeds "$(printf 'det-vit-sup-%s ' 0 1 2)" python train.py "${D[@]}" --model deit_nano_patch4_28
+cell vit-dist --feeds "$(printf 'det-vit-dist-%s ' 0 1 2)" python train.py "${D[@]}" \
+  --model deit_nano_distilled_patch4_28 --distill hard --teacher "$OUT/teacher/ckpt.pt"
+cell vit-mae --feeds "$(printf 'det-vit-mae-%s ' 0 1 2)" python mae.py "${D[@]}" --model deit_nano_patch4_28
+
+detect() {  # detect SEED BACKBONE...
+  local seed=$1 b; shift
+  local X=(--data fashion-mnist --img-size 64 --scenes 1000 --val-scenes 500 --epochs 10 --eval-interval 5 --seed $seed)
+  for b in "$@"; do
+    case $b in
+      resnet-scratch) cell det-$b-$seed python detect.py "${X[@]}" --model resnet18 ;;
+      resnet-sup) cell det-$b-$seed python detect.py "${X[@]}" --model resnet18 --weights "$OUT/$b/ckpt.pt" ;;
+      vit-scratch) cell det-$b-$seed python detect.py "${X[@]}" --model deit_nano_patch4_28 ;;
+      *) cell det-$b-$seed python detect.py "${X[@]}" --weights "$OUT/$b/ckpt.pt" ;;
+    esac
+  done
+}
+detect 0 "${ALL[@]}"
+for seed in 1 2; do
+  detect $seed $(report <<PY
+top = {b: last(f"det-{b}-0", "map") for b in "${ALL[*]}".split()}
+print(" ".join(b for b in top if any(c != b and abs(top[b] - top[c]) < $CLOSE for c in top)))
+PY
+)
+done
+report <<'PY'
+import json
+def cpu_minutes(name):  # training time of a cell, from its log (evaluation excluded)
+    return sum(json.loads(l)["epoch_time"] for l in open(f"{OUT}/{name}/log.jsonl")) / 60
+PRE = {"resnet-sup": "resnet-sup", "vit-sup": "vit-sup", "vit-dist": "vit-dist", "vit-mae": "vit-mae"}
+rows = []
+for b in ["resnet-scratch", "resnet-sup", "vit-scratch", "vit-sup", "vit-dist", "vit-mae"]:
+    cells = [f"det-{b}-{s}" for s in range(3) if finished(f"det-{b}-{s}", 10)]
+    pre = PRE.get(b)
+    pretrained = ("—" if pre is None else f"{last(pre, 'val_loss'):.3f} (loss)" if b == "vit-mae" else f"{last(pre):.2f}")
+    rows.append([b, pretrained, seeds(cells, "ap50") if cells else "—", seeds(cells, "map") if cells else "—",
+                 f"{sum(cpu_minutes(c) for c in ([pre] if pre else []) + (['teacher'] if b == 'vit-dist' else []) + cells[:1]):.0f}"])
+table(["backbone", "pretraining: top-1 on the test set", "AP50", "mAP (.50:.95)",
+       "training minutes: pretraining (+ teacher) + one detector"], rows)
+print("\nbox AP (%) on 500 held-out scenes: the mean over the seeds run, each in brackets")
+machine()
+PY
+[ "${QUICK:-0}" = 1 ] || [ ! -f "$OUT/det-vit-sup-0/detections.png" ] || cp "$OUT/det-vit-sup-0/detections.png" assets/detections.png
