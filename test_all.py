@@ -2271,6 +2271,15 @@ def test_scenes_are_deterministic_and_annotate_what_is_visible():
             assert len(ys) >= DET.MIN_PIXELS
             assert boxes[i][j].tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
     assert not torch.equal(DET.make_scenes(x, y, 20, 64, seed=4)[0], canvas)
+    # a training batch's flip mirrors the boxes and masks with the image: each box still bounds its mask
+    data = argparse.Namespace(train=(canvas, torch.arange(20)), annotations={"train": (ids, boxes, labels)})
+    for flip in (False, True):
+        for t, i in zip(DET.targets_of(data, "train", [0, 7], [flip, flip], True, "cpu"), [0, 7]):
+            want = ids[i].flip(-1) if flip else ids[i]
+            assert torch.equal(t["masks"].bool(), want == torch.arange(1, len(boxes[i]) + 1)[:, None, None])
+            for m, b in zip(t["masks"], t["boxes"]):
+                ys, xs = m.nonzero(as_tuple=True)
+                assert b.tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] and t["labels"].equal(labels[i])
 
 
 def coco_folder(root):
