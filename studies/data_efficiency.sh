@@ -7,8 +7,12 @@
 #                 recipe kept: label smoothing, drop path, EMA)
 #   recipe    (c) the ViT with DeiT's full recipe (train.py's defaults)
 #   distill   (d) (c) + hard distillation through the dist token from (a) of the same subset and seed
-#   mae       (e) the ViT MAE-pretrained on the subset's images (no labels), then fine-tuned on it with MAE's
-#                 fine-tune recipe (DeiT's augmentation, layer decay, global pool: finetune.py's default)
+#   maeft     (e) the ViT MAE-pretrained on the subset's images (no labels, mae.py's defaults), then fine-tuned
+#                 on it with (c)'s recipe, flag for flag (finetune.py would default to MAE's own fine-tune
+#                 recipe, whose lr is 8x lower here: MAE's ViT-B value against train.py's, set for this model),
+#                 so that (c) and (e) differ only in where the weights start
+# and, at 1,000 and 3,000 images, (e') maerecipe: (e)'s MAE encoder fine-tuned with MAE's own recipe
+# (finetune.py's default for an MAE checkpoint: lr 1e-3 per 512, layer decay 0.65, global pool), for the reading.
 # Every run sees the same 300,000 training images (the small sets get many epochs: 300 for 1,000 images,
 # 5 for 60,000), so the small sets are trained long enough to overfit; the warm-up is DeiT's share of the run
 # (5 of 300 epochs); evaluation every tenth of the run and at its end. Seed 0 for every cell first; then
@@ -32,6 +36,9 @@ run() {  # run N SEED ARM...: those arms' cells on N images (distill trains its 
   I=$(( E / 10 > 0 ? E / 10 : 1 ))
   local S=(--data fashion-mnist --train-subset $n --epochs $E --warmup-epochs $W --eval-interval $I --seed $seed)
   local NOAUG=(--aa none --reprob 0 --mixup 0 --cutmix 0)
+  # train.py's defaults where finetune.py's for an MAE checkpoint differ (finetune.py MAE_FINETUNE)
+  local RECIPE=(--lr 8e-3 --layer-decay 1 --weight-decay 0.05 --drop-path 0.1 --warmup-lr 1e-6 --min-lr 1e-5
+                --sched deit --head-init-std 0.02 --no-global-pool --model-ema --repeated-aug)
   for arm in "$@"; do
     case $arm in
       convnet) cell convnet-$n-$seed --feeds distill-$n-$seed python train.py "${S[@]}" --model convnet "${NOAUG[@]}" ;;
@@ -40,14 +47,21 @@ run() {  # run N SEED ARM...: those arms' cells on N images (distill trains its 
       distill)
         cell convnet-$n-$seed --feeds distill-$n-$seed python train.py "${S[@]}" --model convnet "${NOAUG[@]}"
         cell distill-$n-$seed python train.py "${S[@]}" --distill hard --teacher "$OUT/convnet-$n-$seed/ckpt.pt" ;;
-      maeft)
-        cell mae-$n-$seed --feeds maeft-$n-$seed python mae.py "${S[@]}"
-        cell maeft-$n-$seed python finetune.py --weights "$OUT/mae-$n-$seed/ckpt.pt" "${S[@]}" ;;
+      maeft|maerecipe)
+        local feeds="maeft-$n-$seed"  # the cells that read its checkpoint, among those the study runs
+        case $seed:$n in 0:1000|0:3000) feeds+=" maerecipe-$n-$seed" ;; esac
+        cell mae-$n-$seed --feeds "$feeds" python mae.py "${S[@]}"
+        if [ $arm = maeft ]; then
+          cell maeft-$n-$seed python finetune.py --weights "$OUT/mae-$n-$seed/ckpt.pt" "${S[@]}" "${RECIPE[@]}"
+        else
+          cell maerecipe-$n-$seed python finetune.py --weights "$OUT/mae-$n-$seed/ckpt.pt" "${S[@]}"
+        fi ;;
     esac
   done
 }
 
 for n in 1000 3000 10000 60000; do run $n 0 "${ALL[@]}"; done
+for n in 1000 3000; do run $n 0 maerecipe; done
 for seed in 1 2; do
   for n in 1000 3000 10000 60000; do
     close=$(report <<PY
@@ -68,6 +82,8 @@ mean = lambda v: f"{sum(v) / len(v):.2f}" + (f" ({', '.join(f'{x:.2f}' for x in 
 table(["training images (epochs)"] + [label for _, label in ARMS],
       [[f"{n:,} ({300000 // n})"] + [mean(runs[arm, n]) for arm, _ in ARMS] for n in SIZES])
 print("\ntop-1 (%) on the 10,000 test images: the mean over the seeds run, each in brackets")
+print("(e') (e)'s MAE encoder fine-tuned with MAE's own recipe (finetune.py's default), seed 0: " +
+      ", ".join(f"{last(f'maerecipe-{n}-0'):.2f} at {n:,}" for n in (1000, 3000) if finished(f"maerecipe-{n}-0", 300000 // n)))
 from plot import lines
 lines({label: {n: runs[arm, n] for n in SIZES if runs[arm, n]} for arm, label in ARMS}, f"{RUNS}/data-efficiency.png",
       "training images (log scale)", "top-1 on the 10,000 test images (%)",
