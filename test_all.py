@@ -340,6 +340,31 @@ def test_token_cosines_on_hand_made_tokens():
     assert got[1] == pytest.approx((1 + 0) / 2)  # tokens 2 and 1: the same direction; orthogonal
 
 
+def test_study_cells_keep_their_logs_skip_and_remake_a_checkpoint_a_pending_cell_needs(tmp_path):
+    """studies/lib.sh, run from a copy: a kept cell is skipped; a fresh clone (the runs gone, the kept logs
+    there) reruns a kept cell only when a cell it feeds is still to run and needs its checkpoint."""
+    (tmp_path / "studies").mkdir()
+    shutil.copy(os.path.join(HERE, "studies", "lib.sh"), tmp_path / "studies")
+    (tmp_path / "fake.py").write_text(  # a run: appends to runs.txt, writes log.jsonl and ckpt.pt
+        "import sys, os\nout = sys.argv[sys.argv.index('--out-dir') + 1]\nos.makedirs(out, exist_ok=True)\n"
+        "open('runs.txt', 'a').write(os.path.basename(out) + '\\n')\n"
+        "for f in ('log.jsonl', 'ckpt.pt'): open(os.path.join(out, f), 'w').write('{}\\n')\n")
+    (tmp_path / "studies" / "s.sh").write_text(
+        'source "$(dirname "$0")/lib.sh"\nkeep_logs\n'
+        'cell a --feeds "b" python fake.py\n[ -n "${STOP:-}" ] && exit 0\ncell b python fake.py\n')
+    study = lambda **env: subprocess.run(["bash", "studies/s.sh"], cwd=tmp_path, capture_output=True, text=True,
+                                         env={**os.environ, "PATH": os.path.dirname(sys.executable) + ":" + os.environ["PATH"], **env})
+    runs = lambda: (tmp_path / "runs.txt").read_text().split() if (tmp_path / "runs.txt").exists() else []
+    assert study(STOP="1").returncode == 0 and runs() == ["a"]  # killed after a: a's log is kept
+    assert (tmp_path / "studies" / "logs" / "s" / "a" / "log.jsonl").exists()
+    shutil.rmtree(tmp_path / "studies" / "out")  # a fresh clone: no runs, a's log kept, b still to run
+    assert study().returncode == 0 and runs() == ["a", "a", "b"]  # a remade for its checkpoint, then b
+    shutil.rmtree(tmp_path / "studies" / "out")
+    r = study()
+    assert r.returncode == 0 and runs() == ["a", "a", "b"], r.stderr  # both kept: nothing runs
+    assert r.stderr.count("kept in studies/logs/s") == 2
+
+
 def test_distilled_model_train_and_eval_outputs():
     torch.manual_seed(0)
     m = small(distilled=True)
