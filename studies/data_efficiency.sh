@@ -18,7 +18,7 @@
 # (5 of 300 epochs); evaluation every tenth of the run and at its end. Seed 0 for every cell first; then
 # seeds 1 and 2 for each arm whose seed-0 top-1 at a size lies within CLOSE (2) points of another arm's there,
 # where the order needs the seeds' spread (the issue's rule: 3 seeds wherever two means differ by less than
-# twice their spread; seed-to-seed spreads here are a few tenths of a point). A cell takes 4-12 minutes on
+# twice their spread, and the spread is what the seeds measure). A cell takes 4-12 minutes on
 # 2 CPU cores (the convnet and the distilled student are the slow ones); seed 0 took about 3 hours, and the
 # seeds the rule picks there take about 5 more (every size has close arms). Each finished cell's log is kept in
 # studies/logs/data_efficiency/ (committed), so a rerun, in this clone or a fresh one, resumes where the
