@@ -29,6 +29,7 @@ needs_fashion_mnist
 SEEN=300000
 CLOSE=${CLOSE:-2}
 ALL=(convnet noaug recipe distill maeft)
+MAERECIPE_AT=(1000 3000)  # the sizes of (e')
 
 run() {  # run N SEED ARM...: those arms' cells on N images (distill trains its convnet teacher, maeft its MAE first)
   local n=$1 seed=$2 arm; shift 2
@@ -48,21 +49,18 @@ run() {  # run N SEED ARM...: those arms' cells on N images (distill trains its 
       distill)
         cell convnet-$n-$seed --feeds distill-$n-$seed python train.py "${S[@]}" --model convnet "${NOAUG[@]}"
         cell distill-$n-$seed python train.py "${S[@]}" --distill hard --teacher "$OUT/convnet-$n-$seed/ckpt.pt" ;;
-      maeft|maerecipe)
-        local feeds="maeft-$n-$seed"  # the cells that read its checkpoint, among those the study runs
-        case $seed:$n in 0:1000|0:3000) feeds+=" maerecipe-$n-$seed" ;; esac
+      maeft|maerecipe)  # mae's checkpoint feeds (e), and (e') at seed 0 and MAERECIPE_AT's sizes
+        local feeds="maeft-$n-$seed" ft=()
+        [[ $seed = 0 && " ${MAERECIPE_AT[*]} " = *" $n "* ]] && feeds+=" maerecipe-$n-$seed"
+        [ $arm = maeft ] && ft=("${RECIPE[@]}")
         cell mae-$n-$seed --feeds "$feeds" python mae.py "${S[@]}"
-        if [ $arm = maeft ]; then
-          cell maeft-$n-$seed python finetune.py --weights "$OUT/mae-$n-$seed/ckpt.pt" "${S[@]}" "${RECIPE[@]}"
-        else
-          cell maerecipe-$n-$seed python finetune.py --weights "$OUT/mae-$n-$seed/ckpt.pt" "${S[@]}"
-        fi ;;
+        cell $arm-$n-$seed python finetune.py --weights "$OUT/mae-$n-$seed/ckpt.pt" "${S[@]}" "${ft[@]}" ;;
     esac
   done
 }
 
 for n in 1000 3000 10000 60000; do run $n 0 "${ALL[@]}"; done
-for n in 1000 3000; do run $n 0 maerecipe; done
+for n in "${MAERECIPE_AT[@]}"; do run $n 0 maerecipe; done
 for seed in 1 2; do
   for n in 1000 3000 10000 60000; do
     close=$(report <<PY
@@ -84,7 +82,7 @@ table(["training images (epochs)"] + [label for _, label in ARMS],
       [[f"{n:,} ({300000 // n})"] + [mean(runs[arm, n]) for arm, _ in ARMS] for n in SIZES])
 print("\ntop-1 (%) on the 10,000 test images: the mean over the seeds run, each in brackets")
 print("(e') (e)'s MAE encoder fine-tuned with MAE's own recipe (finetune.py's default), seed 0: " +
-      ", ".join(f"{last(f'maerecipe-{n}-0'):.2f} at {n:,}" for n in (1000, 3000) if finished(f"maerecipe-{n}-0", 300000 // n)))
+      ", ".join(f"{last(f'maerecipe-{n}-0'):.2f} at {n:,}" for n in SIZES if finished(f"maerecipe-{n}-0", 300000 // n)))
 from plot import lines
 lines({label: {n: runs[arm, n] for n in SIZES if runs[arm, n]} for arm, label in ARMS}, f"{RUNS}/data-efficiency.png",
       "training images (log scale)", "top-1 on the 10,000 test images (%)",
