@@ -23,8 +23,9 @@
 # seeds the rule picks there take about 5 more (every size has close arms). Each finished cell's log is kept in
 # studies/logs/data_efficiency/ (committed), so a rerun, in this clone or a fresh one, resumes where the
 # last one stopped. SEEDS picks the extra seeds to run (default "1 2"): on 2 cores, two studies side by side,
-# `OMP_NUM_THREADS=1 SEEDS=1` and `OMP_NUM_THREADS=1 SEEDS=2`, finish 1.1-1.2x sooner than one (in all 922
-# against 852 images/s for the recipe, 975 against 810 without augmentation; the same losses to the digit).
+# `OMP_NUM_THREADS=1 SEEDS=1` and `OMP_NUM_THREADS=1 SEEDS=2`, finish a little sooner than one (images/s in
+# all against one study's: 610 against 520-600 for the convnet, 922 against 852 for the recipe, 975 against 810
+# without augmentation; the same losses to the digit).
 source "$(dirname "$0")/lib.sh"
 keep_logs
 needs_fashion_mnist
