@@ -18,10 +18,10 @@
 # (5 of 300 epochs); evaluation every tenth of the run and at its end. Seed 0 for every cell first; then
 # seeds 1 and 2 for each arm whose seed-0 top-1 at a size lies within CLOSE (2) points of another arm's there,
 # where the order needs the seeds' spread (the issue's rule: 3 seeds wherever two means differ by less than
-# twice their spread, and the spread is what the seeds measure). A cell takes 3-13 minutes on
-# 2 CPU cores (the convnet and the distilled student are the slow ones); the whole study took about 9 hours:
-# seed 0 about 4, the seeds the rule picks (every size has close arms) about 5, two studies at a time. Each finished cell's log is kept in
-# studies/logs/data_efficiency/ (committed), so a rerun, in this clone or a fresh one, resumes where the
+# twice their spread, and the spread is what the seeds measure). A cell takes 3-13 minutes on 2 CPU cores
+# (the convnet and the distilled student are the slow ones); the whole study took about 9 hours: seed 0 about
+# 4, the seeds the rule picks (every size has close arms) about 5, two studies at a time. Each finished cell's
+# log is kept in studies/logs/data_efficiency/ (committed), so a rerun, in this clone or a fresh one, resumes where the
 # last one stopped. SEEDS picks the extra seeds to run (default "1 2"): on 2 cores, two studies side by side,
 # `OMP_NUM_THREADS=1 SEEDS=1` and `OMP_NUM_THREADS=1 SEEDS=2`, finish a little sooner than one (images/s in
 # all against one study's: 610 against 520-600 for the convnet, 922 against 852 for the recipe, 975 against 810
