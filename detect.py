@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import train as T
 from data import BUNDLED, DEBIAN_FMNIST, load_idx_folder, val_batches
 from distill import create_convnet, ours
-from model import MODELS, Backbone, create_model, fit_in_chans, load_checked, read_file, state_dict_of
+from model import MODELS, Backbone, DeiT, DeiTConfig, create_model, fit_in_chans, load_checked, read_file, state_dict_of
 
 RESNETS = ("resnet18", "resnet34", "resnet50")  # torchvision's, with its FPN (as resnet_fpn_backbone)
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -182,7 +182,11 @@ class Detector(nn.Module):
             heads.update(mask_head=MaskRCNNHeads(C, (C,) * 4, 1), mask_predictor=MaskRCNNPredictor(C, C, num_classes))
         kind = MaskRCNN if masks else FasterRCNN
         self.det = kind(backbone, None, min_size=size, max_size=size, image_mean=list(mean), image_std=list(std), **heads)
-        self.cfg = argparse.Namespace(model=model, num_classes=num_classes, masks=masks, distilled=False)
+        # what --eval-only needs to rebuild it: the ViT as trained (distilled or not, its position embeddings'
+        # grid, which the weights it started from set) and the pyramid's width
+        vit = dict(vars(backbone.vit.cfg)) if isinstance(backbone, Backbone) else None
+        self.cfg = argparse.Namespace(model=model, num_classes=num_classes, masks=masks, distilled=False, vit=vit,
+                                      fpn_channels=C)
 
     def forward(self, images, targets=None):
         return self.det(list(images), targets)
@@ -412,7 +416,11 @@ def main(argv=None):
         if not ours(ckpt) or "masks" not in ckpt["model_config"]:
             raise ValueError(f"{path} is not a detect.py checkpoint")
         args.weights = None
-    backbone = build_backbone(args, data.in_chans, log)
+        args.fpn_channels = ckpt["model_config"].get("fpn_channels", args.fpn_channels)
+    if args.eval_only and ckpt["model_config"].get("vit"):
+        backbone = Backbone(DeiT(DeiTConfig(**ckpt["model_config"]["vit"])), args.fpn_channels)
+    else:
+        backbone = build_backbone(args, data.in_chans, log)
     model = Detector(backbone, data.num_classes, args.img_size, data.mean, data.std, args.masks, args.model).to(ctx.device)
     if args.eval_only:
         load_checked(model, ckpt["model"], path)
