@@ -23,7 +23,7 @@
 # 5.62 and 7.75), as much as most gaps between backbones. Detection on a CPU is bound by torchvision's per-image
 # Python, not by arithmetic: two cells side by side, one thread each, run at 9-13 images/s each, as fast as one
 # cell alone on both cores, so the detectors run in two lanes (pretraining: 70 minutes, one cell at a time;
-# each detector 7-10 minutes; the study about 3 hours 45 minutes). Each finished cell's log is kept in
+# each detector 7-10 minutes; the whole study about 2.5 hours). Each finished cell's log is kept in
 # studies/logs/detection/ (committed), so a rerun resumes.
 source "$(dirname "$0")/lib.sh"
 keep_logs
