@@ -66,12 +66,16 @@ import json
 def cpu_minutes(name):  # training time of a cell, from its log (evaluation excluded)
     return sum(json.loads(l)["epoch_time"] for l in open(f"{OUT}/{name}/log.jsonl")) / 60
 PRE = {"resnet-sup": "resnet-sup", "vit-sup": "vit-sup", "vit-dist": "vit-dist", "vit-mae": "vit-mae"}
+NAME = {"resnet-scratch": "ResNet-18, from scratch", "resnet-sup": "ResNet-18, supervised",
+        "vit-scratch": "DeiT, from scratch", "vit-sup": "DeiT, DeiT's recipe", "vit-dist": "DeiT⚗, hard-distilled",
+        "vit-mae": "DeiT, MAE (no labels)"}
 rows = []
 for b in ["resnet-scratch", "resnet-sup", "vit-scratch", "vit-sup", "vit-dist", "vit-mae"]:
     cells = [f"det-{b}-{s}" for s in range(3) if finished(f"det-{b}-{s}", 5)]
     pre = PRE.get(b)
-    pretrained = ("—" if pre is None else f"{last(pre, 'val_loss'):.3f} (loss)" if b == "vit-mae" else f"{last(pre):.2f}")
-    rows.append([b, pretrained, seeds(cells, "ap50") if cells else "—", seeds(cells, "map") if cells else "—",
+    pretrained = ("—" if pre is None else f"held-out loss {last(pre, 'val_loss'):.3f}" if b == "vit-mae"
+                  else f"{last(pre):.2f}")
+    rows.append([f"{b}: {NAME[b]}", pretrained, seeds(cells, "ap50") if cells else "—", seeds(cells, "map") if cells else "—",
                  f"{sum(cpu_minutes(c) for c in ([pre] if pre else []) + (['teacher'] if b == 'vit-dist' else []) + cells[:1]):.0f}"])
 table(["backbone", "pretraining: top-1 on the test set", "AP50", "mAP (.50:.95)",
        "training minutes: pretraining (+ teacher) + one detector"], rows)
