@@ -414,17 +414,15 @@ def main(argv=None):
                          "patch16 model")
     parse_objects(args.objects)
     data = load_data(args, ctx.device)
+    vit = None  # a ViT config to build the backbone from, rather than from --model / --weights
     if args.eval_only:
         path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
         ckpt = read_file(path, "checkpoint")
         if not ours(ckpt) or "masks" not in ckpt["model_config"]:
             raise ValueError(f"{path} is not a detect.py checkpoint")
-        args.weights = None
-        args.fpn_channels = ckpt["model_config"].get("fpn_channels", args.fpn_channels)
-    if args.eval_only and ckpt["model_config"].get("vit"):
-        backbone = Backbone(DeiT(DeiTConfig(**ckpt["model_config"]["vit"])), args.fpn_channels)
-    else:
-        backbone = build_backbone(args, data.in_chans, log)
+        args.weights, args.fpn_channels = None, ckpt["model_config"].get("fpn_channels", args.fpn_channels)
+        vit = ckpt["model_config"].get("vit")  # the ViT as trained (None: a ResNet)
+    backbone = Backbone(DeiT(DeiTConfig(**vit)), args.fpn_channels) if vit else build_backbone(args, data.in_chans, log)
     model = Detector(backbone, data.num_classes, args.img_size, data.mean, data.std, args.masks, args.model).to(ctx.device)
     if args.eval_only:
         load_checked(model, ckpt["model"], path)

@@ -19,10 +19,10 @@
 # way, without ViTDet's layer decay (a device for fine-tuning over long schedules, which here would give the
 # pretrained trunks a smaller lr than the scratch one): only the starting weights differ. The probes' logs:
 # studies/logs/detection/lr-probe/.
-# Three seeds for every detector: at this budget a detector's mAP moves about 2 points with its seed (vit-sup:
-# 5.62 and 7.75), as much as most gaps between backbones. Detection on a CPU is bound by torchvision's per-image
-# Python, not by arithmetic: two cells side by side, one thread each, run at 9-13 images/s each, as fast as one
-# cell alone on both cores, so the detectors run in two lanes (pretraining: 70 minutes, one cell at a time;
+# Three seeds for every detector: at this budget a detector's mAP moves 1-4 points with its seed (vit-scratch:
+# 7.08 to 11.15), as much as most gaps between backbones. Detection on a CPU is bound by torchvision's per-image
+# Python, not by arithmetic: two cells side by side, one thread each, run at 10-13 images/s each, as fast as one
+# cell alone on both cores, so the detectors run in two lanes (pretraining: 80 minutes, one cell at a time;
 # each detector 7-10 minutes; the whole study about 2.5 hours). Each finished cell's log is kept in
 # studies/logs/detection/ (committed), so a rerun resumes.
 source "$(dirname "$0")/lib.sh"
@@ -56,9 +56,10 @@ lanes() {  # lanes SEED BACKBONE...: those detectors still to run, dealt to two 
   for x in "$@"; do
     [ -f "$LOGS/det-$x-$seed/log.jsonl" ] || { if ((${#a[@]} <= ${#b[@]})); then a+=($x); else b+=($x); fi; }
   done
-  OMP_NUM_THREADS=1 detect $seed "${a[@]}" & local pa=$!
-  [ ${#b[@]} = 0 ] || { OMP_NUM_THREADS=1 detect $seed "${b[@]}" & }; local pb=$!
-  wait $pa; [ ${#b[@]} = 0 ] || wait $pb
+  local pa pb=
+  OMP_NUM_THREADS=1 detect $seed "${a[@]}" & pa=$!
+  if ((${#b[@]})); then OMP_NUM_THREADS=1 detect $seed "${b[@]}" & pb=$!; fi
+  wait $pa; [ -z "$pb" ] || wait $pb
 }
 for seed in 0 1 2; do lanes $seed "${ALL[@]}"; done
 report <<'PY'
@@ -88,9 +89,10 @@ import os
 from PIL import Image
 paths = [f"{RUNS}/det-{b}-0/detections.png" for b in ("resnet-sup", "vit-sup")]
 if all(map(os.path.exists, paths)):
-    top, bottom = (Image.open(p).convert("RGB") for p in paths)  # 2 x 4 tiles of 128 px, 2 px apart
-    pic = Image.new("RGB", (top.width, 262))
-    pic.paste(top.crop((0, 0, top.width, 130)), (0, 0))
-    pic.paste(bottom.crop((0, 0, top.width, 132)), (0, 130))
+    top, bottom = (Image.open(p).convert("RGB") for p in paths)  # 2 rows of 4 tiles, 2 px apart and around
+    row = (top.height - 2) // 2  # a row of tiles and the padding above it
+    pic = Image.new("RGB", top.size)
+    pic.paste(top.crop((0, 0, top.width, row)), (0, 0))
+    pic.paste(bottom.crop((0, 0, top.width, row + 2)), (0, row))
     pic.save("assets/detections.png")
 PY
