@@ -1,45 +1,46 @@
 #!/usr/bin/env bash
 # The write-up's argument, measured (RESULTS.md "Data efficiency"; paper §1, §5): top-1 on Fashion-MNIST's
-# 10,000 test images against the number of training images (1,000 / 3,000 / 10,000 / 60,000, stratified), for
+# 10,000 test images against the number of training images (1,000 / 3,000 / 10,000, stratified), every run at
+# DeiT's schedule, 300 epochs (5 of warm-up), whatever the size, so a size's runs differ only in their arm and
+# the sizes only in their data (the images seen grow with the set: 300k, 900k, 3M):
 #   convnet   (a) distill.py's convnet, the inductive-bias baseline, with its recipe (the shipped teacher's:
 #                 flips, label smoothing, AdamW; no RandAugment, erasing, Mixup or CutMix)
 #   noaug     (b) the ViT (deit_nano_patch7_28) without augmentation (no flips either; the optimisation
 #                 recipe kept: label smoothing, drop path, EMA)
 #   recipe    (c) the ViT with DeiT's full recipe (train.py's defaults)
 #   distill   (d) (c) + hard distillation through the dist token from (a) of the same subset and seed
-#   maeft     (e) the ViT MAE-pretrained on the subset's images (no labels, mae.py's defaults), then fine-tuned
-#                 on it with (c)'s recipe, flag for flag (finetune.py would default to MAE's own fine-tune
-#                 recipe, whose lr is 8x lower here: MAE's ViT-B value against train.py's, set for this model),
-#                 so that (c) and (e) differ only in where the weights start
-# and, at 1,000 and 3,000 images, (e') maerecipe: (e)'s MAE encoder fine-tuned with MAE's own recipe
-# (finetune.py's default for an MAE checkpoint: lr 1e-3 per 512, layer decay 0.65, global pool), for the reading.
-# Every run sees the same 300,000 training images (the small sets get many epochs: 300 for 1,000 images,
-# 5 for 60,000), so the small sets are trained long enough to overfit; the warm-up is DeiT's share of the run
-# (5 of 300 epochs); evaluation every tenth of the run and at its end. Seed 0 for every cell first; then
-# seeds 1 and 2 for each arm whose seed-0 top-1 at a size lies within CLOSE (2) points of another arm's there,
-# where the order needs the seeds' spread (the issue's rule: 3 seeds wherever two means differ by less than
-# twice their spread, and the spread is what the seeds measure). A cell takes 3-13 minutes on 2 CPU cores
-# (the convnet and the distilled student are the slow ones); the whole study took about 9 hours: seed 0 about
-# 4, the seeds the rule picks (every size has close arms) about 5, two studies at a time. Each finished cell's
-# log is kept in studies/logs/data_efficiency/ (committed), so a rerun, in this clone or a fresh one, resumes where the
-# last one stopped. SEEDS picks the extra seeds to run (default "1 2"): on 2 cores, two studies side by side,
-# `OMP_NUM_THREADS=1 SEEDS=1` and `OMP_NUM_THREADS=1 SEEDS=2`, finish a little sooner than one (images/s in
-# all against one study's: 610 against 520-600 for the convnet, 922 against 852 for the recipe, 975 against 810
-# without augmentation; the same losses to the digit).
+#   maeft     (e) the ViT MAE-pretrained on the subset's images for 300 epochs (no labels, mae.py's defaults),
+#                 then fine-tuned on them for 300 with (c)'s recipe, flag for flag (finetune.py would default to
+#                 MAE's own fine-tune recipe, whose lr is 8x lower here), so that (c) and (e) differ only in
+#                 where the weights start
+#   recipe2x  (c') (c) for 600 epochs (10 of warm-up) at 1,000 and 3,000 images: as many images seen as (e)'s
+#                 pretraining and fine-tuning together (and more compute: MAE's encoder sees a quarter of each
+#                 image), so (e)'s lead over (c) is not just a longer run
+# and, at 1,000 images, (e') maerecipe: (e)'s MAE encoder fine-tuned with MAE's own recipe (finetune.py's
+# default for an MAE checkpoint: lr 1e-3 per 512, layer decay 0.65, global pool), for the reading.
+# Evaluation every 30 epochs and at the end: the curves RESULTS.md draws to show each run has converged.
+# Seed 0 for every cell first; then seeds 1 and 2 for each arm whose seed-0 top-1 at a size lies within CLOSE
+# (2) points of another arm's there, where the order needs the seeds' spread. The 60,000-image size of the
+# earlier study (5 epochs) is left out: at 300 epochs it alone would take ~30 hours on 2 cores.
+# Cost on 2 CPU cores (one cell at a time, both threads): a cell at 1,000 images takes 5-15 minutes, at 3,000
+# 15-35, at 10,000 50-110 (the convnet and the distilled student are the slow ones); seed 0 everywhere about
+# 11 hours. Each finished cell's log is kept in studies/logs/data_efficiency/ (committed), and the convnet and
+# MAE cells keep their final weights there for the cells they feed, so a rerun, in this clone or a fresh one,
+# resumes where the last one stopped: run it detached, from a clean clone at a named commit, then copy the
+# finished cells back (`cp -rn CLONE/studies/logs/data_efficiency studies/logs/`). ONLY picks sizes (e.g.
+# ONLY=10000) to run; the report and pictures always use every kept cell.
 source "$(dirname "$0")/lib.sh"
 keep_logs
 needs_fashion_mnist
-SEEN=300000
+EPOCHS=300
+SIZES=(1000 3000 10000)
 CLOSE=${CLOSE:-2}
 ALL=(convnet noaug recipe distill maeft)
-MAERECIPE_AT=(1000 3000)  # the sizes of (e')
+EQUAL_AT=(1000 3000)  # the sizes of (c')
 
 run() {  # run N SEED ARM...: those arms' cells on N images (distill trains its convnet teacher, maeft its MAE first)
   local n=$1 seed=$2 arm; shift 2
-  local E=$((SEEN / n)) W I
-  W=$(python -c "print(round($E / 60, 3))")
-  I=$(( E / 10 > 0 ? E / 10 : 1 ))
-  local S=(--data fashion-mnist --train-subset $n --epochs $E --warmup-epochs $W --eval-interval $I --seed $seed)
+  local S=(--data fashion-mnist --train-subset $n --epochs $EPOCHS --warmup-epochs 5 --eval-interval 30 --seed $seed)
   local NOAUG=(--aa none --reprob 0 --mixup 0 --cutmix 0)
   # train.py's defaults where finetune.py's for an MAE checkpoint differ (finetune.py MAE_FINETUNE)
   local RECIPE=(--lr 8e-3 --layer-decay 1 --weight-decay 0.05 --drop-path 0.1 --warmup-lr 1e-6 --min-lr 1e-5
@@ -49,25 +50,31 @@ run() {  # run N SEED ARM...: those arms' cells on N images (distill trains its 
       convnet) cell convnet-$n-$seed --feeds distill-$n-$seed python train.py "${S[@]}" --model convnet "${NOAUG[@]}" ;;
       noaug) cell noaug-$n-$seed python train.py "${S[@]}" "${NOAUG[@]}" --hflip 0 ;;
       recipe) cell recipe-$n-$seed python train.py "${S[@]}" ;;
+      recipe2x) cell recipe2x-$n-$seed python train.py "${S[@]}" --epochs $((2 * EPOCHS)) --warmup-epochs 10 \
+                  --eval-interval 60 ;;
       distill)
         cell convnet-$n-$seed --feeds distill-$n-$seed python train.py "${S[@]}" --model convnet "${NOAUG[@]}"
-        cell distill-$n-$seed python train.py "${S[@]}" --distill hard --teacher "$OUT/convnet-$n-$seed/ckpt.pt" ;;
-      maeft|maerecipe)  # mae's checkpoint feeds (e), and (e') at seed 0 and MAERECIPE_AT's sizes
+        cell distill-$n-$seed python train.py "${S[@]}" --distill hard --teacher "$(weights convnet-$n-$seed)" ;;
+      maeft|maerecipe)  # mae's weights feed (e), and (e') at seed 0 and 1,000 images
         local feeds="maeft-$n-$seed" ft=()
-        [[ $seed = 0 && " ${MAERECIPE_AT[*]} " = *" $n "* ]] && feeds+=" maerecipe-$n-$seed"
+        [[ $seed = 0 && $n = 1000 ]] && feeds+=" maerecipe-$n-$seed"
         [ $arm = maeft ] && ft=("${RECIPE[@]}")
         cell mae-$n-$seed --feeds "$feeds" python mae.py "${S[@]}"
-        cell $arm-$n-$seed python finetune.py --weights "$OUT/mae-$n-$seed/ckpt.pt" "${S[@]}" "${ft[@]}" ;;
+        cell $arm-$n-$seed python finetune.py --weights "$(weights mae-$n-$seed)" "${S[@]}" "${ft[@]}" ;;
     esac
   done
 }
+wanted() { [ -z "${ONLY:-}" ] || [[ " $ONLY " = *" $1 "* ]]; }
 
-for n in 1000 3000 10000 60000; do run $n 0 "${ALL[@]}"; done
-for n in "${MAERECIPE_AT[@]}"; do run $n 0 maerecipe; done
-for seed in ${SEEDS:-1 2}; do
-  for n in 1000 3000 10000 60000; do
+for n in "${SIZES[@]}"; do wanted $n && run $n 0 "${ALL[@]}"; done
+for n in "${EQUAL_AT[@]}"; do wanted $n && run $n 0 recipe2x; done
+wanted 1000 && run 1000 0 maerecipe
+for seed in 1 2; do
+  for n in "${SIZES[@]}"; do
+    wanted $n || continue
+    arms=("${ALL[@]}"); [[ " ${EQUAL_AT[*]} " = *" $n "* ]] && arms+=(recipe2x)
     close=$(report <<PY
-top = {a: last(f"{a}-$n-0") for a in "${ALL[*]}".split()}
+top = {a: last(f"{a}-$n-0") for a in "${arms[*]}".split()}
 print(" ".join(a for a in top if any(b != a and abs(top[a] - top[b]) < $CLOSE for b in top)))
 PY
 )
@@ -75,21 +82,30 @@ PY
   done
 done
 report <<'PY'
-SIZES = [1000, 3000, 10000, 60000]
+SIZES, E = [1000, 3000, 10000], 300
 ARMS = [("convnet", "(a) convnet"), ("noaug", "(b) ViT, no augmentation"), ("recipe", "(c) ViT + DeiT's recipe"),
-        ("distill", "(d) (c) + hard distillation from (a)"), ("maeft", "(e) ViT, MAE-pretrained, fine-tuned")]
-runs = {(arm, n): [last(f"{arm}-{n}-{s}") for s in range(3) if finished(f"{arm}-{n}-{s}", 300000 // n)]
+        ("distill", "(d) (c) + hard distillation from (a)"), ("maeft", "(e) ViT, MAE-pretrained (300), fine-tuned (300)"),
+        ("recipe2x", "(c') (c) for 600 epochs")]
+epochs = lambda arm: 2 * E if arm == "recipe2x" else E
+done = {(arm, n): [f"{arm}-{n}-{s}" for s in range(3) if finished(f"{arm}-{n}-{s}", epochs(arm))]
         for arm, _ in ARMS for n in SIZES}
+runs = {k: [last(c) for c in v] for k, v in done.items()}
 mean = lambda v: f"{sum(v) / len(v):.2f}" + (f" ({', '.join(f'{x:.2f}' for x in v)})" if len(v) > 1 else "") if v else "—"
-table(["training images (epochs)"] + [label for _, label in ARMS],
-      [[f"{n:,} ({300000 // n})"] + [mean(runs[arm, n]) for arm, _ in ARMS] for n in SIZES])
-print("\ntop-1 (%) on the 10,000 test images: the mean over the seeds run, each in brackets")
-print("(e') (e)'s MAE encoder fine-tuned with MAE's own recipe (finetune.py's default), seed 0: " +
-      ", ".join(f"{last(f'maerecipe-{n}-0'):.2f} at {n:,}" for n in SIZES if finished(f"maerecipe-{n}-0", 300000 // n)))
-from plot import lines
-lines({label: {n: runs[arm, n] for n in SIZES if runs[arm, n]} for arm, label in ARMS}, f"{RUNS}/data-efficiency.png",
-      "training images (log scale)", "top-1 on the 10,000 test images (%)",
-      "Fashion-MNIST, deit_nano_patch7_28 / convnet, 300,000 images seen per run")
-machine()
+table(["training images (images seen in 300 epochs)"] + [label for _, label in ARMS],
+      [[f"{n:,} ({300 * n / 1e6:g}M)"] + [mean(runs[arm, n]) for arm, _ in ARMS] for n in SIZES])
+print("\ntop-1 (%) on the 10,000 test images after the last epoch: the mean over the seeds run, each in brackets")
+if finished("maerecipe-1000-0", E):
+    print(f"(e') (e)'s MAE encoder fine-tuned with MAE's own recipe (finetune.py's default), 1,000 images, seed 0: "
+          f"{last('maerecipe-1000-0'):.2f}")
+provenance([c for v in done.values() for c in v] + [f"{p}-{n}-{s}" for p in ("mae",) for n in SIZES for s in range(3)
+                                                     if finished(f"mae-{n}-{s}", E)])
+from plot import lines, panels
+title = "Fashion-MNIST, deit_nano_patch7_28 / convnet, 300 epochs at every size"
+lines({label: {n: runs[arm, n] for n in SIZES if runs[arm, n]} for arm, label in ARMS if arm != "recipe2x"},
+      f"{RUNS}/data-efficiency.png", "training images (log scale)", "top-1 on the 10,000 test images (%)", title)
+panels({f"{n:,} images": {label: {e: [v] for e, v in curve(f"{arm}-{n}-0").items()} for arm, label in ARMS
+                          if finished(f"{arm}-{n}-0", epochs(arm))} for n in SIZES},
+       f"{RUNS}/data-efficiency-curves.png", "epoch", "top-1 on the test images (%)",
+       "top-1 against epochs, seed 0: has each run converged?")
 PY
-[ "${QUICK:-0}" = 1 ] || [ ! -f "$OUT/data-efficiency.png" ] || cp "$OUT/data-efficiency.png" assets/
+[ "${QUICK:-0}" = 1 ] || cp "$OUT"/data-efficiency*.png assets/

@@ -1,7 +1,9 @@
-"""Helpers for the studies' tables: a cell's last logged value, seeds as 'mean (each)', the machine."""
+"""Helpers for the studies' tables: a cell's last logged value or its curve, seeds as 'mean (each)', and where
+and when the cells ran."""
 import json
 import os
 import platform
+import subprocess
 
 import torch
 
@@ -13,6 +15,12 @@ def last(name, key="top1"):
     """The last epoch's value of key in $OUT/name/log.jsonl."""
     with open(os.path.join(OUT, name, "log.jsonl")) as f:
         return [json.loads(line) for line in f][-1][key]
+
+
+def curve(name, key="top1"):
+    """{epoch: value} for the epochs of $OUT/name/log.jsonl that logged key (the evaluated ones)."""
+    with open(os.path.join(OUT, name, "log.jsonl")) as f:
+        return {r["epoch"]: r[key] for r in map(json.loads, f) if key in r}
 
 
 def finished(name, epochs):
@@ -42,3 +50,19 @@ def table(header, rows):
 def machine():
     print(f"\n{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}")
+
+
+def provenance(names):
+    """Where and when the cells ran: the '# ran DATE at commit C on MACHINE' lines lib.sh writes at the head of
+    each cell's printed output, counted; a cell kept from before those lines by the commit that added its log."""
+    runs = {}
+    for n in names:
+        path = os.path.join(OUT, n + ".txt")
+        heads = [l[len("# ran "):].strip() for l in open(path) if l.startswith("# ran ")] if os.path.exists(path) else []
+        if not heads:
+            log = subprocess.run(["git", "log", "--diff-filter=A", "-1", "--format=%cs at commit %h",
+                                  "--", os.path.join(OUT, n, "log.jsonl")], capture_output=True, text=True).stdout
+            heads = [f"logged {log.strip() or 'in no commit yet'} (its run's own commit unrecorded)"]
+        for h in heads:
+            runs[h] = runs.get(h, 0) + 1
+    print("\nran: " + "; ".join(f"{h} ({k} cell{'s' * (k > 1)})" for h, k in sorted(runs.items())))

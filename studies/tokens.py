@@ -93,8 +93,7 @@ def main(out):
     lines({"hard distillation": {i: [v] for i, v in enumerate(rows["hard"])},
            "second class token": {i: [v] for i, v in enumerate(rows["labels"])}},
           os.path.join(out, "token-cosine.png"), "depth (0: the tokens as learned, i: after block i)", "cosine",
-          "class token vs distillation token, deit_nano_distilled_patch7_28 on Fashion-MNIST", log_x=False,
-          y_step=0.1)
+          "class token vs distillation token, deit_nano_distilled_patch7_28 on Fashion-MNIST", log_x=False)
     attention_picture(load(os.path.join(out, "hard", "ckpt.pt")), load(os.path.join(out, "teacher", "ckpt.pt")),
                       data, os.path.join(out, "token-attention.png"))
 
