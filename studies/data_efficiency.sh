@@ -66,9 +66,13 @@ run() {  # run N SEED ARM...: those arms' cells on N images (distill trains its 
 }
 wanted() { [ -z "${ONLY:-}" ] || [[ " $ONLY " = *" $1 "* ]]; }
 
-for n in "${SIZES[@]}"; do wanted $n && run $n 0 "${ALL[@]}"; done
-for n in "${EQUAL_AT[@]}"; do wanted $n && run $n 0 recipe2x; done
-wanted 1000 && run 1000 0 maerecipe
+# seed 0: the sizes in turn, (c') as soon as its size has run (10,000 images alone take ~7 hours)
+for n in "${SIZES[@]}"; do
+  wanted $n || continue
+  run $n 0 "${ALL[@]}"
+  [[ " ${EQUAL_AT[*]} " = *" $n "* ]] && run $n 0 recipe2x
+  [ $n = 1000 ] && run $n 0 maerecipe
+done
 for seed in 1 2; do
   for n in "${SIZES[@]}"; do
     wanted $n || continue
