@@ -130,6 +130,29 @@ def stratified_subset(y, amount, seed):
                       for c in classes]).sort().values
 
 
+def object_sides(size):
+    """The sides an object takes on a size-px canvas (here and in detect.py's scenes): size/6 (8 px or more) to size/2."""
+    return max(8, size // 6), size // 2
+
+
+def make_canvases(x, size, seed, sides=None):
+    """Each image of x (uint8 (N, C, h, w)) resized to a random side in sides (object_sides(size)) and pasted at a
+    random place on a black size x size canvas: classification with a detector's geometry, objects at many scales
+    and places (as ImageNet's and COCO's are), where Fashion-MNIST's fill a centred frame. Made once, from seed.
+    Returns (canvases (N, C, size, size) uint8, boxes (N, 4): x0, y0, x1, y1 of each pasted image)."""
+    lo, hi = sides or object_sides(size)
+    g = torch.Generator().manual_seed(seed)
+    side = torch.randint(lo, hi + 1, (len(x),), generator=g)
+    x0, y0 = ((torch.rand(2, len(x), generator=g) * (size - side + 1)).long())
+    out = torch.zeros(len(x), x.shape[1], size, size, dtype=torch.uint8)
+    for s in side.unique().tolist():  # data preparation, once: one batched resize per side
+        idx = (side == s).nonzero()[:, 0]
+        small = F.interpolate(x[idx].float(), size=(s, s), mode="bilinear", antialias=True).round().clamp(0, 255)
+        for i, im in zip(idx.tolist(), small.to(torch.uint8)):
+            out[i, :, y0[i]:y0[i] + s, x0[i]:x0[i] + s] = im
+    return out, torch.stack([x0, y0, x0 + side, y0 + side], 1)
+
+
 def free_memory(device):
     """Bytes of memory free for new tensors on device: the GPU's, or on the CPU what the OS can give
     (/proc/meminfo's MemAvailable, within a cgroup's limit); None where that cannot be read."""
@@ -169,8 +192,9 @@ def load_data(args, device, img_size):
             hint = " (apt-get install -y dataset-fashion-mnist)" if name == "fashion-mnist" else ""
             raise ValueError(f"dataset path {folder} does not exist{hint}")
         if os.path.isdir(os.path.join(folder, "train")) or os.path.isdir(os.path.join(folder, "val")):
-            if args.classes is not None:
-                raise ValueError("--classes works with idx and CIFAR data; for an image folder, make one with those classes")
+            if args.classes is not None or getattr(args, "canvas", None):
+                raise ValueError(f"--{'classes' if args.classes is not None else 'canvas'} works with idx and CIFAR "
+                                 "data, not an image folder")
             return load_image_folder(folder, args, img_size, device)
         train, val = load_idx_folder(folder)
         C, stats = 10, ((0.2860,), (0.3530,))  # Fashion-MNIST's mean/std
@@ -185,6 +209,9 @@ def load_data(args, device, img_size):
     if args.train_subset is not None:
         keep = stratified_subset(train[1], args.train_subset, args.seed)
         train = (train[0][keep], train[1][keep])
+    if getattr(args, "canvas", None):  # the held-out canvases by a fixed seed: the same whatever --seed
+        train, val = (make_canvases(train[0], args.canvas, args.seed)[0], train[1]), \
+                     (make_canvases(val[0], args.canvas, 1_000_003)[0], val[1])
 
     def to_device(x, y):  # resize once if the model wants another size (e.g. 28 -> 32 px)
         if img_size is not None and x.shape[-1] != img_size:

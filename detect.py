@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import train as T
-from data import BUNDLED, DEBIAN_FMNIST, load_idx_folder, val_batches
+from data import BUNDLED, DEBIAN_FMNIST, load_idx_folder, object_sides, val_batches
 from distill import create_convnet, ours
 from model import MODELS, Backbone, DeiT, DeiTConfig, create_model, fit_in_chans, load_checked, read_file, state_dict_of
 
@@ -114,7 +114,7 @@ def load_data(args, device):
         names, mean, std = splits["train"][4], (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's
     else:
         (tx, ty), (vx, vy) = load_idx_folder(folder)
-        sides = (max(8, args.img_size // 6), args.img_size // 2)
+        sides = object_sides(args.img_size)
         n = args.scenes if args.train_subset is None else min(args.scenes, round(
             args.train_subset * args.scenes if args.train_subset < 1 else args.train_subset))  # (studies' QUICK=1)
         splits = {"train": make_scenes(tx, ty, max(1, n), args.img_size, args.seed, (lo, hi), sides),
@@ -163,7 +163,7 @@ class Detector(nn.Module):
     (B, C, H, W) in [0, 1], targets) -> the dict of losses in training, the detections in evaluation. It
     answers what train.py asks of a model (cfg, and for layer-wise lr decay blocks and layer_id)."""
 
-    def __init__(self, backbone, num_classes, size, mean, std, masks=False, model=""):
+    def __init__(self, backbone, num_classes, size, mean, std, masks=False, model="", freeze_trunk=False):
         super().__init__()
         from torchvision.models.detection import FasterRCNN, MaskRCNN
         from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -186,7 +186,20 @@ class Detector(nn.Module):
         # grid, which the weights it started from set) and the pyramid's width
         vit = dict(vars(backbone.vit.cfg)) if isinstance(backbone, Backbone) else None
         self.cfg = argparse.Namespace(model=model, num_classes=num_classes, masks=masks, distilled=False, vit=vit,
-                                      fpn_channels=C)
+                                      fpn_channels=C, freeze_trunk=freeze_trunk)
+        if freeze_trunk:  # only the pyramid (FPN) and the heads learn: do the pretrained features carry as they are?
+            self.trunk().requires_grad_(False)
+
+    def trunk(self):
+        """The pretrained part of the backbone: the ViT, or the ResNet's body (its FPN is the pyramid)."""
+        b = self.det.backbone
+        return b.vit if isinstance(b, Backbone) else b.body
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.cfg.freeze_trunk:  # a frozen trunk stays in eval mode: BatchNorm's statistics kept, no drop path
+            self.trunk().eval()
+        return self
 
     def forward(self, images, targets=None):
         return self.det(list(images), targets)
@@ -225,8 +238,10 @@ def build_backbone(args, in_chans, log):
         return BackboneWithFPN(resnet, {f"layer{i}": str(i - 1) for i in range(1, 5)}, widths, args.fpn_channels,
                                extra_blocks=LastLevelMaxPool())
     if args.weights:
+        # built for the detector's images, as the scratch one (the file's position embeddings resized once, here),
+        # and without a distillation token: every ViT backbone is the same network, only its start differs
         backbone = Backbone.from_file(args.weights, args.model, args.fpn_channels, drop_path_rate=args.drop_path,
-                                      in_chans=in_chans)
+                                      in_chans=in_chans, img_size=args.img_size, distilled=False)
         log(f"backbone: {backbone.vit.cfg.embed_dim}-wide ViT, patch {backbone.vit.cfg.patch_size}, from "
             f"{args.weights}; left out: {', '.join(backbone.left_out) or 'nothing'}")
         return backbone
@@ -390,6 +405,8 @@ def get_parser():
     a("--scenes", type=int, default=2000, help="training scenes composed from the training split's garments")
     a("--val-scenes", type=int, default=500, help="held-out scenes, from the test split's garments")
     a("--objects", default="2-5", help="garments per scene, a range")
+    a("--freeze-trunk", action="store_true", help="train only the pyramid and the heads: the backbone's trunk (the "
+      "ViT, or the ResNet's body) keeps its --weights, in eval mode")
     a("--fpn-channels", type=int, default=64, help="the pyramid's width (torchvision's and ViTDet's: 256)")
     a("--layer-decay", type=float, default=1.0, help="layer-wise lr decay of a ViT backbone (ViTDet: 0.7 for "
       "ViT-B over 184k steps); 1: none, every backbone trained alike")
@@ -423,7 +440,10 @@ def main(argv=None):
         args.weights, args.fpn_channels = None, ckpt["model_config"].get("fpn_channels", args.fpn_channels)
         vit = ckpt["model_config"].get("vit")  # the ViT as trained (None: a ResNet)
     backbone = Backbone(DeiT(DeiTConfig(**vit)), args.fpn_channels) if vit else build_backbone(args, data.in_chans, log)
-    model = Detector(backbone, data.num_classes, args.img_size, data.mean, data.std, args.masks, args.model).to(ctx.device)
+    if args.freeze_trunk and not args.weights and not args.eval_only:
+        raise ValueError("--freeze-trunk keeps the trunk's weights as they are: give them with --weights")
+    model = Detector(backbone, data.num_classes, args.img_size, data.mean, data.std, args.masks, args.model,
+                     args.freeze_trunk and not args.eval_only).to(ctx.device)
     if args.eval_only:
         load_checked(model, ckpt["model"], path)
         metrics = evaluate(model, data, ctx)

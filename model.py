@@ -493,7 +493,9 @@ class Backbone(nn.Module):
         """A backbone from any weights file of this project: an official DeiT release or a plain state dict
         (model names the architecture), or a checkpoint of train.py, finetune.py or mae.py (which carries
         its own). Only the ViT's trunk is loaded; .left_out names what the file has besides (heads, the
-        final norm, an MAE decoder). overrides: DeiTConfig fields (drop_path_rate, img_size, ...)."""
+        final norm, an MAE decoder). overrides: DeiTConfig fields (drop_path_rate, ...): img_size builds the ViT
+        for that size, its position embeddings resized once at load (paper §3, as deit's main.py resizes them
+        to fine-tune at another resolution); distilled=False drops a distilled file's distillation token."""
         obj = read_file(path)
         state = state_dict_of(obj, path, ema)
         if "patch_embed.proj.weight" not in state:
@@ -511,6 +513,17 @@ class Backbone(nn.Module):
         backbone = cls(vit, out_channels)
         trunk = fit_in_chans({k: v for k, v in state.items() if k.startswith(TRUNK)}, "patch_embed.proj.weight",
                              vit.cfg.in_chans, path)
-        load_checked(backbone.vit, fit_pos_embed(trunk, vit), path)
-        backbone.left_out = sorted({k.split(".")[0] for k in state if not k.startswith(TRUNK)})
+        if not vit.cfg.distilled:
+            trunk = drop_dist_token(trunk)
+        load_checked(backbone.vit, fit_pos_embed(trunk, vit), path)  # img_size: resized once, here
+        backbone.left_out = sorted({k.split(".")[0] for k in state if k not in backbone.vit.state_dict()})
         return backbone
+
+
+def drop_dist_token(state):
+    """A distilled DeiT's weights for the same DeiT without a distillation token: the token and its position
+    embedding (the second prefix row) dropped, so that a distilled and a plain backbone are the same network."""
+    if "dist_token" not in state:
+        return state
+    pe = state["pos_embed"]
+    return {**{k: v for k, v in state.items() if k != "dist_token"}, "pos_embed": torch.cat([pe[:, :1], pe[:, 2:]], 1)}

@@ -2307,6 +2307,90 @@ def test_scenes_are_deterministic_and_annotate_what_is_visible():
                 assert b.tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] and t["labels"].equal(labels[i])
 
 
+def test_canvases_are_deterministic_and_each_holds_its_own_image_in_its_box():
+    """make_canvases: the same seed, the same canvases; each canvas is black but for its box, which holds its own
+    source image resized (PIL's antialiased bilinear as the reference, within 1 level), so its label is right;
+    sides within object_sides. train.py's --canvas: those canvases, labels unchanged, the held-out ones the
+    same whatever --seed."""
+    from PIL import Image
+    x, y = DT.load_idx_folder(DT.BUNDLED)[0]
+    x, y = x[:300], y[:300]
+    c, boxes = DT.make_canvases(x, 64, seed=5)
+    c2, boxes2 = DT.make_canvases(x, 64, seed=5)
+    assert torch.equal(c, c2) and torch.equal(boxes, boxes2) and not torch.equal(DT.make_canvases(x, 64, seed=6)[0], c)
+    assert c.shape == (300, 1, 64, 64) and c.dtype == torch.uint8
+    side = boxes[:, 2] - boxes[:, 0]
+    assert torch.equal(side, boxes[:, 3] - boxes[:, 1]) and (boxes[:, :2] >= 0).all() and (boxes[:, 2:] <= 64).all()
+    assert side.min() == 10 and side.max() == 32 and DT.object_sides(64) == (10, 32)  # every side is drawn
+    for i, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
+        outside = c[i, 0].clone()
+        outside[y0:y1, x0:x1] = 0
+        assert not outside.any()
+        want = np.array(Image.fromarray(x[i, 0].numpy()).resize((x1 - x0, y1 - y0), Image.BILINEAR))
+        assert np.abs(c[i, 0, y0:y1, x0:x1].numpy().astype(int) - want).max() <= 1
+    data = [DT.load_data(parse("--canvas", "64", "--train-subset", "100", "--seed", s), torch.device("cpu"), 64)
+            for s in ("1", "2")]
+    plain = DT.load_data(parse("--train-subset", "100", "--seed", "1"), torch.device("cpu"), None)
+    assert data[0].train[0].shape == (100, 1, 64, 64) and torch.equal(data[0].train[1], plain.train[1])
+    assert torch.equal(data[0].train[0], DT.make_canvases(plain.train[0], 64, 1)[0])
+    assert torch.equal(data[0].val[0], data[1].val[0]) and torch.equal(data[0].val[1], plain.val[1])
+    assert T.check_model(parse("--canvas", "64", "--model", "deit_nano_patch4_28")) == 64
+
+
+def test_pretrained_backbones_are_the_scratch_network_at_the_detectors_size(tmp_path):
+    """Backbone.from_file(img_size=64): a 16x16 grid, the checkpoint's 7x7 position embeddings resized once at load
+    as deit's main.py resizes them to fine-tune at 384 px (bicubic, align_corners=False, the prefix rows kept);
+    a distilled file's dist token dropped (distilled=False). detect.py's pretrained ViT backbones, distilled or
+    not, then have the scratch one's parameters, name for name and shape for shape."""
+    torch.manual_seed(0)
+    state = M.create_model("deit_nano_distilled_patch4_28").state_dict()
+    torch.save({"model": state}, tmp_path / "dist.pth")
+    torch.save({"model": M.create_model("deit_nano_patch4_28").state_dict()}, tmp_path / "plain.pth")
+    b = M.Backbone.from_file(tmp_path / "dist.pth", "deit_nano_patch4_28", img_size=64, distilled=False)
+    assert b.vit.grid == (16, 16) and "dist_token" in b.left_out
+    pe = state["pos_embed"]  # deit main.py: extra tokens kept, the rest interpolated as a (D, 7, 7) image
+    grid = pe[:, 2:].reshape(-1, 7, 7, pe.shape[-1]).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(16, 16), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).flatten(1, 2)
+    torch.testing.assert_close(b.vit.pos_embed, torch.cat([pe[:, :1], grid], 1), rtol=0, atol=1e-6)
+    assert all(torch.equal(v, state[k]) for k, v in b.vit.state_dict().items() if k != "pos_embed")
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    args = lambda *w: DET.get_parser().parse_args(["--img-size", "64", *w])
+    scratch = DET.build_backbone(args(), 1, print)
+    for w in ("dist.pth", "plain.pth"):
+        pre = DET.build_backbone(args("--weights", str(tmp_path / w)), 1, print)
+        assert shapes(pre) == shapes(scratch) and pre.vit.grid == (16, 16)
+        assert sum(p.numel() for p in pre.parameters()) == sum(p.numel() for p in scratch.parameters())
+
+
+def test_a_frozen_trunk_keeps_its_weights_and_gets_no_gradient(tmp_path):
+    """detect.py --freeze-trunk: after an epoch the ViT's trunk (and a ResNet's body, BatchNorm statistics
+    included) is what --weights gave it; in a step none of its parameters gets a gradient, the pyramid's all do."""
+    torch.manual_seed(0)
+    torch.save({"model": M.create_model("deit_nano_patch4_28").state_dict()}, tmp_path / "vit.pth")
+    resnet = D.create_convnet("resnet18", 10, 1)
+    torch.save(resnet.state_dict(), tmp_path / "resnet.pth")
+    base = ["--scenes", "16", "--val-scenes", "4", "--img-size", "64", "--batch-size", "8", "--epochs", "1",
+            "--log-seconds", "1000", "--fpn-channels", "16", "--freeze-trunk"]
+    for model, weights, trunk in (("deit_nano_patch4_28", "vit.pth", "det.backbone.vit."),
+                                  ("resnet18", "resnet.pth", "det.backbone.body.")):
+        args = DET.get_parser().parse_args(["--model", model, "--weights", str(tmp_path / weights), "--img-size", "64"])
+        start = {"det.backbone." + k: v for k, v in DET.build_backbone(args, 1, print).state_dict().items()
+                 if ("det.backbone." + k).startswith(trunk)}
+        DET.main(base + ["--model", model, "--weights", str(tmp_path / weights), "--out-dir", str(tmp_path / model)])
+        end = final_weights(tmp_path / model)
+        assert start and all(torch.equal(end[k], v) for k, v in start.items()), model
+    det = DET.Detector(M.Backbone(M.create_model("deit_nano_patch4_28", img_size=64, in_chans=1), 16), 11, 64, (0.3,), (0.3,),
+                       freeze_trunk=True).train()
+    x = torch.rand(2, 1, 64, 64)
+    losses = det(x, [{"boxes": torch.tensor([[4.0, 4.0, 30.0, 30.0]]), "labels": torch.tensor([1])}] * 2)
+    sum(losses.values()).backward()
+    assert not det.trunk().training and det.det.backbone.pyramid.training
+    assert all(p.grad is None for p in det.trunk().parameters())
+    assert all(p.grad is not None for p in det.det.backbone.pyramid.parameters())
+    with pytest.raises(ValueError, match="give them with --weights"):
+        DET.main(base + ["--out-dir", str(tmp_path / "none")])
+
+
 def coco_folder(root):
     """A COCO-style folder: 6 images per split of 40x30 px, a bright rectangle in each, its box annotated."""
     from PIL import Image

@@ -72,6 +72,8 @@ def get_parser():
     a("--data-dir", default=os.path.join(HERE, "data"), help="where cifar10/cifar100 are kept or downloaded")
     a("--train-subset", type=float, default=None, help="train on a stratified part: a fraction (0.1) or a count (600); default: all")
     a("--classes", default=None, help="keep only these classes, relabelled 0..k-1: '0-4' or '5,7,9'; default: all")
+    a("--canvas", type=int, default=None, help="paste each image at a random scale and place on a CANVAS-px "
+      "black canvas (the geometry of detect.py's scenes; data.make_canvases), once, from --seed; default input size: CANVAS")
     a("--workers", type=int, default=None, help="DataLoader workers per process, image folders only (default: "
       "this machine's CPUs / its processes, at most 8)")
     a("--decode", choices=["auto", "device", "workers"], default="auto", help="ImageFolder JPEGs: decoded and "
@@ -152,7 +154,7 @@ def get_parser():
 # name another flag. finetune.py's and mae.py's flags are here too, checked where the script has them.
 RANGES = {
     # train.py: data, model, augmentation
-    "train_subset": "(0, inf)", "workers": "[0, inf)", "img_size": "[1, inf)", "drop_path": "[0, 1)",
+    "train_subset": "(0, inf)", "canvas": "[8, inf)", "workers": "[0, inf)", "img_size": "[1, inf)", "drop_path": "[0, 1)",
     "crop_pad": "[0, inf)", "hflip": "[0, 1]", "rrc_scale": "(0, 1]", "reprob": "[0, 1]", "mixup": "[0, inf)",
     "cutmix": "[0, inf)", "mixup_switch_prob": "[0, 1]", "distill_alpha": "[0, 1]", "distill_tau": "(0, inf)",
     # optimisation
@@ -324,7 +326,7 @@ def check_model(args, ctx=None):
     if args.distill != "none" and not (v and v.distilled):
         raise ValueError(f"--distill {args.distill} needs a student with a distillation token, and {args.model} has "
                          f"none; distilled models: {', '.join(m for m, v in MODELS.items() if v.distilled)}")
-    size = args.img_size or (v.img_size if v else None)
+    size = args.img_size or getattr(args, "canvas", None) or (v.img_size if v else None)
     if ctx is not None and size:
         check_memory(args, ctx, v, size)
     return size

@@ -1,53 +1,67 @@
 #!/usr/bin/env bash
-# Does the backbone's pretraining carry downstream? (RESULTS.md "Detection"; issue 21.) The same detector
-# (torchvision's Faster R-CNN, detect.py's small-image heads) and the same budget on composed garment scenes,
-# with six backbones:
+# Does the backbone's pretraining carry downstream? (RESULTS.md "Detection".) The same detector (torchvision's
+# Faster R-CNN, detect.py's small-image heads) and the same budget on composed garment scenes (64 px, 2-5
+# garments of 10-32 px each), with these backbones:
 #   resnet-scratch   torchvision's ResNet-18-FPN from scratch (the ResNet-50 being replaced, at CPU scale)
-#   resnet-sup       the same, pretrained on Fashion-MNIST's labels by train.py (the convnet's recipe: flips,
-#                    smoothing, AdamW; RandAugment, erasing, Mixup and CutMix are a ViT's remedy)
-#   vit-scratch      deit_nano_patch4_28 (patch 4: the pyramid needs a power of 2) from scratch
+#   resnet-sup       the same, pretrained on labels by train.py (the convnet's recipe: flips, smoothing, AdamW)
+#   vit-scratch      deit_nano_patch4_28 built at 64 px (patch 4: the pyramid needs a power of 2), from scratch
 #   vit-sup          ... pretrained by train.py with DeiT's recipe
-#   vit-dist         deit_nano_distilled_patch4_28, hard-distilled from the convnet teacher
+#   vit-dist         ... pretrained as deit_nano_distilled_patch4_28, hard-distilled from a convnet teacher
 #   vit-mae          ... pretrained by mae.py (no labels)
-# Each pretraining sees the same 300,000 images (5 epochs of the 60,000); each detector 5 epochs of 1,000 scenes
-# of 64 px (2-5 garments of 10-32 px each), evaluated on 500 scenes of the test split's garments. The detector's
-# lr is not ViTDet's (1e-4 at batch 64, i.e. --lr 8e-4 per 512, over 184k steps): over 620 steps (10 epochs) it
-# left the detectors near zero (mAP 0.87 for resnet-scratch, 1.21 for resnet-sup). Over these 310 steps, 20x it
-# (--lr 1.6e-2) gave resnet-scratch 5.97, vit-sup 1.34 (1.48 without layer decay); 60x (--lr 4.8e-2, a peak of
-# 1.5e-3 at batch 16) gives resnet-scratch 17.18 and vit-scratch 7.78: the study's lr, not tuned further (the
-# ResNet's gain says a larger one might help it more). The cosine ends at 1e-6. Every backbone trains the same
-# way, without ViTDet's layer decay (a device for fine-tuning over long schedules, which here would give the
-# pretrained trunks a smaller lr than the scratch one): only the starting weights differ. The probes' logs:
-# studies/logs/detection/lr-probe/.
-# Three seeds for every detector: at this budget a detector's mAP moves 1-4 points with its seed (vit-scratch:
-# 7.08 to 11.15), as much as most gaps between backbones. Detection on a CPU is bound by torchvision's per-image
-# Python, not by arithmetic: two cells side by side, one thread each, run at 10-13 images/s each, as fast as one
-# cell alone on both cores, so the detectors run in two lanes (pretraining: 80 minutes, one cell at a time;
-# each detector 7-10 minutes; the whole study about 2.5 hours). Each finished cell's log is kept in
-# studies/logs/detection/ (committed), so a rerun resumes.
+# and, for each pretrained one, a frozen-trunk row (-frozen: only the pyramid and the heads train), which tells
+# whether the features carry as they are or whether the detector's lr rewrites them.
+# Held fixed between the rows, so that only the starting weights differ:
+# - the geometry: every pretraining sees 64-px canvases, each one training garment at a random scale (10-32 px)
+#   and place (train.py/mae.py --canvas 64), as the scenes hold them; not centred 28-px garments;
+# - the network: every ViT backbone is built at 64 px (a 16x16 grid of position embeddings; weights of another
+#   size would be resized once, at load) and without a distillation token (detect.py drops it), so the scratch
+#   and the pretrained ViT backbones have the same parameters (test_all.py);
+# - the pretraining budget: 2 epochs of the 60,000 canvases each (120,000 images seen; a CPU's budget: a DeiT at 64
+#   px trains at ~70 images/s on 2 cores), with DeiT's warm-up share, 1 of every 60 epochs (5 of 300);
+# - the detector's training: DET_EPOCHS epochs of 1,000 scenes, the lr of the probes in studies/logs/detection/
+#   lr-probe/ (60x ViTDet's per-image lr: --lr 4.8e-2, a peak of 1.5e-3 at batch 16, cosine to 1e-6; ViTDet's
+#   own left every detector near zero in a few hundred steps), no layer decay, evaluated on 500 held-out scenes
+#   every 2 epochs. DET_EPOCHS is where the scratch ResNet's mAP curve has flattened: the `schedule` cell trains
+#   it for 30 epochs, and RESULTS.md draws its curve.
+# Three seeds for every detector: at this budget the seed moves a detector's mAP by points. Detection on a CPU is
+# bound by torchvision's per-image Python: two detectors side by side, one thread each, run as fast each as one
+# alone on both cores, so the detectors run in two lanes. Each finished cell's log is kept in
+# studies/logs/detection/ (committed), the pretrained weights too (weights.pt), so a rerun resumes, here or in
+# a fresh clone.
 source "$(dirname "$0")/lib.sh"
 keep_logs
 needs_fashion_mnist
-D=(--data fashion-mnist --epochs 5)
-CNN=(--aa none --reprob 0 --mixup 0 --cutmix 0)  # the convnet teacher's recipe
-ALL=(resnet-scratch resnet-sup vit-scratch vit-sup vit-dist vit-mae)
-cell teacher --feeds vit-dist python train.py "${D[@]}" --model convnet "${CNN[@]}"
-cell resnet-sup --feeds "$(printf 'det-resnet-sup-%s ' 0 1 2)" python train.py "${D[@]}" --model resnet18 "${CNN[@]}"
-cell vit-sup --feeds "$(printf 'det-vit-sup-%s ' 0 1 2)" python train.py "${D[@]}" --model deit_nano_patch4_28
-cell vit-dist --feeds "$(printf 'det-vit-dist-%s ' 0 1 2)" python train.py "${D[@]}" \
-  --model deit_nano_distilled_patch4_28 --distill hard --teacher "$OUT/teacher/ckpt.pt"
-cell vit-mae --feeds "$(printf 'det-vit-mae-%s ' 0 1 2)" python mae.py "${D[@]}" --model deit_nano_patch4_28
+DET_EPOCHS=${DET_EPOCHS:-12}
+C=(--data fashion-mnist --canvas 64 --epochs 2 --warmup-epochs 0.033)  # pretraining: 2 epochs, 2/60 of warm-up
+CNN=(--aa none --reprob 0 --mixup 0 --cutmix 0)  # the convnet's recipe
+PRE=(resnet-sup vit-sup vit-dist vit-mae)
+ALL=(resnet-scratch vit-scratch "${PRE[@]}" $(printf '%s-frozen ' "${PRE[@]}"))
+feeds() { printf "det-$1-%s det-$1-frozen-%s " 0 0 1 1 2 2; }
+X=(--data fashion-mnist --img-size 64 --scenes 1000 --val-scenes 500 --lr 4.8e-2 --min-lr 1e-6 --layer-decay 1)
+
+# how long the detectors train: the scratch ResNet for 30 epochs, its curve
+OMP_NUM_THREADS=1 cell schedule python detect.py "${X[@]}" --model resnet18 --epochs 30 --eval-interval 2 &
+probe=$!
+if [ "${ONLY:-}" = schedule ]; then wait $probe; exit; fi  # the probe alone (ONLY=schedule), beside another study
+cell teacher --feeds vit-dist python train.py "${C[@]}" --model convnet "${CNN[@]}"
+cell resnet-sup --feeds "$(feeds resnet-sup)" python train.py "${C[@]}" --model resnet18 "${CNN[@]}"
+cell vit-sup --feeds "$(feeds vit-sup)" python train.py "${C[@]}" --model deit_nano_patch4_28
+cell vit-dist --feeds "$(feeds vit-dist)" python train.py "${C[@]}" --model deit_nano_distilled_patch4_28 \
+  --distill hard --teacher "$(weights teacher)"
+cell vit-mae --feeds "$(feeds vit-mae)" python mae.py "${C[@]}" --model deit_nano_patch4_28
+wait $probe
 
 detect() {  # detect SEED BACKBONE...
   local seed=$1 b; shift
-  local X=(--data fashion-mnist --img-size 64 --scenes 1000 --val-scenes 500 --epochs 5 --eval-interval 5
-           --lr 4.8e-2 --min-lr 1e-6 --layer-decay 1 --seed $seed)
+  local S=("${X[@]}" --epochs $DET_EPOCHS --eval-interval 2 --seed $seed)
   for b in "$@"; do
     case $b in
-      resnet-scratch) cell det-$b-$seed python detect.py "${X[@]}" --model resnet18 ;;
-      resnet-sup) cell det-$b-$seed python detect.py "${X[@]}" --model resnet18 --weights "$OUT/$b/ckpt.pt" ;;
-      vit-scratch) cell det-$b-$seed python detect.py "${X[@]}" --model deit_nano_patch4_28 ;;
-      *) cell det-$b-$seed python detect.py "${X[@]}" --weights "$OUT/$b/ckpt.pt" ;;
+      resnet-scratch) cell det-$b-$seed python detect.py "${S[@]}" --model resnet18 ;;
+      vit-scratch) cell det-$b-$seed python detect.py "${S[@]}" --model deit_nano_patch4_28 ;;
+      resnet-sup*) cell det-$b-$seed python detect.py "${S[@]}" --model resnet18 --weights "$(weights resnet-sup)" \
+                     $([[ $b = *-frozen ]] && echo --freeze-trunk) ;;
+      *) cell det-$b-$seed python detect.py "${S[@]}" --weights "$(weights ${b%-frozen})" \
+           $([[ $b = *-frozen ]] && echo --freeze-trunk) ;;
     esac
   done
 }
@@ -61,33 +75,44 @@ lanes() {  # lanes SEED BACKBONE...: those detectors still to run, dealt to two 
   if ((${#b[@]})); then OMP_NUM_THREADS=1 detect $seed "${b[@]}" & pb=$!; fi
   wait $pa; [ -z "$pb" ] || wait $pb
 }
-for seed in 0 1 2; do lanes $seed "${ALL[@]}"; done
-report <<'PY'
+for seed in ${SEEDS:-0 1 2}; do lanes $seed "${ALL[@]}"; done  # SEEDS=0: a quicker look
+[ "${QUICK:-0}" = 1 ] && E=1 || E=$DET_EPOCHS
+report <<PY
 import json
-def cpu_minutes(name):  # training time of a cell, from its log (evaluation excluded)
-    return sum(json.loads(l)["epoch_time"] for l in open(f"{OUT}/{name}/log.jsonl")) / 60
-PRE = {"resnet-sup": "resnet-sup", "vit-sup": "vit-sup", "vit-dist": "vit-dist", "vit-mae": "vit-mae"}
+E = $E
 NAME = {"resnet-scratch": "ResNet-18, from scratch", "resnet-sup": "ResNet-18, supervised",
         "vit-scratch": "DeiT, from scratch", "vit-sup": "DeiT, DeiT's recipe", "vit-dist": "DeiT⚗, hard-distilled",
         "vit-mae": "DeiT, MAE (no labels)"}
-rows = []
-for b in ["resnet-scratch", "resnet-sup", "vit-scratch", "vit-sup", "vit-dist", "vit-mae"]:
-    cells = [f"det-{b}-{s}" for s in range(3) if finished(f"det-{b}-{s}", 5)]
-    pre = PRE.get(b)
-    pretrained = ("—" if pre is None else f"held-out loss {last(pre, 'val_loss'):.3f}" if b == "vit-mae"
-                  else f"{last(pre):.2f}")
-    rows.append([f"{b}: {NAME[b]}", pretrained, seeds(cells, "ap50") if cells else "—", seeds(cells, "map") if cells else "—",
-                 f"{sum(cpu_minutes(c) for c in ([pre] if pre else []) + (['teacher'] if b == 'vit-dist' else []) + cells[:1]):.0f}"])
-table(["backbone", "pretraining: top-1 on the test set", "AP50", "mAP (.50:.95)",
+PRE = {"resnet-sup": ["resnet-sup"], "vit-sup": ["vit-sup"], "vit-dist": ["teacher", "vit-dist"], "vit-mae": ["vit-mae"]}
+minutes = lambda name: sum(json.loads(l)["epoch_time"] for l in open(f"{OUT}/{name}/log.jsonl")) / 60  # training only
+cells = lambda b: [f"det-{b}-{s}" for s in range(3) if finished(f"det-{b}-{s}", E)]
+rows, used = [], []
+for b, label in NAME.items():
+    pre, run, frozen = PRE.get(b, []), cells(b), cells(b + "-frozen")
+    used += pre + run + frozen
+    top = "—" if not pre or not finished(pre[-1], 2) else (f"held-out loss {last(pre[-1], 'val_loss'):.3f}"
+                                                             if b == "vit-mae" else f"{last(pre[-1]):.2f}")
+    rows.append([f"{b}: {label}", top, seeds(run, "ap50") if run else "—", seeds(run, "map") if run else "—",
+                 "" if not pre else seeds(frozen, "map") if frozen else "—",
+                 f"{sum(minutes(c) for c in [p for p in pre if finished(p, 2)] + run[:1]):.0f}"])
+table(["backbone", "pretraining: top-1 on the 10,000 test canvases", "AP50", "mAP (.50:.95)", "mAP, trunk frozen",
        "training minutes: pretraining (+ teacher) + one detector"], rows)
-print("\nbox AP (%) on 500 held-out scenes: the mean of seeds 0, 1, 2, each in brackets")
-machine()
+print(f"\nbox AP (%) on 500 held-out scenes after {E} epochs of 1,000: the mean of the seeds run, each in brackets")
+provenance(used + (["schedule"] if finished("schedule", 30) else []))
+from plot import lines, panels
+groups = {}
+if finished("schedule", 30):
+    groups["ResNet-18 from scratch, 30 epochs (the schedule)"] = {"mAP": {e: [v] for e, v in curve("schedule", "map").items()}}
+groups[f"every backbone, seed 0, {E} epochs"] = {b: {e: [v] for e, v in curve(f"det-{b}-0", "map").items()}
+                                                for b in NAME if finished(f"det-{b}-0", E)}
+panels(groups, f"{RUNS}/detection-curves.png", "epoch", "box mAP on the held-out scenes (%)",
+       "Faster R-CNN on 64-px garment scenes: mAP against epochs")
 PY
 [ "${QUICK:-0}" = 1 ] || report <<'PY'
 # README's picture: the first four held-out scenes as the pretrained ResNet-18 (top) and DeiT (bottom) detect them
 import os
 from PIL import Image
-paths = [f"{RUNS}/det-{b}-0/detections.png" for b in ("resnet-sup", "vit-sup")]
+paths = [f"{OUT}/det-{b}-0/detections.png" for b in ("resnet-sup", "vit-sup")]  # kept with the logs
 if all(map(os.path.exists, paths)):
     top, bottom = (Image.open(p).convert("RGB") for p in paths)  # 2 rows of 4 tiles, 2 px apart and around
     row = (top.height - 2) // 2  # a row of tiles and the padding above it
@@ -96,3 +121,4 @@ if all(map(os.path.exists, paths)):
     pic.paste(bottom.crop((0, 0, top.width, row + 2)), (0, row))
     pic.save("assets/detections.png")
 PY
+[ "${QUICK:-0}" = 1 ] || [ ! -f "$OUT/detection-curves.png" ] || cp "$OUT/detection-curves.png" assets/

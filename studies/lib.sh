@@ -37,7 +37,10 @@ cell() {  # cell NAME [--feeds "LATER..."] python SCRIPT.py FLAGS...: one run, s
     echo "failed: $name (its output: $OUT/$name.txt)" >&2; tail -3 "$OUT/$name.txt" >&2; exit 1
   fi
   mkdir -p "$LOGS/$name"
-  if [ "$LOGS" != "$OUT" ]; then cp "$OUT/$name/log.jsonl" "$LOGS/$name/"; cp "$OUT/$name.txt" "$LOGS/"; fi
+  if [ "$LOGS" != "$OUT" ]; then  # the log, the printed output and any picture the run drew
+    cp "$OUT/$name/log.jsonl" "$OUT/$name.txt" "$LOGS/$name/"; mv "$LOGS/$name/$name.txt" "$LOGS/"
+    find "$OUT/$name" -maxdepth 1 -name '*.png' -exec cp {} "$LOGS/$name/" \;
+  fi
   if [ -n "$feeds" ]; then
     python -c "import torch, sys; c = torch.load(sys.argv[1], weights_only=True); torch.save({k: c[k] for k in
       ('model', 'config', 'model_config', 'num_classes', 'mean', 'std') if k in c}, sys.argv[2])" \
