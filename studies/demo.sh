@@ -3,6 +3,7 @@
 # its demo defaults undone: augmentation reduced to flips, and then DeiT's 4-px padded crop put back.
 # RESULTS.md "The default job". About 15 minutes on 2 CPU cores.
 source "$(dirname "$0")/lib.sh"
+keep_logs
 cell default python train.py
 cell flips-only python train.py --aa none --reprob 0 --mixup 0 --cutmix 0
 cell flips-only-crop-pad-4 python train.py --aa none --reprob 0 --mixup 0 --cutmix 0 --crop-pad 4
@@ -17,7 +18,7 @@ table(["command", "top-1", "top-5", "time in training steps", "images/s"],
       [row("default", "python train.py"),
        row("flips-only", "python train.py --aa none --reprob 0 --mixup 0 --cutmix 0"),
        row("flips-only-crop-pad-4", "... --crop-pad 4")])
-machine()
+provenance(["default", "flips-only", "flips-only-crop-pad-4"])
 PY
 # the README's picture: 16 bundled training images, and the same after one step of DeiT's recipe
 python - <<'PY'

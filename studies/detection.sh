@@ -121,4 +121,4 @@ if all(map(os.path.exists, paths)):
     pic.paste(bottom.crop((0, 0, top.width, row + 2)), (0, row))
     pic.save("assets/detections.png")
 PY
-[ "${QUICK:-0}" = 1 ] || [ ! -f "$OUT/detection-curves.png" ] || cp "$OUT/detection-curves.png" assets/
+[ "${QUICK:-0}" = 1 ] || [ ! -f "$RUNS/detection-curves.png" ] || cp "$RUNS/detection-curves.png" assets/

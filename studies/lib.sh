@@ -13,6 +13,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-studies/out}/$(basename "$0" .sh)
 mkdir -p "$OUT"
 LOGS=$OUT  # where the report reads each cell's log; keep_logs moves it into git
+RUNS=$OUT  # the cells' runs (checkpoints) and the pictures a report draws
 SHRINK=()
 if [ "${QUICK:-0}" = 1 ]; then SHRINK=(--train-subset 640 --epochs 1 --warmup-epochs 0); fi
 
@@ -31,8 +32,7 @@ cell() {  # cell NAME [--feeds "LATER..."] python SCRIPT.py FLAGS...: one run, s
     echo "$(date +%H:%M:%S) $name: kept in $LOGS/$name" >&2; return
   fi
   echo "$(date +%H:%M:%S) $name: $*" >&2
-  echo "# ran $(date -u +%Y-%m-%d) at commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- '*.py' '*.sh' || echo +changes)" \
-    "on $(uname -m), $(nproc) cores, torch $(python -c 'import torch; print(torch.__version__)')" >> "$OUT/$name.txt"
+  ran >> "$OUT/$name.txt"
   if ! "$@" "${SHRINK[@]}" --out-dir "$OUT/$name" --resume auto >> "$OUT/$name.txt" 2>&1; then
     echo "failed: $name (its output: $OUT/$name.txt)" >&2; tail -3 "$OUT/$name.txt" >&2; exit 1
   fi
@@ -48,6 +48,11 @@ cell() {  # cell NAME [--feeds "LATER..."] python SCRIPT.py FLAGS...: one run, s
   fi
 }
 
+ran() {  # the line that heads a cell's printed output: when, at which commit, on what (report.py's provenance)
+  echo "# ran $(date -u +%Y-%m-%d) at commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- '*.py' '*.sh' || echo +changes)" \
+    "on $(uname -m), $(env -u OMP_NUM_THREADS nproc) cores ($(nproc) threads), torch $(python -c 'import torch; print(torch.__version__)')"
+}
+
 weights() { echo "$LOGS/$1/weights.pt"; }  # weights NAME: the final weights a feeding cell keeps
 
 needs_fashion_mnist() {
@@ -55,5 +60,5 @@ needs_fashion_mnist() {
 }
 
 report() {  # report <<'EOF' ... EOF: python that prints the study's table (studies/report.py's helpers)
-  RUNS="$OUT" OUT="$LOGS" python -c "import sys; sys.path.insert(0, 'studies'); from report import *; exec(sys.stdin.read())"
+  RUNS="$RUNS" OUT="$LOGS" python -c "import sys; sys.path.insert(0, 'studies'); from report import *; exec(sys.stdin.read())"
 }

@@ -5,31 +5,36 @@
 # and the fairer low-label test: a supervised backbone that never saw classes 5-9, both fine-tuned on them.
 # About 4 hours on 2 CPU cores.
 source "$(dirname "$0")/lib.sh"
+keep_logs
 needs_fashion_mnist
 D=(--data fashion-mnist)
 # the fine-tune, the same for both backbones: MAE's (its schedule and head init, layer decay, global pool), written
 # out in full, since only an MAE checkpoint gets them by default
 FT=(--lr 4e-3 --min-lr 1e-5 --warmup-epochs 1 --sched mae --head-init-std 2e-5 --weight-decay 0.05 --layer-decay 0.75
     --global-pool)
-cell mae python mae.py "${D[@]}" --epochs 10 --warmup-epochs 1
-cell sup python train.py "${D[@]}" --epochs 10 --warmup-epochs 1
-cell sup04 python train.py "${D[@]}" --classes 0-4 --epochs 10 --warmup-epochs 1
+uses() {  # uses KIND: the cells that start from backbone KIND's weights
+  local f s; for f in 0.01 0.1 1.0; do for s in 0 1 2; do printf "$1-ft-$f-$s "; done; done
+  for f in 0.01 0.1; do for s in 0 1 2; do printf "c59-$1-$f-$s "; done; done; printf "$1-linear $1-probe"
+}
+cell mae --feeds "$(uses mae)" python mae.py "${D[@]}" --epochs 10 --warmup-epochs 1
+cell sup --feeds "$(uses sup)" python train.py "${D[@]}" --epochs 10 --warmup-epochs 1
+cell sup04 --feeds "$(uses sup04)" python train.py "${D[@]}" --classes 0-4 --epochs 10 --warmup-epochs 1
 for labels in "0.01 25" "0.1 8" "1.0 2"; do  # (a)
   set -- $labels
   for seed in 0 1 2; do
     A=("${D[@]}" --train-subset $1 --epochs $2 --seed $seed)
     cell scratch-$1-$seed python train.py "${A[@]}" --warmup-epochs 1
-    cell mae-ft-$1-$seed python finetune.py --weights "$OUT/mae/ckpt.pt" "${A[@]}" "${FT[@]}"
+    cell mae-ft-$1-$seed python finetune.py --weights "$(weights mae)" "${A[@]}" "${FT[@]}"
     if [ $1 != 1.0 ] || [ $seed = 0 ]; then
-      cell sup-ft-$1-$seed python finetune.py --weights "$OUT/sup/ckpt.pt" "${A[@]}" "${FT[@]}"
+      cell sup-ft-$1-$seed python finetune.py --weights "$(weights sup)" "${A[@]}" "${FT[@]}"
     fi
   done
 done
 LIN=(--freeze --epochs 3 --lr 8e-3 --min-lr 1e-5 --warmup-epochs 1 --warmup-lr 1e-6 --weight-decay 0 --no-global-pool
      --layer-decay 1 --aa none --reprob 0 --mixup 0 --cutmix 0)
 for b in mae sup; do  # (b), (c)
-  cell $b-linear python finetune.py --weights "$OUT/$b/ckpt.pt" "${D[@]}" "${LIN[@]}"
-  cell $b-probe python mae.py "${D[@]}" --probe "$OUT/$b/ckpt.pt" --epochs 3 --warmup-epochs 1
+  cell $b-linear python finetune.py --weights "$(weights $b)" "${D[@]}" "${LIN[@]}"
+  cell $b-probe python mae.py "${D[@]}" --probe "$(weights $b)" --epochs 3 --warmup-epochs 1
 done
 [ -f "$OUT/untrained.pt" ] || python -c "import torch, model; torch.manual_seed(0); torch.save(model.create_model(
   'deit_nano_patch7_28', in_chans=1, num_classes=10).state_dict(), '$OUT/untrained.pt')"
@@ -39,8 +44,8 @@ for labels in "0.01 40" "0.1 10"; do  # the fairer test, on classes 5-9
   for seed in 0 1 2; do
     C=("${D[@]}" --classes 5-9 --train-subset $1 --epochs $2 --seed $seed)
     cell c59-scratch-$1-$seed python train.py "${C[@]}" --warmup-epochs 1
-    cell c59-mae-$1-$seed python finetune.py --weights "$OUT/mae/ckpt.pt" "${C[@]}" "${FT[@]}"
-    cell c59-sup04-$1-$seed python finetune.py --weights "$OUT/sup04/ckpt.pt" "${C[@]}" "${FT[@]}"
+    cell c59-mae-$1-$seed python finetune.py --weights "$(weights mae)" "${C[@]}" "${FT[@]}"
+    cell c59-sup04-$1-$seed python finetune.py --weights "$(weights sup04)" "${C[@]}" "${FT[@]}"
   done
 done
 report <<'PY'
@@ -58,5 +63,6 @@ print()
 table(["labels of classes 5–9, top-1, seeds 0/1/2", "from scratch", "MAE backbone", "supervised on classes 0–4"],
       [[label, s("c59-scratch-{}-{}", fr), s("c59-mae-{}-{}", fr), s("c59-sup04-{}-{}", fr)]
        for fr, label in (("0.01", "1% (300 images)"), ("0.1", "10% (3,000)"))])
-machine()
+import glob
+provenance(sorted(os.path.basename(os.path.dirname(p)) for p in glob.glob(f"{OUT}/*/log.jsonl")))
 PY

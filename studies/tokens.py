@@ -1,18 +1,19 @@
-"""What the distillation token learns (paper §5, "Distillation token"): python studies/tokens.py OUT, after
-studies/tokens.sh has trained, in OUT, a hard-distilled student (hard/), the same student whose dist token
-learns the labels instead (labels/: the paper's second class token) and their convnet teacher (teacher/).
+"""What the distillation token learns (paper §5, "Distillation token"), after studies/tokens.sh has trained a
+hard-distilled student (hard), the same student whose dist token learns the labels instead (labels: the paper's
+second class token) and their convnet teacher (teacher), each keeping its weights in LOGS/NAME/weights.pt.
 
-Prints the mean cosine, over the 10,000 Fashion-MNIST test images, between the class token and the
-distillation token as learned (the embeddings themselves) and after each block; writes OUT/token-cosine.png
-(that table as lines) and OUT/token-attention.png (tokens.sh copies both to assets/): for 8 test images, where the class token and the
+python studies/tokens.py LOGS measures the mean cosine, over the 10,000 Fashion-MNIST test images, between the
+class token and the distillation token as learned (the embeddings themselves) and after each block, into
+LOGS/tokens/log.jsonl, and draws LOGS/token-attention.png: for 8 test images, where the class token and the
 distillation token look in the last block (its attention weights, the mean over heads, over the patch grid),
-with the teacher's and the student's predictions."""
+with the teacher's and the student's predictions. python studies/tokens.py --report LOGS RUNS prints the
+table from the log and draws it as RUNS/token-cosine.png."""
+import json
 import os
 import sys
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]  # studies/ and the repository
@@ -51,10 +52,13 @@ def token_cosines(model, data):
 
 
 @torch.no_grad()
-def attention_picture(student, teacher, data, path, n=8, zoom=4):
+def attention_picture(student, teacher, data, path, n=8):
     """Rows: a test image, the class token's attention in the last block, the distillation token's (the mean
-    over heads, over the patches, brightest = most), and under each image the teacher's and the student's
-    predictions (class head, dist head)."""
+    over heads, over the patches, brightest = most); over each column the true class, and the teacher's and the
+    student's predictions (class head, dist head)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     x, y = data.val
     pick = torch.cat([(y == c).nonzero()[:1, 0] for c in range(n)])  # the first test image of classes 0..n-1
     images = x[pick]
@@ -66,37 +70,51 @@ def attention_picture(student, teacher, data, path, n=8, zoom=4):
     maps = [w[:, t, 2:].reshape(n, grid, grid) for t in (0, 1)]  # class, dist token -> the patches
     cls_p, dist_p = (o.argmax(1) for o in student.forward_heads(xn))
     teach_p = teacher(xn).argmax(1)
-    S = student.cfg.img_size * zoom
-    canvas = Image.new("RGB", (n * (S + 10) + 10, 3 * (S + 10) + 60), "white")
-    d = ImageDraw.Draw(canvas)
+    fig, axes = plt.subplots(3, n, figsize=(1.5 * n + 1.2, 5.6))
     for i in range(n):
-        tiles = [images[i, 0].float() / 255] + [m[i] / m[i].max() for m in maps]
-        for r, tile in enumerate(tiles):
-            t = F.interpolate(tile[None, None], size=(S, S), mode="nearest")[0, 0]
-            canvas.paste(Image.fromarray((t * 255).byte().numpy(), "L"), (10 + i * (S + 10), 10 + r * (S + 10)))
-        d.text((10 + i * (S + 10), 3 * (S + 10) + 5),
-               f"true {CLASSES[y[pick[i]]]}\nteacher {CLASSES[teach_p[i]]}\ncls {CLASSES[cls_p[i]]}\n"
-               f"dist {CLASSES[dist_p[i]]}", fill="black")
-    canvas.save(path)
+        for r, tile in enumerate([images[i, 0].float() / 255] + [m[i] / m[i].max() for m in maps]):
+            axes[r, i].imshow(tile.numpy(), cmap="gray", vmin=0, vmax=1)
+            axes[r, i].set_xticks([]), axes[r, i].set_yticks([])
+        axes[0, i].set_title(f"true {CLASSES[y[pick[i]]]}\nteacher {CLASSES[teach_p[i]]}\ncls {CLASSES[cls_p[i]]}\n"
+                             f"dist {CLASSES[dist_p[i]]}", fontsize=8)
+    for r, label in enumerate(["image", "class token", "distillation token"]):
+        axes[r, 0].set_ylabel(label)
+    fig.tight_layout()
+    fig.savefig(path, bbox_inches="tight", dpi=110)
+    plt.close(fig)
 
 
-def main(out):
+def measure(logs):
+    """From the kept weights of the study's cells (LOGS/hard, labels, teacher): the cosines, one line per depth, in
+    LOGS/tokens/log.jsonl, and LOGS/token-attention.png."""
     args = T.get_parser().parse_args(["--data", "fashion-mnist"])
     from data import load_data
     data = load_data(args, torch.device("cpu"), 28)
-    rows = {name: token_cosines(load(os.path.join(out, name, "ckpt.pt")), data) for name in ("hard", "labels")}
-    labels = ["the tokens as learned"] + [f"after block {i}" for i in range(1, len(rows["hard"]))]
+    rows = {name: token_cosines(load(os.path.join(logs, name, "weights.pt")), data) for name in ("hard", "labels")}
+    attention_picture(load(os.path.join(logs, "hard", "weights.pt")), load(os.path.join(logs, "teacher", "weights.pt")),
+                      data, os.path.join(logs, "token-attention.png"))
+    os.makedirs(os.path.join(logs, "tokens"), exist_ok=True)
+    with open(os.path.join(logs, "tokens", "log.jsonl"), "w") as f:
+        for depth, (h, l) in enumerate(zip(rows["hard"], rows["labels"])):
+            f.write(json.dumps({"depth": depth, "hard": h, "labels": l}) + "\n")
+
+
+def report(logs, runs):
+    """The table, and RUNS/token-cosine.png, from LOGS/tokens/log.jsonl."""
+    rows = [json.loads(l) for l in open(os.path.join(logs, "tokens", "log.jsonl"))]
     print("| cosine of class and distillation token (mean over the 10,000 test images) | hard distillation | "
           "second class token (labels) |\n|---|---|---|")
-    for i, label in enumerate(labels):
-        print(f"| {label} | {rows['hard'][i]:.3f} | {rows['labels'][i]:.3f} |")
-    lines({"hard distillation": {i: [v] for i, v in enumerate(rows["hard"])},
-           "second class token": {i: [v] for i, v in enumerate(rows["labels"])}},
-          os.path.join(out, "token-cosine.png"), "depth (0: the tokens as learned, i: after block i)", "cosine",
+    for r in rows:
+        where = "the tokens as learned" if r["depth"] == 0 else f"after block {r['depth']}"
+        print(f"| {where} | {r['hard']:.3f} | {r['labels']:.3f} |")
+    lines({"hard distillation": {r["depth"]: [r["hard"]] for r in rows},
+           "second class token": {r["depth"]: [r["labels"]] for r in rows}},
+          os.path.join(runs, "token-cosine.png"), "depth (0: the tokens as learned, i: after block i)", "cosine",
           "class token vs distillation token, deit_nano_distilled_patch7_28 on Fashion-MNIST", log_x=False)
-    attention_picture(load(os.path.join(out, "hard", "ckpt.pt")), load(os.path.join(out, "teacher", "ckpt.pt")),
-                      data, os.path.join(out, "token-attention.png"))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[1] == "--report":
+        report(sys.argv[2], sys.argv[3])
+    else:
+        measure(sys.argv[1])
