@@ -105,7 +105,7 @@ provenance([c for v in done.values() for c in v] + [f"{p}-{n}-{s}" for p in ("ma
                                                      if finished(f"mae-{n}-{s}", E)])
 from plot import lines, panels
 title = "Fashion-MNIST, deit_nano_patch7_28 / convnet, 300 epochs at every size"
-lines({label: {n: runs[arm, n] for n in SIZES if runs[arm, n]} for arm, label in ARMS if arm != "recipe2x"},
+lines({label: {n: runs[arm, n] for n in SIZES if runs[arm, n]} for arm, label in ARMS},
       f"{RUNS}/data-efficiency.png", "training images (log scale)", "top-1 on the 10,000 test images (%)", title)
 panels({f"{n:,} images": {label: {e: [v] for e, v in curve(f"{arm}-{n}-0").items()} for arm, label in ARMS
                           if finished(f"{arm}-{n}-0", epochs(arm))} for n in SIZES},

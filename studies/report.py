@@ -54,15 +54,20 @@ def machine():
 
 def provenance(names):
     """Where and when the cells ran: the '# ran DATE at commit C on MACHINE' lines lib.sh writes at the head of
-    each cell's printed output, counted; a cell kept from before those lines by the commit that added its log."""
-    runs = {}
+    each cell's printed output, counted; cells kept from before those lines, by the commits that added their logs."""
+    runs, older = {}, []
     for n in names:
         path = os.path.join(OUT, n + ".txt")
         heads = [l[len("# ran "):].strip() for l in open(path) if l.startswith("# ran ")] if os.path.exists(path) else []
-        if not heads:
-            log = subprocess.run(["git", "log", "--diff-filter=A", "-1", "--format=%cs at commit %h",
-                                  "--", os.path.join(OUT, n, "log.jsonl")], capture_output=True, text=True).stdout
-            heads = [f"logged {log.strip() or 'in no commit yet'} (its run's own commit unrecorded)"]
         for h in heads:
             runs[h] = runs.get(h, 0) + 1
-    print("\nran: " + "; ".join(f"{h} ({k} cell{'s' * (k > 1)})" for h, k in sorted(runs.items())))
+        if not heads:
+            older.append(subprocess.run(["git", "log", "--diff-filter=A", "-1", "--format=%cs %h", "--",
+                                         os.path.join(OUT, n, "log.jsonl")], capture_output=True, text=True).stdout.split())
+    lines = [f"{h} ({k} run{'s' * (k > 1)})" for h, k in sorted(runs.items())]
+    if older:
+        dates, commits = sorted({o[0] for o in older if o}), sorted({o[1] for o in older if o})
+        lines.append(f"{len(older)} cells from earlier runs, their own commits unrecorded: logged "
+                     + (f"{dates[0]} to {dates[-1]}" if len(dates) > 1 else dates[0] if dates else "in no commit yet")
+                     + (f" in commits {', '.join(commits)}" if commits else ""))
+    print("\nran: " + "; ".join(lines))
