@@ -36,6 +36,7 @@ import torch.nn.functional as F
 import augment as A
 import distill as D
 import train as T
+from launch import setup_distributed
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 FILL = (124, 116, 104)
@@ -328,7 +329,7 @@ def main():
                    "installed, else data/photos)")
     p.add_argument("--no-jpeg-train", action="store_true", help="on CUDA, skip training DeiT-S from JPEGs")
     args = p.parse_args()
-    ctx = T.setup_distributed()
+    ctx = setup_distributed()
     kind = ctx.device.type
     args.steps = args.steps or (20 if kind == "cuda" else 3)
     args.compare = args.compare or ("deit_small_patch16_224" if kind == "cuda" else "all")

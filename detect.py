@@ -25,9 +25,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import train as T
+from checkpoint import write_atomic
+from launch import cli, start
 from data import BUNDLED, DEBIAN_FMNIST, load_idx_folder, object_sides, val_batches
 from distill import create_convnet, ours
-from model import MODELS, Backbone, DeiT, DeiTConfig, create_model, fit_in_chans, load_checked, read_file, state_dict_of
+from model import (MODELS, Backbone, DeiT, DeiTConfig, check_file, create_model, fit_in_chans, load_checked, read_file,
+                   state_dict_of)
 
 RESNETS = ("resnet18", "resnet34", "resnet50")  # torchvision's, with its FPN (as resnet_fpn_backbone)
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -74,7 +77,7 @@ def load_coco_folder(root, split, size):
     categories) and its images, each scaled so that its longer side is size and padded to size x size."""
     from PIL import Image
     path = os.path.join(root, split, "annotations.json")
-    T.check_file(path, "annotations")
+    check_file(path, "annotations")
     try:
         coco = json.load(open(path))
         cats = sorted(c["id"] for c in coco["categories"])
@@ -87,7 +90,7 @@ def load_coco_folder(root, split, size):
     x = torch.zeros(len(files), 3, size, size, dtype=torch.uint8)
     boxes, classes = [], []
     for i, (image_id, file) in enumerate(files):
-        T.check_file(file, "image")
+        check_file(file, "image")
         im = Image.open(file).convert("RGB")
         scale = size / max(im.size)
         w, h = max(1, round(im.width * scale)), max(1, round(im.height * scale))
@@ -185,7 +188,7 @@ class Detector(nn.Module):
         # what --eval-only needs to rebuild it: the ViT as trained (distilled or not, its position embeddings'
         # grid, which the weights it started from set) and the pyramid's width
         vit = dict(vars(backbone.vit.cfg)) if isinstance(backbone, Backbone) else None
-        self.cfg = argparse.Namespace(model=model, num_classes=num_classes, masks=masks, distilled=False, vit=vit,
+        self.cfg = argparse.Namespace(model=model, num_classes=num_classes, masks=masks, vit=vit,
                                       fpn_channels=C, freeze_trunk=freeze_trunk)
         if freeze_trunk:  # only the pyramid (FPN) and the heads learn: do the pretrained features carry as they are?
             self.trunk().requires_grad_(False)
@@ -360,7 +363,7 @@ def save_picture(model, data, path, n=8, min_score=0.3):
         tiles.append(draw_bounding_boxes(im, o["boxes"].cpu()[keep] * 2, names, colors="red") if keep.any() else im)
     grid = make_grid(tiles, nrow=4, padding=2)
     from PIL import Image
-    T.write_atomic(path, lambda tmp: Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp, format="png"),
+    write_atomic(path, lambda tmp: Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp, format="png"),
                    "no picture written")
 
 
@@ -387,8 +390,7 @@ def detection_task(args, data):
         return [f"picture: {os.path.join(args.out_dir, 'detections.png')}",
                 f"train on: python detect.py --resume --epochs {2 * args.epochs} --out-dir {args.out_dir}"]
 
-    return argparse.Namespace(augment=augment, loss=loss, evaluate=evaluate_, after_epoch=after_epoch,
-                              next_steps=next_steps)
+    return T.Task(loss, evaluate_, next_steps, key="map", augment=augment, after_epoch=after_epoch)
 
 
 def get_parser():
@@ -415,11 +417,12 @@ def get_parser():
     p.set_defaults(script=p.prog, model="deit_nano_patch4_28", img_size=96, epochs=12, batch_size=16, lr=4.8e-2,
                    min_lr=1e-6, weight_decay=0.1, warmup_epochs=1, drop_path=0.1, model_ema=False, compile=False,
                    aa="none", reprob=0.0, mixup=0.0, cutmix=0.0, smoothing=0.0, repeated_aug=False)
+    p.ranges.update(scenes="[1, inf)", val_scenes="[1, inf)", fpn_channels="[1, inf)", layer_decay="(0, 1]")
     return p
 
 
 def main(argv=None):
-    args, ctx, log = T.start(get_parser(), argv)
+    args, ctx, log = start(get_parser(), argv)
     if args.model not in MODELS and args.model not in RESNETS:
         raise ValueError(f"--model {args.model}: one of ours ({', '.join(m for m in MODELS if 'distilled' not in m)}, "
                          f"...) or torchvision's {', '.join(RESNETS)}")
@@ -454,5 +457,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    with T.cli():
+    with cli():
         main()

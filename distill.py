@@ -29,15 +29,24 @@ import torch.nn.functional as F
 from model import MODELS, DeiT, DeiTConfig, check_file, create_model, load_checked, read_file, state_dict_of
 
 
+def base_loss(logits, targets, smoothing=0.1):
+    """The loss on the labels: cross-entropy with the soft targets of Mixup/CutMix (smoothing already folded in),
+    or with label smoothing, (1-s)*nll + s*mean_c(-log p), when nothing is mixed (paper Table 9: smoothing 0.1)."""
+    logits = logits.float()
+    if targets.ndim == 2:
+        return -(targets * logits.log_softmax(-1)).sum(-1).mean()
+    return F.cross_entropy(logits, targets, label_smoothing=smoothing)
+
+
 class DistillationLoss(nn.Module):
     """kind none | soft | hard, as DistillationLoss in facebookresearch/deit losses.py.
-    base_criterion(logits, targets) is the usual loss (soft Mixup targets or label smoothing); with
+    base_criterion(logits, targets) is the usual loss (default: base_loss, DeiT's smoothing 0.1); with
     kind "none" only the class head is trained and head_dist gets no gradient, as in the reference.
     kind "labels" (not in the reference): no teacher, the dist token learns the labels as the class token
     does, (1 - alpha) base(class head) + alpha base(dist head): the paper's control of §4, a second class
     token, which it reports ends up the same as the first (cosine 0.999)."""
 
-    def __init__(self, base_criterion, teacher=None, kind="none", alpha=0.5, tau=1.0):
+    def __init__(self, base_criterion=base_loss, teacher=None, kind="none", alpha=0.5, tau=1.0):
         super().__init__()
         if kind not in ("none", "soft", "hard", "labels"):
             raise ValueError(f"distillation kind must be none, soft, hard or labels, not {kind!r}")
@@ -85,7 +94,6 @@ class ConvNetConfig:
     num_classes: int = 10
     in_chans: int = 3
     widths: tuple = field(default_factory=lambda: CONVNETS["convnet"])
-    distilled: bool = False  # for train.py, which asks every model this
 
 
 def conv_bn(c_in, c_out):
@@ -114,7 +122,6 @@ def create_convnet(name, num_classes, in_chans):
     net = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     if in_chans != 3:
         net.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
-    net.cfg = ConvNetConfig(num_classes=num_classes, in_chans=in_chans, widths=())  # what train.py asks of a model
     return net
 
 

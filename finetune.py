@@ -22,6 +22,7 @@ import argparse
 import torch
 
 import train as T
+from launch import cli, start
 from data import load_data
 from distill import CONVNETS, ours
 from model import MODELS, fit_pos_embed, load_checked, read_file, state_dict_of
@@ -48,6 +49,7 @@ def get_parser():
     # the min lr, so the "cosine decay" is flat or climbs to 5e-6. --model defaults to the checkpoint's.
     p.set_defaults(lr=5e-6, weight_decay=1e-8, epochs=30, min_lr=5e-6, model=None, out_dir="out-finetune",
                    script=p.prog)
+    p.ranges.update(layer_decay="(0, 1]", head_init_std="(0, inf)")
     return p
 
 
@@ -62,7 +64,7 @@ MAE_FINETUNE = dict(lr=1e-3, layer_decay=0.65, weight_decay=0.05, drop_path=0.1,
 
 
 def weights_defaults(args):
-    """Defaults that the weights bring (T.start): one of our checkpoints its architecture (model, global
+    """Defaults that the weights bring (launch.start): one of our checkpoints its architecture (model, global
     pool), one of mae.py's also MAE's fine-tune recipe."""
     ckpt = read_file(args.weights) if args.weights else None
     if not ours(ckpt):
@@ -133,7 +135,7 @@ def adapt(state, model, args):
 
 
 def main(argv=None):
-    args, ctx, log = T.start(get_parser(), argv, weights_defaults)
+    args, ctx, log = start(get_parser(), argv, weights_defaults)
     state = read_weights(args)
     if args.model is None:
         raise ValueError(f"{args.weights} does not say its architecture: give --model (one of {', '.join(MODELS)})")
@@ -141,7 +143,7 @@ def main(argv=None):
         args.model = args.model.replace("_distilled", "")
     if args.model in CONVNETS:
         raise ValueError(f"finetune.py fine-tunes DeiT models, not {args.model}")
-    img_size = T.check_model(args, ctx)
+    img_size = T.check_model(args, ctx, kept=0.0 if args.freeze else 1.0)  # frozen: no activations kept
     if args.freeze:
         args.drop_path = 0.0  # a frozen backbone computes features; stochastic depth would only add noise
     data = load_data(args, ctx.device, img_size)
@@ -170,5 +172,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    with T.cli():
+    with cli():
         main()

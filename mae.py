@@ -30,8 +30,10 @@ import torch.nn as nn
 
 import augment as A
 import train as T
+from checkpoint import write_atomic
 from data import load_data, val_batches
 from distill import CONVNETS
+from launch import all_sum, cli, start
 from model import Block, DeiTConfig, load_checked, read_file, state_dict_of
 
 # MAE's recipe (main_pretrain.py and the paper's Table 8), each a default below:
@@ -183,7 +185,7 @@ def reconstruction_task(args, model):
                 total += raw(x, noise_for(x, raw.grid, gen))[0].double() * len(x)
             n += len(x)
         run.net.train()
-        loss, count = T.all_sum([total.item(), n], ctx)
+        loss, count = all_sum([total.item(), n], ctx)
         return {"val_loss": loss / max(count, 1)}
 
     @torch.no_grad()
@@ -198,7 +200,7 @@ def reconstruction_task(args, model):
                 f"--out-dir {args.out_dir}-finetune",
                 f"train on: python mae.py --resume --epochs {2 * args.epochs} --out-dir {args.out_dir}"]
 
-    return argparse.Namespace(augment=None, loss=loss, evaluate=evaluate, after_epoch=after_epoch, next_steps=next_steps)
+    return T.Task(loss, evaluate, next_steps, key="val_loss", lower_is_better=True, after_epoch=after_epoch)
 
 
 @torch.no_grad()
@@ -229,7 +231,7 @@ def save_picture(model, data, path, run=None, n=8):
         os.makedirs(os.path.dirname(path), exist_ok=True)
     except OSError as e:
         raise ValueError(f"cannot write {path}: {e.strerror or e}") from None
-    T.write_atomic(path, lambda tmp: torchvision.utils.save_image(grid.clamp(0, 1).cpu(), tmp, format="png",
+    write_atomic(path, lambda tmp: torchvision.utils.save_image(grid.clamp(0, 1).cpu(), tmp, format="png",
                                                                   nrow=len(x), padding=1), "no picture written")
 
 
@@ -264,14 +266,15 @@ def get_parser():
       "from WEIGHTS (mae.py's, train.py's or any ViT state dict), frozen, sees every patch, and a fresh decoder "
       "learns to give back the pixels from its patch tokens; val loss = the pixel error (--mask-ratio 0 implied)")
     p.set_defaults(**MAE_DEFAULTS, script=p.prog)
+    p.ranges.update(mask_ratio="[0, 1)", decoder_dim="[1, inf)", decoder_depth="[0, inf)", decoder_heads="[1, inf)")
     return p
 
 
 def main(argv=None):
-    args, ctx, log = T.start(get_parser(), argv)
+    args, ctx, log = start(get_parser(), argv)
     if args.distill != "none":
         raise ValueError("mae.py pretrains without labels or a teacher: drop --distill")
-    img_size = T.check_model(args, ctx)
+    img_size = T.check_model(args, ctx, kept=1 - args.mask_ratio)  # the encoder sees the unmasked share
     if args.model in CONVNETS:
         raise ValueError(f"mae.py pretrains a ViT, not {args.model}")
     if args.probe:
@@ -289,5 +292,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    with T.cli():
+    with cli():
         main()

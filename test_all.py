@@ -1,12 +1,14 @@
 """
-Tests for nanoDeiT, on the CPU: python -m pytest -q -rfE test_all.py (a few minutes on 2 cores).
+Tests for nanoDeiT, on the CPU: python -m pytest -q -rfE test_all.py (about 12 minutes on 2 cores), or
+python -m pytest -q -m "not slow" test_all.py while editing (the tests marked slow launch processes or train
+for epochs).
 
 They check against references, not against the code's own output: the official checkpoints' key names,
 shapes and parameter counts (facebookresearch/deit's release files), attention written out by hand, PIL
 for every image op, the DeiT formulas for the schedule and the losses, a 2-process torchrun run against a
 1-process run, and a killed-then-resumed run against an uninterrupted one. Helpers first, then the files
 (imports, copied alone), one section per file in the order model, augment, data, train, distill, finetune,
-then whole runs, reliability and mae.py.
+then whole runs, reliability, mae.py and detect.py.
 """
 
 import argparse
@@ -39,6 +41,8 @@ import finetune as FT
 import mae as MAE
 import model as M
 from bench import pil_op  # the reference: each op done by PIL, as the reference pipeline does
+import checkpoint as CK
+import launch as L
 import train as T
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -205,6 +209,7 @@ def readme_block(needle):
     return next(b for b in blocks if needle in b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("files", [["model.py"], ["augment.py"], ["distill.py", "model.py"]])
 def test_library_files_work_copied_alone(tmp_path, files):
     """model.py, augment.py, and distill.py with model.py, each copied alone into an empty folder: they import
@@ -340,28 +345,38 @@ def test_token_cosines_on_hand_made_tokens():
     assert got[1] == pytest.approx((1 + 0) / 2)  # tokens 2 and 1: the same direction; orthogonal
 
 
-def test_study_cells_keep_their_logs_skip_and_remake_a_checkpoint_a_pending_cell_needs(tmp_path):
-    """studies/lib.sh, run from a copy: a kept cell is skipped; a fresh clone (the runs gone, the kept logs
-    there) reruns a kept cell only when a cell it feeds is still to run and needs its checkpoint."""
+@pytest.mark.slow
+def test_study_cells_keep_their_logs_and_weights_and_remake_what_a_pending_cell_needs(tmp_path):
+    """studies/lib.sh, run from a copy: a finished cell's log is kept, headed by when and where it ran, and a cell
+    that feeds another keeps its weights (weights.pt: the model and its config, no optimiser), so a fresh clone
+    (the runs gone, the kept files there) runs only what is left; a kept cell whose weights are gone is rerun
+    only while a cell it feeds is still to run."""
     (tmp_path / "studies").mkdir()
     shutil.copy(os.path.join(HERE, "studies", "lib.sh"), tmp_path / "studies")
-    (tmp_path / "fake.py").write_text(  # a run: appends to runs.txt, writes log.jsonl and ckpt.pt
-        "import sys, os\nout = sys.argv[sys.argv.index('--out-dir') + 1]\nos.makedirs(out, exist_ok=True)\n"
-        "open('runs.txt', 'a').write(os.path.basename(out) + '\\n')\n"
-        "for f in ('log.jsonl', 'ckpt.pt'): open(os.path.join(out, f), 'w').write('{}\\n')\n")
+    (tmp_path / "fake.py").write_text(  # a run: appends to runs.txt, writes log.jsonl and a checkpoint
+        "import sys, os, torch\nout = sys.argv[sys.argv.index('--out-dir') + 1]\nos.makedirs(out, exist_ok=True)\n"
+        "open('runs.txt', 'a').write(os.path.basename(out) + '\\n')\nopen(os.path.join(out, 'log.jsonl'), 'w').write('{}\\n')\n"
+        "torch.save({'model': {'w': torch.ones(2)}, 'optimizer': {}, 'config': {'model': 'x'}}, os.path.join(out, 'ckpt.pt'))\n")
     (tmp_path / "studies" / "s.sh").write_text(
         'source "$(dirname "$0")/lib.sh"\nkeep_logs\n'
         'cell a --feeds "b" python fake.py\n[ -n "${STOP:-}" ] && exit 0\ncell b python fake.py\n')
     study = lambda **env: subprocess.run(["bash", "studies/s.sh"], cwd=tmp_path, capture_output=True, text=True,
                                          env={**os.environ, "PATH": os.path.dirname(sys.executable) + ":" + os.environ["PATH"], **env})
     runs = lambda: (tmp_path / "runs.txt").read_text().split() if (tmp_path / "runs.txt").exists() else []
-    assert study(STOP="1").returncode == 0 and runs() == ["a"]  # killed after a: a's log is kept
-    assert (tmp_path / "studies" / "logs" / "s" / "a" / "log.jsonl").exists()
-    shutil.rmtree(tmp_path / "studies" / "out")  # a fresh clone: no runs, a's log kept, b still to run
-    assert study().returncode == 0 and runs() == ["a", "a", "b"]  # a remade for its checkpoint, then b
+    kept = tmp_path / "studies" / "logs" / "s"
+    assert study(STOP="1").returncode == 0 and runs() == ["a"]  # stopped after a: its log and weights kept
+    assert (kept / "a" / "log.jsonl").exists() and (kept / "a.txt").read_text().startswith("# ran ")
+    w = torch.load(kept / "a" / "weights.pt", weights_only=True)
+    assert w.keys() == {"model", "config"} and torch.equal(w["model"]["w"], torch.ones(2))
+    shutil.rmtree(tmp_path / "studies" / "out")  # a fresh clone: a kept with its weights, b still to run
+    assert study().returncode == 0 and runs() == ["a", "b"]
+    shutil.rmtree(tmp_path / "studies" / "out")
+    shutil.rmtree(kept / "b")
+    os.remove(kept / "a" / "weights.pt")  # b to run again, and a's weights gone: a is remade first
+    assert study().returncode == 0 and runs() == ["a", "b", "a", "b"]
     shutil.rmtree(tmp_path / "studies" / "out")
     r = study()
-    assert r.returncode == 0 and runs() == ["a", "a", "b"], r.stderr  # both kept: nothing runs
+    assert r.returncode == 0 and runs() == ["a", "b", "a", "b"], r.stderr  # both kept: nothing runs
     assert r.stderr.count("kept in studies/logs/s") == 2
 
 
@@ -473,6 +488,7 @@ def test_a_224_model_at_320x256_equals_one_built_at_that_size(tmp_path):
     assert a.pos_embed.grad[0, 2:].abs().sum(-1).min() > 0  # every patch row of the 14x14 grid gets gradient
 
 
+@pytest.mark.slow
 def test_backbone_loads_every_kind_of_weights_file(tmp_path):
     """Official releases (plain and distilled), train.py's checkpoints (weights or EMA) and mae.py's: the
     trunk loaded, what is left out named; a file that is not a ViT's, or that needs a model name, is one line."""
@@ -537,6 +553,7 @@ def test_torchvision_detectors_take_the_backbone():
         assert len(out) == 2 and {"boxes", "labels", "scores"} <= set(out[0])
 
 
+@pytest.mark.slow
 def test_checkpoint_mismatch_names_keys_and_shapes(tmp_path):
     wrong = M.create_model("deit_nano_distilled_patch4_28", num_classes=7, in_chans=1).state_dict()
     torch.save({"model": wrong}, tmp_path / "w.pth")
@@ -742,7 +759,7 @@ def test_cifar_reads_python_batches_and_fails_clearly_offline(tmp_path, monkeypa
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         with open(folder / name, "wb") as f:
             pickle.dump({"data": rng.integers(0, 256, (20, 3072), dtype=np.uint8), "labels": list(range(10)) * 2}, f)
-    ctx = T.setup_distributed()
+    ctx = L.setup_distributed()
     data = DT.load_data(parse("--data", "cifar10", "--data-dir", str(tmp_path)), ctx.device, 32)
     assert data.train[0].shape == (100, 3, 32, 32) and data.val[0].shape == (20, 3, 32, 32) and data.num_classes == 10
     assert data.crop_pad == 4  # DeiT's padded crop for <= 32 px; Fashion-MNIST defaults to flips only
@@ -829,7 +846,7 @@ class TF32(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_crops_and_blur_stay_exact_under_tf32(monkeypatch):
+def test_crops_and_blur_stay_exact_under_tf32():
     """With TF32 on, as train.py has it on CUDA, the batched crops stay within PIL's 1 level (a single TF32
     product moves 6.7% of the pixels, by up to 2 levels) and the 3-Augment blur within rounding of float32."""
     from PIL import Image
@@ -841,12 +858,17 @@ def test_crops_and_blur_stay_exact_under_tf32(monkeypatch):
     tensors = [chw(im).to(torch.uint8) for im in ims]
     fp32 = A.resized_crops(tensors, np.array(boxes), np.array(sizes), 224)
     blur_ref = A._gaussian_blur(fp32, torch.tensor([0.3, 0.9, 1.5, 2.0]))
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    # set and restored by hand: torch.backends.cuda.matmul answers allow_tf32 through __getattr__, which
+    # monkeypatch (pytest >= 9.2) cannot restore
+    was, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, True
     third = torch.full((1, 1), 1 / 3)
-    with TF32():
-        assert (third @ third).item() != pytest.approx(1 / 9, rel=1e-4)  # the emulation is on
-        out = A.resized_crops(tensors, np.array(boxes), np.array(sizes), 224)
-        blurred = A._gaussian_blur(fp32, torch.tensor([0.3, 0.9, 1.5, 2.0]))
+    try:
+        with TF32():
+            assert (third @ third).item() != pytest.approx(1 / 9, rel=1e-4)  # the emulation is on
+            out = A.resized_crops(tensors, np.array(boxes), np.array(sizes), 224)
+            blurred = A._gaussian_blur(fp32, torch.tensor([0.3, 0.9, 1.5, 2.0]))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = was
     landscape = [i for i, (H, W) in enumerate(sizes) if W >= H]  # (the others: see close())
     assert (out[landscape].int() - ref[landscape]).abs().max() <= 1
     assert (out != fp32).float().mean() < 1e-4  # float32's own result but for a few ties (6 of 602,112 pixels)
@@ -949,6 +971,7 @@ def test_odd_and_broken_image_files(tmp_path, capsys, decode):
     assert x.shape == (5, 3, 224, 224) and x.dtype == torch.uint8 and len(data.skipped) == 3
 
 
+@pytest.mark.slow
 def test_image_folder_listing_is_imagefolders_and_refuses_what_it_reaches_twice(tmp_path):
     """The listing equals torchvision's ImageFolder (classes, files, order); a symlink loop (coffee/loop -> ..,
     which ImageFolder follows until the path is too long: 24 images became 984 here, 966 of them coffee) or a second link to an image
@@ -1194,7 +1217,7 @@ def test_ema_averages_buffers_too(tmp_path):
     """The EMA follows the model's BatchNorm statistics as well as its weights (a convnet's EMA used to keep
     its initial statistics): float tensors averaged, integer ones (num_batches_tracked) copied."""
     args = parse(*QUICK, "--model", "convnet", "--model-ema-decay", "0.5", "--out-dir", str(tmp_path))
-    ctx = T.setup_distributed()
+    ctx = L.setup_distributed()
     data = DT.load_data(args, ctx.device, None)
     run = T.start_run(args, ctx, T.build_model(args, data, ctx, None), data, None, log=lambda *a: None)
     expected = {k: v.clone() for k, v in run.ema.state_dict().items()}
@@ -1208,9 +1231,10 @@ def test_ema_averages_buffers_too(tmp_path):
     assert ema["features.0.1.running_mean"].abs().sum() > 0 and ema["features.0.1.num_batches_tracked"] == 3
 
 
+@pytest.mark.slow
 def test_the_step_calls_the_model_and_the_loss_directly(monkeypatch, tmp_path):
     """From `python train.py` the model's forward is 4 calls deep (main, train, train_step, forward) and the loss
-    5 (..., the criterion, compute_loss): a reader of train_step sees criterion(x, model(x), targets)."""
+    5 (..., the criterion, base_loss): a reader of train_step sees criterion(x, model(x), targets)."""
     ours = {os.path.join(HERE, f) for f in ("train.py", "model.py", "distill.py", "augment.py", "data.py")}
     depth = {}
 
@@ -1220,7 +1244,7 @@ def test_the_step_calls_the_model_and_the_loss_directly(monkeypatch, tmp_path):
             return fn(*a, **k)
         return wrapped
     monkeypatch.setattr(M.DeiT, "forward", recorder("forward", M.DeiT.forward))
-    monkeypatch.setattr(T, "compute_loss", recorder("loss", T.compute_loss))
+    monkeypatch.setattr(T, "base_loss", recorder("loss", T.base_loss))
     T.main([*QUICK, "--epochs", "1", "--model", "deit_nano_distilled_patch7_28", "--distill", "hard",
             "--out-dir", str(tmp_path)])
     assert depth == {"forward": {3}, "loss": {4}}  # our frames above the call: main, train, train_step (+ criterion)
@@ -1232,9 +1256,8 @@ def test_label_smoothing_loss_formula():
     args = T.get_parser().parse_args([])
     logp = logits.log_softmax(1)
     expected = (0.9 * -logp[torch.arange(6), y] + 0.1 * -logp.mean(1)).mean()
-    torch.testing.assert_close(T.compute_loss(logits, y, args.smoothing), expected)
-    # a distilled model without distillation trains its class head only
-    torch.testing.assert_close(T.compute_loss((logits, torch.randn(6, 10)), y, args.smoothing), expected)
+    torch.testing.assert_close(D.base_loss(logits, y, args.smoothing), expected)
+    torch.testing.assert_close(D.base_loss(logits, y), expected)  # DeiT's smoothing, 0.1, by default
 
 
 def test_parse_aa():
@@ -1249,7 +1272,7 @@ def test_soft_target_loss_and_pipeline():
     torch.manual_seed(0)
     logits, t = torch.randn(5, 10), torch.softmax(torch.randn(5, 10), 1)
     expected = -(t * logits.log_softmax(1)).sum(1).mean()
-    torch.testing.assert_close(T.compute_loss(logits, t, parse().smoothing), expected)
+    torch.testing.assert_close(D.base_loss(logits, t, parse().smoothing), expected)
     # the whole pipeline on a uint8 batch: normalised floats and soft targets that sum to one
     x, y = DT.load_idx_folder(DT.BUNDLED)[0]
     data = argparse.Namespace(tensors=True, crop_pad=0, mean=(0.286,), std=(0.353,), num_classes=10)
@@ -1281,7 +1304,7 @@ def test_training_step_never_waits(tmp_path, recipe):
     extra = {"default": [], "3-Augment": ["--three-augment"],
              "hard distillation": ["--model", "deit_nano_distilled_patch7_28", "--distill", "hard"]}[recipe]
     args = parse(*QUICK, *extra, "--clip-grad", "5", "--out-dir", str(tmp_path))
-    ctx = T.setup_distributed()
+    ctx = L.setup_distributed()
     data = DT.load_data(args, ctx.device, T.check_model(args))
     teacher = D.create_convnet("convnet", 10, 1) if args.distill != "none" else None
     run = T.start_run(args, ctx, T.build_model(args, data, ctx, 28), data, teacher, log=lambda *a: None)
@@ -1309,6 +1332,7 @@ def distilled_run_args(tmp_path):
             "--teacher", "convnet", "--teacher-weights", str(tmp_path / "teacher.pt")]
 
 
+@pytest.mark.slow
 def test_compile_and_bf16_autocast_on_the_cpu(tmp_path):
     """The CUDA path's two ingredients, on the CPU: torch.compile (inductor) and bf16 autocast each train the
     student and its teacher with losses close to the fp32 eager run's. Compiled: no graph break, and nothing
@@ -1328,6 +1352,7 @@ def test_compile_and_bf16_autocast_on_the_cpu(tmp_path):
     assert first["compiled_frames"] == last["compiled_frames"] == 2  # the student's training graph, the teacher
 
 
+@pytest.mark.slow
 def test_cli_errors_unknown_model_and_missing_data(tmp_path):
     line = cli_error(["--model", "deit_huge", "--out-dir", str(tmp_path)], "unknown model 'deit_huge'")
     assert "deit_small_distilled_patch16_224" in line
@@ -1378,10 +1403,11 @@ def test_no_distillation_leaves_head_dist_without_gradient():
         D.DistillationLoss(F.cross_entropy, lambda x: x, "hard")(x, model(x)[0], y)
 
 
+@pytest.mark.slow
 def test_teacher_is_frozen_and_sees_the_students_augmented_input(tmp_path):
     args = parse(*QUICK, "--epochs", "1", "--out-dir", str(tmp_path), "--model", "deit_nano_distilled_patch7_28",
                  "--distill", "hard")
-    ctx = T.setup_distributed()
+    ctx = L.setup_distributed()
     data = DT.load_data(args, ctx.device, 28)
     student = T.build_model(args, data, ctx, 28)
     teacher = D.create_convnet("convnet", 10, 1)
@@ -1399,6 +1425,7 @@ def test_teacher_is_frozen_and_sees_the_students_augmented_input(tmp_path):
     assert "top1_cls" in read_log(tmp_path)[0] and "top1_dist" in read_log(tmp_path)[0]
 
 
+@pytest.mark.slow
 def test_teachers_load_and_bad_teachers_fail_clearly(tmp_path, monkeypatch):
     # a torchvision model from a local weights file; a class count that does not fit; the wrong channels
     import torchvision
@@ -1436,6 +1463,7 @@ def test_teachers_load_and_bad_teachers_fail_clearly(tmp_path, monkeypatch):
     assert not (tmp_path / "run" / "ckpt.pt").exists()
 
 
+@pytest.mark.slow
 def test_convnet_teacher_then_two_process_distilled_student(tmp_path):
     r = run_cli([*QUICK, "--epochs", "1", "--model", "convnet", "--out-dir", str(tmp_path / "teacher")])
     assert r.returncode == 0, r.stdout[-1500:] + r.stderr
@@ -1500,6 +1528,7 @@ def test_finetune_is_reproducible_and_freeze_keeps_the_backbone(tmp_path, capsys
             assert torch.equal(v, ours["ema"][k]), k
 
 
+@pytest.mark.slow
 def test_finetune_bad_inputs_fail_clearly(tmp_path):
     def error(weights, match, *extra):
         with pytest.raises(ValueError, match=match):
@@ -1522,6 +1551,7 @@ def test_finetune_bad_inputs_fail_clearly(tmp_path):
 # ------------------------------------------------------------------------------ full runs: DDP, resume, NaN
 
 
+@pytest.mark.slow
 def test_two_process_ddp_equals_one_process(tmp_path):
     # Random draws (drop path, augmentation, Mixup's partner = the flipped local batch) differ per process by
     # design (seed + rank, as DeiT), and repeated augmentation reorders; all off, the runs must agree.
@@ -1551,6 +1581,7 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     assert torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)["rng"].__len__() == 2
 
 
+@pytest.mark.slow
 def test_two_process_run_with_the_full_recipe(tmp_path):
     r = run_cli(["--train-subset", "600", "--batch-size", "64", "--epochs", "1", "--out-dir", str(tmp_path)],
                 cmd=(*TORCHRUN2, "train.py"))
@@ -1559,6 +1590,7 @@ def test_two_process_run_with_the_full_recipe(tmp_path):
     assert log[0]["step"] == 8 and math.isfinite(log[0]["train_loss"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("decode", ["workers", "device"])
 def test_two_process_run_on_an_image_folder(tmp_path, decode):
     """torchrun, 2 processes, 1 worker each, on JPEGs made from the bundled photographs, with an undecodable
@@ -1580,6 +1612,7 @@ def test_two_process_run_on_an_image_folder(tmp_path, decode):
     assert log[0]["skipped_val_images"] == 1  # named and counted like train/
 
 
+@pytest.mark.slow
 def test_two_process_run_compiled_with_bf16_autocast(tmp_path):
     """The slowest test: compiling takes most of it, whatever the number of steps, and with a cold cache on a
     loaded 2-core machine it was seen to take about 200 s (issue 18); hence a budget of 3x that."""
@@ -1591,6 +1624,7 @@ def test_two_process_run_compiled_with_bf16_autocast(tmp_path):
     assert last["graph_breaks"] == 0 and last["compiled_frames"] == first["compiled_frames"]
 
 
+@pytest.mark.slow
 def test_kill_then_resume_equals_uninterrupted(tmp_path):
     args = QUICK + ["--epochs", "4"]
     full = run_cli(args + ["--out-dir", str(tmp_path / "full")])
@@ -1627,6 +1661,7 @@ def test_kill_then_resume_equals_uninterrupted(tmp_path):
     assert 10 < at35["top1"] <= 100
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     out = tmp_path / "run"
     assert run_cli(QUICK + ["--epochs", "1", "--out-dir", str(out)]).returncode == 0
@@ -1643,6 +1678,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 # ------------------------------------------------------------------ reliability: what clusters and users do
 
 
+@pytest.mark.slow
 def test_headline_command_distills_with_the_shipped_teacher(tmp_path):
     """`torchrun ... train.py --distill hard`, as typed (2 processes, a smaller run): the distilled default
     student, the convnet teacher that ships for the bundled data, no DDP warning."""
@@ -1659,6 +1695,7 @@ def test_headline_command_distills_with_the_shipped_teacher(tmp_path):
     assert T.check_model(args) == 28 and args.model == "deit_nano_patch7_28"
 
 
+@pytest.mark.slow
 def test_shipped_teacher_is_what_the_script_makes():
     """data/teachers/convnet-bundled.pt: train.py's checkpoint format, made by prepare_data.py --teacher with
     its recorded flags, and as accurate as stated (README: 90.55% on the 2,000 bundled test images)."""
@@ -1671,6 +1708,7 @@ def test_shipped_teacher_is_what_the_script_makes():
     assert metrics["top1"] == pytest.approx(90.55, abs=0.01)
 
 
+@pytest.mark.slow
 def test_torchrun_restart_finishes_the_run_by_itself(tmp_path):
     """torchrun --max-restarts=1 with one worker killed after the first checkpoint: the restart (same command
     line, --resume auto) finds the checkpoint and ends with the weights of an uninterrupted run. Without a
@@ -1694,6 +1732,7 @@ def test_torchrun_restart_finishes_the_run_by_itself(tmp_path):
     assert [r["epoch"] for r in read_log(out)] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_one_out_dir_one_run(tmp_path):
     """A second run in a busy out-dir gets one line naming the first; a lock left by a killed run (kill -9)
     blocks nothing; a temp file a killed writer left behind is removed."""
@@ -1712,6 +1751,7 @@ def test_one_out_dir_one_run(tmp_path):
     assert "resumed from" in r.stdout and not list(out.glob("*.tmp"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", [T, FT, MAE])
 def test_the_lock_is_taken_before_anything_slow(script, tmp_path, monkeypatch):
     """Process 0 holds the out-dir before the data (or weights) load: a run started a moment later finds it
@@ -1732,16 +1772,17 @@ def test_the_lock_is_taken_before_anything_slow(script, tmp_path, monkeypatch):
         script.main(QUICK + ["--out-dir", str(out)] + (["--weights", str(weights), "--model", "deit_nano_patch7_28"] if script is FT else []))
 
 
+@pytest.mark.slow
 def test_forked_children_do_not_hold_the_lock(tmp_path):
     """DataLoader workers are forked from the run: they must not keep its out-dir locked once it is gone
     (a POSIX record lock belongs to one process; flock's would be shared with the children)."""
-    code = ("import os, sys, time, train; f = train.lock_out_dir(sys.argv[1]); pid = os.fork()\n"
+    code = ("import os, sys, time, checkpoint; f = checkpoint.lock_out_dir(sys.argv[1]); pid = os.fork()\n"
             "if pid == 0: time.sleep(60)\nelse: print(pid, flush=True); os._exit(0)")
     p = spawn([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     child = int(p.stdout.readline())
     p.wait()
     assert os.path.exists(f"/proc/{child}") or sys.platform != "linux"  # the child still lives
-    f = T.lock_out_dir(str(tmp_path))  # and the out-dir is free
+    f = CK.lock_out_dir(str(tmp_path))  # and the out-dir is free
     f.close()
     os.kill(child, signal.SIGKILL)
 
@@ -1755,6 +1796,7 @@ def gone(pid):
         return True
 
 
+@pytest.mark.slow
 def test_a_command_past_its_time_is_killed_with_all_it_started():
     """run_cli's timeout kills the command's process group (torchrun's workers with their agent), not only the
     command, so that nothing it started loads the machine for the tests after it."""
@@ -1769,6 +1811,7 @@ def test_a_command_past_its_time_is_killed_with_all_it_started():
     assert gone(child)
 
 
+@pytest.mark.slow
 def test_workers_stop_when_the_torchrun_agent_is_killed(tmp_path):
     """kill -9 of the torchrun agent: its workers notice within seconds and stop, releasing the out-dir, so the
     same command runs again (and with --resume auto continues)."""
@@ -1789,6 +1832,7 @@ def test_workers_stop_when_the_torchrun_agent_is_killed(tmp_path):
     assert "resumed from" in r.stdout
 
 
+@pytest.mark.slow
 def test_mid_epoch_checkpoint_resumes_exactly(tmp_path):
     """--ckpt-every-minutes 0 writes ckpt.pt at every --check-interval step; a run killed just after one,
     resumed, ends with the weights and the log of an uninterrupted run."""
@@ -1824,6 +1868,7 @@ def test_mid_epoch_checkpoint_resumes_exactly(tmp_path):
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_disk_problems_are_one_line(tmp_path, monkeypatch):
     """An out-dir under a file or not writable stops before training; a full disk while writing the checkpoint
     stops with one line, keeps the previous checkpoint and leaves no temp file."""
@@ -1911,6 +1956,7 @@ except ValueError as e:
 """
 
 
+@pytest.mark.slow
 def test_a_real_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
     """A 16 MB tmpfs as the out-dir (in a mount namespace of its own: unshare -rm, where the machine allows
     it): a checkpoint (11 MB) that does not fit, a log, a picture. Each is one line; the previous file is
@@ -1937,6 +1983,7 @@ def test_a_real_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
     assert lines[6].startswith("picture | cannot write ") and lines[6].endswith(f"p.png: {full}; no picture written | []")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, match", BAD_VALUES)
 def test_bad_flag_values_are_one_line_before_anything_loads(flags, match, tmp_path, monkeypatch):
     monkeypatch.setattr(T, "load_data", lambda *a: pytest.fail("the data loaded"))
@@ -1963,17 +2010,18 @@ def test_every_number_flag_has_a_range_and_each_range_is_enforced(script, tmp_pa
     finite bound of each is one line naming the flag, before anything loads."""
     parser = script.get_parser()
     flags = numeric_flags(parser)
-    assert set(flags) <= set(T.RANGES), f"flags without a range in train.RANGES: {set(flags) - set(T.RANGES)}"
+    assert set(flags) <= set(parser.ranges), f"flags without a range in the parser's: {set(flags) - set(parser.ranges)}"
     monkeypatch.setattr(script, "load_data", lambda *a: pytest.fail("the data loaded"))
     for name, action in flags.items():
         base = ["--out-dir", str(tmp_path / "run")] + (["--epochs", "36"] if name != "epochs" else [])
-        for bad in just_outside(T.RANGES[name], parser.parse_args(base)):
+        for bad in just_outside(parser.ranges[name], parser.parse_args(base)):
             flag = action.option_strings[0]
             with pytest.raises(ValueError, match=re.escape(f"{flag} must be ")):
                 script.main([flag, str(action.type(bad) if action.type is int else bad), *base])
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_files_and_sizes_that_cannot_work(tmp_path):
     """Weights that are empty, missing or a folder; an input size that is no multiple of the patch, or whose
     step cannot fit in memory (it was killed after a minute, with no message): one line each."""
@@ -1992,6 +2040,7 @@ def test_files_and_sizes_that_cannot_work(tmp_path):
     assert r.returncode == 2 and "needs at least" in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 def test_eval_interval_evaluates_every_kth_epoch_and_the_last(tmp_path, capsys):
     T.main(QUICK + ["--epochs", "5", "--eval-interval", "2", "--out-dir", str(tmp_path)])
     log = read_log(tmp_path)
@@ -1999,6 +2048,7 @@ def test_eval_interval_evaluates_every_kth_epoch_and_the_last(tmp_path, capsys):
     assert "final top1" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_resume_without_a_run_or_of_a_finished_one(tmp_path):
     with pytest.raises(ValueError, match="there is no .*ckpt.pt to continue; drop --resume"):
         T.main(QUICK + ["--epochs", "1", "--resume", "--out-dir", str(tmp_path)])
@@ -2016,15 +2066,16 @@ def test_workers_default_fits_the_machine(monkeypatch):
         if local:
             monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
         args = parse()
-        T.check_args(args, ctx)
+        L.check_args(T.get_parser(), args, ctx)
         assert args.workers == expected
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     args = parse()
-    T.check_args(args, ctx)
+    L.check_args(T.get_parser(), args, ctx)
     assert args.workers == 8
 
 
+@pytest.mark.slow
 def test_first_run_progress_summary_and_help(tmp_path):
     """Progress lines by time (here every step), a closing summary that says where things are and what to do
     next, and --help that states each default once and never as None."""
@@ -2054,6 +2105,7 @@ def run_printed(cmd, *extra):
     return r.stdout
 
 
+@pytest.mark.slow
 def test_next_steps_work_as_printed(tmp_path, capsys):
     """Each command a run ends with works as printed: train.py's evaluate and train on (which keeps the run's
     flags); after finetune.py --global-pool, its evaluate (the checkpoint brings its model) and train on; after
@@ -2134,6 +2186,7 @@ def test_mae_initialises_encoder_and_decoder_as_maes_code():
         assert 0.01 < token.std() < 0.03 and token.abs().max() > 0
 
 
+@pytest.mark.slow
 def test_mae_encoder_loads_into_finetune(tmp_path, capsys):
     """An MAE checkpoint: its encoder under DeiT's names; finetune.py keeps it and reports the decoder left
     out and the head new; --global-pool trades norm for fc_norm; --layer-decay scales each group's lr."""
@@ -2208,6 +2261,7 @@ def test_layer_decay_and_global_pool_formulas():
     assert sum(len(g["params"]) for g in groups) == len(named)
 
 
+@pytest.mark.slow
 def test_mae_kill_then_resume_equals_uninterrupted(tmp_path):
     args = QUICK + ["--epochs", "3"]
     full = run_cli(args + ["--out-dir", str(tmp_path / "full")], cmd=(sys.executable, "mae.py"))
@@ -2232,6 +2286,7 @@ def test_mae_kill_then_resume_equals_uninterrupted(tmp_path):
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_mae_on_two_processes(tmp_path):
     """torchrun: the same loop under DDP (the decoder's position embeddings and the encoder's are buffers in
     all but name: frozen parameters, which DDP must leave alone)."""
@@ -2247,6 +2302,7 @@ def test_mae_on_two_processes(tmp_path):
     (["--model", "convnet"], "mae.py pretrains a ViT, not convnet"),
     (["--distill", "hard"], "drop --distill"),
 ])
+@pytest.mark.slow
 def test_mae_bad_inputs_are_one_line(flags, match, tmp_path):
     r = run_cli(QUICK + flags + ["--out-dir", str(tmp_path)], cmd=(sys.executable, "mae.py"))
     assert r.returncode == 2 and "Traceback" not in r.stderr and match in r.stderr, r.stderr
@@ -2362,6 +2418,7 @@ def test_pretrained_backbones_are_the_scratch_network_at_the_detectors_size(tmp_
         assert sum(p.numel() for p in pre.parameters()) == sum(p.numel() for p in scratch.parameters())
 
 
+@pytest.mark.slow
 def test_a_frozen_trunk_keeps_its_weights_and_gets_no_gradient(tmp_path):
     """detect.py --freeze-trunk: after an epoch the ViT's trunk (and a ResNet's body, BatchNorm statistics
     included) is what --weights gave it; in a step none of its parameters gets a gradient, the pyramid's all do."""
@@ -2409,6 +2466,7 @@ def coco_folder(root):
     return root
 
 
+@pytest.mark.slow
 def test_detect_trains_resumes_exactly_and_reads_a_coco_folder(tmp_path, capsys):
     """Faster R-CNN with our backbone on composed scenes: 2 epochs equal 1 epoch and then --resume to 2
     (weights and the log's mAP); --eval-only gives the logged mAP. A COCO folder is read (boxes scaled with
@@ -2449,6 +2507,7 @@ def test_detect_trains_resumes_exactly_and_reads_a_coco_folder(tmp_path, capsys)
     (["--model", "deit_nano_patch7_28"], "power-of-2 patch size"),
     (["--distill", "hard"], "drop --distill"),
 ])
+@pytest.mark.slow
 def test_detect_bad_inputs_are_one_line(flags, match, tmp_path):
     if "COCO" in flags:
         flags = [str(coco_folder(tmp_path / "coco")) if f == "COCO" else f for f in flags]
@@ -2456,6 +2515,7 @@ def test_detect_bad_inputs_are_one_line(flags, match, tmp_path):
         DET.main(flags + ["--scenes", "8", "--val-scenes", "4", "--img-size", "32", "--out-dir", str(tmp_path / "run")])
 
 
+@pytest.mark.slow
 def test_a_resnet_pretrained_by_train_py_becomes_detects_backbone(tmp_path):
     """train.py trains torchvision's ResNet-18 on greyscale images (a 1-channel stem), evaluates its checkpoint
     again, and detect.py's ResNet-FPN backbone starts from exactly its weights (the classifier left out)."""

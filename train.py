@@ -19,20 +19,14 @@ is listed in the README ("Differences from the reference").
 
 import argparse
 import copy
-import errno
 import functools
-import gc
 import json
 import math
 import os
-import shutil
-import socket
-import sys
-import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -41,27 +35,18 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import augment as A
-from data import BUNDLED_TEACHER, HERE, EpochSampler, free_memory, load_data, parse_classes, train_batches, val_batches
-from distill import CONVNETS, DistillationLoss, check_teacher, create_convnet, load_teacher, ours, rebuild
-from model import MODELS, SIZES, check_file, create_model, fit_pos_embed, load_checked, param_groups, read_file, state_dict_of, variant
+from checkpoint import resume_or_start, save_checkpoint
+from data import BUNDLED_TEACHER, HERE, EpochSampler, load_data, parse_classes, train_batches, val_batches
+from distill import CONVNETS, DistillationLoss, base_loss, check_teacher, create_convnet, load_teacher, ours, rebuild
+from launch import HelpFormatter, all_sum, check_memory, cli, start
+from model import MODELS, create_model, fit_pos_embed, load_checked, param_groups, read_file, state_dict_of, variant
 
 DEFAULT_MODEL = "deit_nano_patch7_28"  # the default job: 0.68M parameters, 16 tokens of 28-px Fashion-MNIST
-NEVER = 2 ** 62  # the step at which the loss became nan/inf, while it has not
+NEVER = 2 ** 62  # Run.nonfinite_at while the loss has stayed finite: a step no run reaches
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Flags
-
-class HelpFormatter(argparse.HelpFormatter):
-    """--help gives each flag's default once: in its text where that says it, else appended (not for off
-    switches, and never "None": a flag whose default is None says in words what happens without it)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS):
-            return text
-        return text + " (default: %(default)s)"
-
 
 def get_parser():
     p = argparse.ArgumentParser(prog="train.py", description="Train DeiT.", formatter_class=HelpFormatter)
@@ -146,17 +131,19 @@ def get_parser():
     a("--check-interval", type=int, default=100, help="steps between checks for a nan/inf loss (the one wait "
       "for the device within an epoch), which is also when a mid-epoch checkpoint may be written")
     p.set_defaults(script=p.prog)  # for the next steps a run prints (finetune.py and mae.py set their own)
+    p.ranges, p.check = dict(RANGES), check_flags
     return p
 
 
-# Every number flag's valid values, in one table checked in one place (check_args), before anything loads:
-# a bad value is one line naming the flag, the value and the range. "[a, b)" as in mathematics; a bound may
-# name another flag. finetune.py's and mae.py's flags are here too, checked where the script has them.
+# Every number flag's valid values, checked before anything loads (launch.check_args): a bad value is one line
+# naming the flag, the value and the range. "[a, b)" as in mathematics; a bound may name another flag. A script
+# that adds flags adds their ranges to its parser's.
 RANGES = {
-    # train.py: data, model, augmentation
-    "train_subset": "(0, inf)", "canvas": "[8, inf)", "workers": "[0, inf)", "img_size": "[1, inf)", "drop_path": "[0, 1)",
-    "crop_pad": "[0, inf)", "hflip": "[0, 1]", "rrc_scale": "(0, 1]", "reprob": "[0, 1]", "mixup": "[0, inf)",
-    "cutmix": "[0, inf)", "mixup_switch_prob": "[0, 1]", "distill_alpha": "[0, 1]", "distill_tau": "(0, inf)",
+    # data, model, augmentation
+    "train_subset": "(0, inf)", "canvas": "[8, inf)", "workers": "[0, inf)", "img_size": "[1, inf)",
+    "drop_path": "[0, 1)", "crop_pad": "[0, inf)", "hflip": "[0, 1]", "rrc_scale": "(0, 1]", "reprob": "[0, 1]",
+    "mixup": "[0, inf)", "cutmix": "[0, inf)", "mixup_switch_prob": "[0, 1]", "distill_alpha": "[0, 1]",
+    "distill_tau": "(0, inf)",
     # optimisation
     "epochs": "[1, inf)", "batch_size": "[1, inf)", "lr": "(0, inf)", "min_lr": "[0, inf)", "warmup_lr": "[0, inf)",
     "warmup_epochs": "[0, epochs]", "weight_decay": "[0, inf)", "beta2": "[0, 1)", "smoothing": "[0, 1)",
@@ -164,159 +151,25 @@ RANGES = {
     # running
     "seed": "[0, 4294967296)", "ckpt_every_minutes": "[0, inf)", "log_seconds": "[0, inf)", "check_interval": "[1, inf)",
     "eval_interval": "[1, inf)",
-    # finetune.py
-    "layer_decay": "(0, 1]", "head_init_std": "(0, inf)",
-    # mae.py
-    "mask_ratio": "[0, 1)", "decoder_dim": "[1, inf)", "decoder_depth": "[0, inf)", "decoder_heads": "[1, inf)",
-    # detect.py
-    "scenes": "[1, inf)", "val_scenes": "[1, inf)", "fpn_channels": "[1, inf)",
 }
 
 
-FILES_READ = ("teacher_weights", "ckpt", "weights", "probe")  # flags naming a file that must exist
-
-
-def out_of_range(name, spec, args):
-    """None if args.<name> lies in spec (a RANGES entry), else the one-line complaint."""
-    flags = vars(args)
-    lo, hi = (b.strip() for b in spec[1:-1].split(","))
-    lo_v, hi_v = (flags[b] if b in flags else float(b) for b in (lo, hi))
-    value = flags[name]
-    if (lo_v < value if spec[0] == "(" else lo_v <= value) and (value < hi_v if spec[-1] == ")" else value <= hi_v):
-        return None
-    named = lambda b: f"--{b.replace('_', '-')} {flags[b]:g}" if b in flags else b
-    bound = (f"above {lo}" if spec[0] == "(" else f"at least {lo}") if hi == "inf" else \
-        f"in {spec[0]}{named(lo)}, {named(hi)}{spec[-1]}"
-    return f"--{name.replace('_', '-')} must be {bound}, not {value:g}"
-
-
-def check_args(args, ctx, given=()):
-    """Flags that cannot work, each one line before anything loads (RANGES, the files to read, and what a
-    range cannot say); the --workers default. A default warm-up (one not in given, the flags on the command
-    line) longer than a short run is cut to the run (`--epochs 1` warms up over its one epoch)."""
-    flags = vars(args)
-    if "warmup_epochs" not in given and args.warmup_epochs > args.epochs:
-        args.warmup_epochs = float(args.epochs)
-    for name, spec in RANGES.items():
-        problem = out_of_range(name, spec, args) if flags.get(name) is not None else None
-        if problem:
-            raise ValueError(problem)
-    for name in FILES_READ:
-        if flags.get(name) is not None:
-            check_file(flags[name], f"--{name.replace('_', '-')}")
-    if args.batch_size % ctx.world:
-        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {ctx.world} processes")
+def check_flags(args):
+    """What a range cannot say, before anything loads: the teacher, --classes' form, the RandAugment string."""
     if args.distill in ("soft", "hard"):
         check_teacher(default_teacher(args), args.teacher_weights)
     if args.classes is not None:
         parse_classes(args.classes, math.inf)  # its form; the class numbers are checked against the data's
     if args.aa != "none":
         A.parse_aa(args.aa)  # a malformed string fails now, not at the first step
-    if args.workers is None:  # the machine's CPUs shared by the processes on it (torchrun's LOCAL_WORLD_SIZE)
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        args.workers = max(1, min(8, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 
 
-def start(parser, argv=None, defaults=None):
-    """What every entry point (train.py, finetune.py, mae.py) does first: the flags, checked; the processes;
-    the out-dir's lock (process 0, before anything slow: a run started a moment later must not win the
-    out-dir while this one loads); the seed and process 0's printer. Flags the command line leaves out come
-    from the checkpoint that --resume continues or --eval-only evaluates (ours: `--resume --epochs 72`
-    trains on as the run began), then from defaults(args) if given (finetune.py: from its weights), then
-    from the parser. Returns (args, ctx, log); ctx.lock is the held lock file (None: not process 0, or
-    --eval-only, which writes nothing)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
-    unset = object()  # parsed into a namespace that holds it everywhere, a flag the command line gives replaces it
-    given = {k for k, v in vars(parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset)))).items()
-             if v is not unset}
-    ctx = setup_distributed(args.amp)
-    check_args(args, ctx, given)
-    ctx.lock = lock_out_dir(args.out_dir) if ctx.master and not args.eval_only else None
-    inherited = {**(defaults(args) if defaults else {}), **saved_flags(args)}
-    if inherited:  # argparse sets a default only where the namespace has no value yet
-        args = parser.parse_args(argv, namespace=argparse.Namespace(**inherited))
-        check_args(args, ctx, given)
-    torch.manual_seed(args.seed + ctx.rank)  # seed + rank, as the reference (drop path differs per process)
-    log = print if ctx.master else (lambda *a, **k: None)
-    return args, ctx, log
-
-
-def saved_flags(args):
-    """The flags of our checkpoint that --eval-only evaluates or --resume continues, but not those of this
-    machine or invocation (NOT_INHERITED)."""
-    path = args.ckpt if args.eval_only and args.ckpt else os.path.join(args.out_dir, "ckpt.pt")
-    if not (args.eval_only or args.resume) or not os.path.isfile(path):
-        return {}
-    ckpt = read_file(path, "checkpoint")
-    if not ours(ckpt):
-        return {}
-    return {k: v for k, v in ckpt["config"].items() if k in vars(args) and k not in NOT_INHERITED}
-
-
-NOT_INHERITED = ("out_dir", "resume", "eval_only", "ckpt", "workers", "script")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Setup: processes and devices (torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without it, one process), the
-# models, the teacher, the recipe.
-
-def setup_distributed(amp=None):
-    """Processes, device, and the autocast context: bf16 by default on CUDA, on any device with amp="bf16"
-    (so the tests run the CUDA path's autocast on the CPU)."""
-    ddp = "RANK" in os.environ
-    cuda = torch.cuda.is_available()
-    if ddp:
-        rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-        if cuda:
-            torch.cuda.set_device(local_rank)
-        # under torchrun --max-restarts, each restart meets in the same store as the processes it replaces:
-        # a key prefix of its own keeps the new processes from finding the dead ones' addresses (gloo then
-        # fails with "connection refused", or waits out its 30-minute timeout)
-        store, _, _ = next(dist.rendezvous("env://"))
-        store = dist.PrefixStore(f"restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-        dist.init_process_group(backend="nccl" if cuda else "gloo", store=store, rank=rank, world_size=world)
-        if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun's agent (not by another launcher)
-            stop_with_parent(rank)
-    else:
-        rank, world, local_rank = 0, 1, 0
-    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
-    if cuda:  # TF32 for any fp32 matmul left outside autocast
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    bf16 = cuda if amp is None else amp == "bf16"
-    return argparse.Namespace(ddp=ddp, rank=rank, world=world, device=device, master=rank == 0,
-                              autocast=torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext())
-
-
-def stop_with_parent(rank):
-    """A worker of torchrun stops when its agent dies. The agent stops its workers when it ends normally, but a
-    kill -9 gives it no chance: they would live on as orphans, keep the out-dir's lock and wait for peers that
-    are gone, and the same command could not run again. A thread watches for the parent to change (the
-    orphan is adopted by init or a subreaper) and ends the process; the lock goes with it."""
-    parent = os.getppid()
-
-    def watch():
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        print(f"rank {rank}: the torchrun agent (pid {parent}) is gone: stopping", file=sys.stderr, flush=True)
-        os._exit(1)
-    threading.Thread(target=watch, daemon=True, name="stop_with_parent").start()
-
-
-def all_sum(values, ctx):
-    """Sum a list of numbers (or a float64 tensor) over all processes; the result is read back to the host."""
-    t = torch.as_tensor(values, dtype=torch.float64, device=ctx.device)
-    if ctx.ddp:
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-def check_model(args, ctx=None):
+def check_model(args, ctx=None, kept=1.0):
     """--model and --distill, checked before anything loads (model.variant names the known models), and with
     ctx whether a training step can fit in memory. Without --model: the default job's model, its distilled
     variant with --distill (so that `torchrun ... train.py --distill hard` runs as typed). Returns the input
-    size: --img-size, else the variant's (a convnet: None, the data's own)."""
+    size: --img-size, else the variant's (a convnet: None, the data's own). kept: the share of a step's
+    activations its backward keeps (launch.check_memory)."""
     if args.model is None:
         args.model = DEFAULT_MODEL.replace("nano_", "nano_distilled_") if args.distill != "none" else DEFAULT_MODEL
     v = None if args.model in CONVNETS else variant(args.model)
@@ -328,42 +181,8 @@ def check_model(args, ctx=None):
                          f"none; distilled models: {', '.join(m for m, v in MODELS.items() if v.distilled)}")
     size = args.img_size or getattr(args, "canvas", None) or (v.img_size if v else None)
     if ctx is not None and size:
-        check_memory(args, ctx, v, size)
+        check_memory(args.model, v, size, args.batch_size // ctx.world, ctx, kept)
     return size
-
-
-def check_memory(args, ctx, v, size):
-    """Refuse, before anything loads, a step that cannot fit: `--img-size 7000` would otherwise run out of
-    memory after a minute with no message (or be killed by the OS). step_bytes is a lower bound, so a run
-    it lets through may still not fit, but one it stops cannot."""
-    free = free_memory(ctx.device)
-    if free is None:
-        return
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if ctx.device.type == "cpu" else 1  # processes sharing it
-    flags = vars(args)  # mae.py's encoder sees the unmasked share; finetune.py --freeze keeps no activations
-    kept = 0 if flags.get("freeze") else 1 - (flags.get("mask_ratio") or 0)
-    need, tokens = step_bytes(v, size, args.batch_size // ctx.world, not isinstance(ctx.autocast, nullcontext), kept)
-    if need * local > free:
-        raise ValueError(f"a training step of {args.model} at --img-size {size} ({tokens} tokens an image) with "
-                         f"{args.batch_size // ctx.world} images per process needs at least {need / 2**30:.1f} GiB, "
-                         f"and {free / 2**30:.1f} GiB of {ctx.device.type} memory is free"
-                         + (f" for {local} processes" if local > 1 else "") + ": lower --img-size or --batch-size")
-
-
-def step_bytes(v, size, batch, bf16, kept=1.0):
-    """A lower bound on the memory one training step holds (bytes), and the tokens an image: the batch
-    through augmentation (3 channels of float32, 4 copies), and for a ViT the activations its backward keeps
-    (about 16 numbers per token and channel in each block: 2 norms, q, k, v, the attention's output and
-    projection, the MLP's 4x-wide hidden layer before and after GELU; 2 bytes each under bf16 autocast), the
-    weights, their gradients and AdamW's two moments; kept: the share of the activations kept. A convnet
-    (v None): the batch only."""
-    images = batch * 3 * size * size * 4 * 4
-    if v is None:
-        return images, None
-    width, depth, _ = SIZES[v.size]
-    tokens = (size // v.patch_size) ** 2 + 1 + v.distilled
-    params = 12 * depth * width * width
-    return images + int(kept * 16 * tokens * width * depth * batch * (2 if bf16 else 4)) + 16 * params, tokens
 
 
 def build_model(args, data, ctx, img_size, global_pool=None):
@@ -423,20 +242,10 @@ def lr_at(epoch_float, args, peak):
     return args.min_lr + 0.5 * (peak - args.min_lr) * (1 + math.cos(math.pi * e / args.epochs))
 
 
-def compute_loss(out, targets, smoothing):
-    """Cross-entropy with the soft targets of Mixup/CutMix (smoothing already folded in), or with label
-    smoothing, (1-s)*nll + s*mean_c(-log p), when nothing is mixed (paper Table 9: smoothing 0.1). A distilled
-    model trained without distillation: only its class head is trained, as in the reference."""
-    logits = (out[0] if isinstance(out, tuple) else out).float()
-    if targets.ndim == 2:
-        return -(targets * logits.log_softmax(-1)).sum(-1).mean()
-    return F.cross_entropy(logits, targets, label_smoothing=smoothing)
-
-
 def wrap(args, ctx, model, teacher, compile_):
     """What a training step calls: the model compiled and in DDP as asked, and the loss, whose teacher is on
     the device, frozen, and on CUDA in channels_last and compiled like the student."""
-    unused = model.cfg.distilled and args.distill == "none"  # head_dist then gets no gradient
+    unused = distilled(model) and args.distill == "none"  # head_dist then gets no gradient
     if compile_:
         model = torch.compile(model)
     if ctx.ddp:
@@ -447,8 +256,13 @@ def wrap(args, ctx, model, teacher, compile_):
         if ctx.device.type == "cuda":
             teacher = teacher.to(memory_format=torch.channels_last)
         teacher = torch.compile(teacher) if compile_ else teacher
-    return model, DistillationLoss(functools.partial(compute_loss, smoothing=args.smoothing), teacher, args.distill,
+    return model, DistillationLoss(functools.partial(base_loss, smoothing=args.smoothing), teacher, args.distill,
                                    args.distill_alpha, args.distill_tau)
+
+
+def distilled(model):
+    """Whether model has a distillation token (a DeiT's cfg says so; other models have none)."""
+    return getattr(getattr(model, "cfg", None), "distilled", False)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -465,6 +279,19 @@ def main(argv=None):
 
 
 @dataclass
+class Task:
+    """What train() asks of a task that is not classification (task=None: classification, DeiT's augmentation,
+    DistillationLoss, top-1). mae.py's reconstruction and detect.py's detection are tasks."""
+    loss: Callable  # (run, inputs, targets, gen) -> the step's loss, a device scalar
+    evaluate: Callable  # (run, data, ctx, batch_size) -> {metric: number}, summed over the processes
+    next_steps: Callable  # (args) -> the lines a finished run prints: commands that work as printed
+    key: str = "top1"  # the metric the run's summary ranks epochs by
+    lower_is_better: bool = False
+    augment: Optional[Callable] = None  # (x uint8, y, rng, gen) -> (inputs, targets); None: DeiT's augmentation
+    after_epoch: Optional[Callable] = None  # (run, data, epoch) -> None: process 0, after an evaluated epoch
+
+
+@dataclass
 class Run:
     """A run's state besides the model's weights and the data: made by start_run, resumed from disk by
     resume_or_start, advanced by train_step, written by save_checkpoint."""
@@ -476,8 +303,7 @@ class Run:
     ema: Any  # an EMA copy of the model, or None
     ema_pairs: Any  # (EMA, model) tensors: (averaged, copied)
     sampler: EpochSampler
-    task: Any  # None: classification; mae.py's reconstruction or detect.py's detection (augment, loss,
-    # evaluate, after_epoch, next_steps)
+    task: Optional[Task]  # None: classification
     peak: float  # the peak lr
     spe: int  # steps per epoch
     compile: bool
@@ -508,7 +334,7 @@ def start_run(args, ctx, model, data, teacher, log, task=None, layer_decay=1.0):
         pairs = [list(zip(*[p for p in both if p[0].is_floating_point() == avg])) or [[], []] for avg in (True, False)]
     compiled = ctx.device.type == "cuda" if args.compile is None else args.compile
     net, criterion = wrap(args, ctx, model, teacher, compiled)
-    augment = task.augment if task is not None and task.augment is not None else augmentation(args, data)
+    augment = task.augment if task and task.augment else augmentation(args, data)
     run = Run(model, net, criterion, augment, opt, ema, pairs, sampler, task, peak, sampler.steps,
               compiled, os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "log.jsonl"),
               nonfinite_at=torch.tensor(NEVER, device=ctx.device))
@@ -605,16 +431,12 @@ def end_of_epoch(args, ctx, run, data, epoch, stats, log):
     save_checkpoint(args, ctx, run, data, epoch + 1, 0, None, record)
     if not ctx.master:
         return
-    if run.task is not None and evaluated(args, epoch):
+    if run.task and run.task.after_epoch and evaluated(args, epoch):
         run.task.after_epoch(run, data, epoch)
     eta = (time.time() - run.t_start) / max(run.done_steps, 1) * (args.epochs - epoch - 1) * run.spe
-    heads = f" (cls {metrics['top1_cls']:.2f} dist {metrics['top1_dist']:.2f})" if "top1_cls" in metrics else ""
     log(f"epoch {epoch + 1}/{args.epochs} | loss {record['train_loss']:.4f} | lr {stats['lr']:.2e} | "
-        f"{record['img_per_s']:.0f} img/s" + (f" | val loss {metrics['val_loss']:.4f}" if "val_loss" in metrics else "")
-        + (f" | mAP {metrics['map']:.2f} AP50 {metrics['ap50']:.2f}" if "map" in metrics else "")
-        + (f" mask mAP {metrics['mask_map']:.2f}" if "mask_map" in metrics else "")
-        + (f" top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f}" if "top1" in metrics else "")
-        + heads + (f" ema top1 {metrics['ema_top1']:.2f}" if "ema_top1" in metrics else "")
+        f"{record['img_per_s']:.0f} img/s" + ("" if not metrics else " | " + " ".join(
+            f"{k} {v:.4f}" if "loss" in k else f"{k} {v:.2f}" for k, v in metrics.items()))
         + (f" | skipped {int(n_skipped)} images" if n_skipped else "")
         + (f" | skipped {record['skipped_val_images']} val images" if record["skipped_val_images"] else "")
         + f" | eta {fmt_time(eta)}"
@@ -633,26 +455,26 @@ def evaluate(model, data, ctx, batch_size):
     also scored alone, as top1_cls and top1_dist (paper Table 3)."""
     raw = getattr(model, "module", model)  # under DDP and torch.compile: the model itself
     raw = getattr(raw, "_orig_mod", raw)
-    distilled = raw.cfg.distilled
+    two_heads = distilled(raw)
     model.eval()
     sums = torch.zeros(6, dtype=torch.float64, device=ctx.device)  # loss, top1, top5, n, cls1, dist1: no wait
     skipped = []  # image folders: files that cannot be decoded, named as they are met
     for x, y in val_batches(data, batch_size, ctx.device, ctx.rank, ctx.world, skipped):
         x = A.normalize(x, data.mean, data.std)
         with ctx.autocast:
-            out = raw.forward_heads(x) if distilled else model(x)
-        logits = ((out[0] + out[1]) / 2 if distilled else out).float()  # the mean = model(x) in eval mode
+            out = raw.forward_heads(x) if two_heads else model(x)
+        logits = ((out[0] + out[1]) / 2 if two_heads else out).float()  # the mean = model(x) in eval mode
         topk = logits.topk(min(5, logits.shape[1]), dim=1).indices
         sums[0] += F.cross_entropy(logits, y, reduction="sum").double()
         sums[3] += len(y)
-        hits = [topk[:, 0] == y, (topk == y[:, None]).any(1)] + ([o.argmax(1) == y for o in out] if distilled else [])
+        hits = [topk[:, 0] == y, (topk == y[:, None]).any(1)] + ([o.argmax(1) == y for o in out] if two_heads else [])
         for k, hit in zip((1, 2, 4, 5), hits):
             sums[k] += hit.sum()
     loss, top1, top5, n, cls1, dist1, n_skipped = all_sum([*sums.tolist(), len(skipped)], ctx)
     model.train()
     if n == 0:
         raise ValueError("no held-out image could be read: check the val/ split of --data")
-    heads = {"top1_cls": 100 * cls1 / n, "top1_dist": 100 * dist1 / n} if distilled else {}
+    heads = {"top1_cls": 100 * cls1 / n, "top1_dist": 100 * dist1 / n} if two_heads else {}
     return {"val_loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n, **heads, "skipped": int(n_skipped)}
 
 
@@ -677,10 +499,11 @@ def summary(args, run, log):
     records = [json.loads(l) for l in open(run.log_path)] if os.path.exists(run.log_path) else []
     if not records:
         return
-    key = next(k for k in ("top1", "map", "val_loss") if k in records[-1])
-    sign = -1 if key == "val_loss" else 1
+    task = run.task or Task(None, None, next_steps)  # classification: top-1, higher is better
+    sign = -1 if task.lower_is_better else 1
+    key = task.key
     best = max((r for r in records if key in r), key=lambda r: sign * r[key])  # (--eval-interval: some have none)
-    steps = run.task.next_steps(args) if run.task else next_steps(args)
+    steps = task.next_steps(args)
     log(f"done: {records[-1]['epoch']} epochs in {fmt_time(time.time() - run.t_start)} (this session) | final {key} "
         f"{records[-1][key]:.4g} | best {key} {best[key]:.4g} (epoch {best['epoch']})\n"
         f"  checkpoint {run.ckpt_path}, log {run.log_path}" + "".join(f"\n  {s}" for s in steps))
@@ -712,184 +535,6 @@ def eval_only(args, ctx, log):
     log(f"{path}: val loss {metrics['val_loss']:.4f} | top1 {metrics['top1']:.2f} | top5 {metrics['top5']:.2f}"
         + (f" | class head {metrics['top1_cls']:.2f} | dist head {metrics['top1_dist']:.2f}" if "top1_cls" in metrics else ""))
     return metrics
-
-
-@contextmanager
-def cli():
-    """`with cli(): main()`: the convention of every file here is that a problem the user can fix (a bad flag,
-    a missing file, weights that do not fit, a diverged run) raises ValueError with a one-line message; this
-    is the one place that turns it into "error: ..." on stderr and exit code 2 instead of a traceback."""
-    try:
-        yield
-        if dist.is_initialized():  # leave together: none closes its connections while another still works
-            dist.barrier()
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted; the last checkpoint written is kept: continue with --resume", file=sys.stderr)
-        sys.exit(130)
-    finally:
-        if dist.is_initialized():
-            # The process group is taken down while Python is whole: destroyed, then what still refers to it
-            # (DDP's reducer, in reference cycles) collected now, not in the interpreter's teardown, whose
-            # order of destruction is arbitrary. (One clean-clone test suite in 11 on a loaded 2-core machine
-            # had a 2-process run end in "terminate called without an active exception" in a worker; 37 runs
-            # of such commands alone did not: this is the defence, not a proof.)
-            dist.destroy_process_group()
-            gc.collect()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# A run's state on disk: out_dir/ckpt.pt (plain types and tensors only, so torch.load(weights_only=True)
-# reads it) and out_dir/log.jsonl, one JSON line per epoch; one run per out_dir.
-
-def lock_out_dir(out_dir):
-    """One out-dir, one run: process 0 holds an exclusive lock on out_dir/lock for its whole life. The OS
-    releases it when the process ends in any way, kill -9 included, so a dead run never blocks a new one.
-    It is a POSIX record lock (lockf), which belongs to this process alone: DataLoader workers forked from
-    it do not hold it too (flock's would pass to them, and outlive a killed run in them). Also where an
-    out-dir that cannot be written is found, before any training. Returns the open file."""
-    path = os.path.join(out_dir, "lock")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        f = open(path, "a+")
-    except OSError as e:
-        raise ValueError(f"cannot write to --out-dir {out_dir}: {e.strerror or e}")
-    try:
-        import fcntl
-        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except ImportError:  # not on Linux/macOS: no lock
-        pass
-    except OSError:
-        f.seek(0)
-        raise ValueError(f"--out-dir {out_dir} is in use by another run ({f.read().strip() or 'starting'}): "
-                         "wait for it to end, or choose another --out-dir")
-    try:
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        f.flush()
-    except OSError as e:  # a full disk
-        raise ValueError(f"cannot write to --out-dir {out_dir}: {e.strerror or e}")
-    for name in os.listdir(out_dir):  # temp files of a run killed while writing: no one else writes here
-        if name.endswith(".tmp"):
-            os.remove(os.path.join(out_dir, name))
-    return f
-
-
-def write_atomic(path, save, what="the previous file is kept"):
-    """save(tmp) writes to a temp file of this process, then it replaces path in one step: a kill or a full
-    disk mid-write leaves the previous file intact and no temp file behind, and a disk problem is one line.
-    (torch.save reports a full disk as RuntimeError "unexpected pos", not OSError: the free space tells.)"""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        save(tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise write_error(path, e, what) from None
-
-
-def append_line(path, line):
-    """Append one line to a log, all or nothing: a disk that fills mid-write is cut back to the lines before."""
-    size = os.path.getsize(path) if os.path.exists(path) else 0
-    try:
-        with open(path, "a") as f:
-            f.write(line + "\n")
-    except OSError as e:
-        if os.path.exists(path):
-            os.truncate(path, size)
-        raise write_error(path, e, "it keeps its earlier lines") from None
-
-
-def write_error(path, e, what):
-    """The one line for a write that failed (OSError, or torch.save's RuntimeError on a full disk), saying
-    what is kept; a RuntimeError with disk space to spare is a fault of ours, raised as it is."""
-    full = getattr(e, "errno", None) == errno.ENOSPC or disk_full(path)
-    if not (full or isinstance(e, OSError)):
-        raise e
-    reason = "No space left on device (the disk is full)" if full else (e.strerror or str(e))
-    return ValueError(f"cannot write {path}: {reason}; {what}")
-
-
-def write_lines(path, lines):
-    with open(path, "w") as f:  # closed here, so that a full disk raises here (not, unseen, at garbage collection)
-        f.writelines(l + "\n" for l in lines)
-
-
-def disk_full(path, least=1 << 20):
-    """Whether the filesystem of path has less than least bytes free (1 MiB)."""
-    try:
-        return shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < least
-    except OSError:
-        return False
-
-
-def resume_or_start(args, ctx, run, log):
-    """With --resume: the weights, optimizer, EMA and every process's RNG state and partial epoch sums of
-    out_dir/ckpt.pt, and the log lines of the epochs it holds (--resume auto: only if there is one). Without:
-    refuse to overwrite a run. Returns (epochs done, steps done in the next epoch, this process's partial
-    sums of that epoch or None)."""
-    exists = os.path.exists(run.ckpt_path)
-    if args.resume is None or (args.resume == "auto" and not exists):
-        if exists:
-            raise ValueError(f"{run.ckpt_path} exists: add --resume to continue that run, or choose another --out-dir")
-        if ctx.master and os.path.exists(run.log_path):
-            os.remove(run.log_path)
-        return 0, 0, None
-    if not exists:
-        raise ValueError(f"--resume: there is no {run.ckpt_path} to continue; drop --resume to start a new run "
-                         "(--resume auto does either)")
-    ckpt = read_file(run.ckpt_path, "checkpoint")
-    epoch, epoch_step = ckpt["epoch"], ckpt.get("epoch_step", 0)
-    if epoch >= args.epochs and args.resume == "yes":
-        raise ValueError(f"the run in {args.out_dir} is finished ({epoch} of {args.epochs} epochs): raise --epochs "
-                         f"to train on, or evaluate it: python train.py --eval-only --out-dir {args.out_dir}")
-    load_checked(run.model, ckpt["model"], run.ckpt_path)
-    run.opt.load_state_dict(ckpt["optimizer"])
-    if run.ema is not None and ckpt.get("ema") is not None:
-        run.ema.load_state_dict(ckpt["ema"])
-    state = ckpt["rng"][ctx.rank] if len(ckpt["rng"]) == ctx.world else None
-    if state is not None:
-        torch.set_rng_state(state["cpu"])
-        if "cuda" in state and ctx.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda"], ctx.device)
-    elif ctx.master:
-        log(f"note: checkpoint was written by {len(ckpt['rng'])} processes, now {ctx.world}: fresh RNG streams")
-    if ctx.master:  # keep the log of the epochs the checkpoint holds, drop any written after it
-        lines = open(run.log_path).read().splitlines() if os.path.exists(run.log_path) else []
-        write_atomic(run.log_path, lambda tmp: write_lines(tmp, [l for l in lines if json.loads(l)["epoch"] <= epoch]),
-                     "the log is kept")
-        log(f"resumed from {run.ckpt_path} after epoch {epoch}" + (f", step {epoch_step}" if epoch_step else "")
-            + (" (the run is finished)" if epoch >= args.epochs else ""))
-    return epoch, epoch_step, (state or {}).get("partial")
-
-
-def save_checkpoint(args, ctx, run, data, epoch, epoch_step, partial, record=None):
-    """Every process calls it (it gathers their RNG states and partial sums); process 0 appends the log line
-    (record, at the end of an epoch) and writes out_dir/ckpt.pt: epochs done, steps done in the next one."""
-    state = {"cpu": torch.get_rng_state(), "partial": partial}
-    if ctx.device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(ctx.device)
-    states = [state]
-    if ctx.ddp:  # every process's RNG state, so a resumed run draws what the uninterrupted one would
-        states = [None] * ctx.world
-        dist.all_gather_object(states, state)
-    if not ctx.master:
-        return
-    # the log line first, then the checkpoint: a kill between the two leaves a line past the checkpoint,
-    # which --resume drops, never a checkpoint without its line
-    if record is not None:
-        append_line(run.log_path, json.dumps(record))
-    ckpt = {"model": run.model.state_dict(), "optimizer": run.opt.state_dict(),
-            "ema": run.ema.state_dict() if run.ema is not None else None,
-            "epoch": epoch, "epoch_step": epoch_step, "step": epoch * run.spe + epoch_step, "rng": states,
-            "config": vars(args), "model_config": vars(run.model.cfg) if hasattr(run.model, "cfg") else None,
-            "num_classes": data.num_classes, "mean": list(data.mean), "std": list(data.std)}
-    write_atomic(run.ckpt_path, lambda tmp: torch.save(ckpt, tmp), "the previous checkpoint is kept")
-    run.t_ckpt = time.time()
 
 
 if __name__ == "__main__":
