@@ -569,6 +569,7 @@ def test_checkpoint_mismatch_names_keys_and_shapes(tmp_path):
         T.main(["--eval-only", "--ckpt", str(tmp_path / "junk.pt")])
 
 
+@pytest.mark.slow
 def test_overfits_one_batch():
     torch.manual_seed(0)
     x, y = DT.load_idx_folder(DT.BUNDLED)[0]
@@ -1505,6 +1506,7 @@ def test_official_state_dict_gets_new_head_and_resized_pos_embed():
     assert "dist_token" not in state and torch.equal(state["pos_embed"], src["pos_embed"][:, [0, *range(2, 198)]])
 
 
+@pytest.mark.slow
 def test_finetune_is_reproducible_and_freeze_keeps_the_backbone(tmp_path, capsys):
     src = M.create_model("deit_nano_distilled_patch7_28", num_classes=1000, in_chans=1).state_dict()
     torch.save({"model": src}, tmp_path / "official.pth")  # the official format: {"model": state_dict}
