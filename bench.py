@@ -36,9 +36,9 @@ import torch.nn.functional as F
 import augment as A
 import distill as D
 import train as T
+from data import IMAGENET_MEAN as MEAN, IMAGENET_STD as STD
 from launch import setup_distributed
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 FILL = (124, 116, 104)
 # bf16 dense peak of the chip, for MFU (spec sheets); an unknown chip gets no MFU
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}

@@ -34,6 +34,7 @@ DEBIAN_FMNIST = "/usr/share/datasets/fashion-mnist"  # apt-get install -y datase
 # the teacher `train.py --distill hard` uses on the bundled data (made by python prepare_data.py --teacher)
 BUNDLED_TEACHER = os.path.join(HERE, "data", "teachers", "convnet-bundled.pt")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+FMNIST_MEAN, FMNIST_STD = (0.2860,), (0.3530,)  # Fashion-MNIST's training images
 
 
 FILES = {  # split -> (images, labels), the names Fashion-MNIST and MNIST ship with
@@ -197,7 +198,7 @@ def load_data(args, device, img_size):
                                  "data, not an image folder")
             return load_image_folder(folder, args, img_size, device)
         train, val = load_idx_folder(folder)
-        C, stats = 10, ((0.2860,), (0.3530,))  # Fashion-MNIST's mean/std
+        C, stats = 10, (FMNIST_MEAN, FMNIST_STD)
         # Deliberate difference: no padded crop by default. Fashion-MNIST's items are centred and fill the
         # frame; a 4-px shift of a 28-px image cuts them off (RESULTS.md, "The default job", measures the cost).
         # The reference would apply it (input <= 32 px).

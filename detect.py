@@ -27,7 +27,8 @@ import torch.nn.functional as F
 import train as T
 from checkpoint import write_atomic
 from launch import cli, start
-from data import BUNDLED, DEBIAN_FMNIST, load_idx_folder, object_sides, val_batches
+from data import (BUNDLED, DEBIAN_FMNIST, FMNIST_MEAN, FMNIST_STD, IMAGENET_MEAN, IMAGENET_STD, load_idx_folder,
+                  object_sides, val_batches)
 from distill import create_convnet, ours
 from model import (MODELS, Backbone, DeiT, DeiTConfig, check_file, create_model, fit_in_chans, load_checked, read_file,
                    state_dict_of)
@@ -114,7 +115,7 @@ def load_data(args, device):
         if args.masks:
             raise ValueError("--masks needs instance masks: the composed scenes have them, COCO folders here do not")
         splits = {s: load_coco_folder(folder, s, args.img_size) for s in ("train", "val")}
-        names, mean, std = splits["train"][4], (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's
+        names, mean, std = splits["train"][4], IMAGENET_MEAN, IMAGENET_STD
     else:
         (tx, ty), (vx, vy) = load_idx_folder(folder)
         sides = object_sides(args.img_size)
@@ -122,7 +123,7 @@ def load_data(args, device):
             args.train_subset * args.scenes if args.train_subset < 1 else args.train_subset))  # (studies' QUICK=1)
         splits = {"train": make_scenes(tx, ty, max(1, n), args.img_size, args.seed, (lo, hi), sides),
                   "val": make_scenes(vx, vy, args.val_scenes, args.img_size, 1_000_003, (lo, hi), sides)}
-        names, mean, std = CLASSES, (0.2860,), (0.3530,)  # Fashion-MNIST's: what train.py's backbones saw
+        names, mean, std = CLASSES, FMNIST_MEAN, FMNIST_STD  # what train.py's backbones saw
     data = argparse.Namespace(num_classes=len(names) + 1, class_names=names, mean=mean, std=std, tensors=True,
                               skipped=[], annotations={}, in_chans=splits["train"][0].shape[1])
     for split, (x, ids, boxes, labels, *_) in splits.items():

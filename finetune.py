@@ -25,7 +25,7 @@ import train as T
 from launch import cli, start
 from data import load_data
 from distill import CONVNETS, ours
-from model import MODELS, fit_pos_embed, load_checked, read_file, state_dict_of
+from model import MODELS, fit_in_chans, fit_pos_embed, load_checked, read_file, state_dict_of
 
 
 def get_parser():
@@ -99,9 +99,7 @@ def adapt(state, model, args):
             raise ValueError(f"{args.weights} has {what} {theirs}, {args.model} has {mine}: choose the matching --model")
     state, notes = dict(state), []
     if w.shape[1] != cfg.in_chans:  # e.g. ImageNet (RGB) weights on greyscale data
-        if cfg.in_chans != 1:
-            raise ValueError(f"{args.weights} takes {w.shape[1]}-channel images, the data has {cfg.in_chans}")
-        state["patch_embed.proj.weight"] = w.sum(1, keepdim=True)  # grey = the same value in R, G and B
+        state = fit_in_chans(state, "patch_embed.proj.weight", cfg.in_chans, args.weights)
         notes.append(f"patch_embed.proj.weight summed over its {w.shape[1]} input channels (greyscale data)")
     distilled_src = "dist_token" in state
     if distilled_src and not cfg.distilled:  # distilled -> plain: drop the token, its head and its pos row

@@ -36,19 +36,16 @@ from distill import CONVNETS
 from launch import all_sum, cli, start
 from model import Block, DeiTConfig, load_checked, read_file, state_dict_of
 
-# MAE's recipe (main_pretrain.py and the paper's Table 8), each a default below:
-#   AdamW betas (0.9, 0.95), weight decay 0.05, base lr 1.5e-4 per 256 images (lr = blr x batch / 256: that is
-#   3e-4 in train.py's per-512 rule), a linear warm-up from 0 of 40 epochs then a half-cosine to 0 over the rest
-#   (util/lr_sched.py: --sched mae), 800-1600 epochs,
-#   batch 4096, RandomResizedCrop(scale 0.2-1) and flip only, no drop path, no EMA, mask ratio 0.75,
-#   norm_pix_loss. Demo-sized instead, so that `python mae.py` runs in minutes on a CPU: --epochs 36,
-#   --warmup-epochs 4 (a tenth of the run, as 40 of MAE's 400), --batch-size 128, the small decoder below,
-#   and --lr 1.5e-3 per 512 (5x MAE's, set once for a short schedule of a small model, as train.py's demo lr
-#   is 16x DeiT's; not tuned).
-#   Weight decay spares cls_token as model.param_groups does for DeiT; MAE's code decays it (and mask_token).
-MAE_DEFAULTS = dict(lr=1.5e-3, beta2=0.95, weight_decay=0.05, min_lr=0.0, warmup_epochs=4, sched="mae",
-                    rrc_scale=0.2, hflip=0.5, aa="none", reprob=0.0, mixup=0.0, cutmix=0.0, smoothing=0.0,
-                    drop_path=0.0, model_ema=False, out_dir="out-mae")
+# MAE's recipe (main_pretrain.py and the paper's Table 8) as defaults, each with MAE's value where ours differs.
+# Demo-sized where marked, so that `python mae.py` runs in minutes on a CPU. Weight decay spares cls_token as
+# model.param_groups does for DeiT; MAE's code decays it (and mask_token).
+MAE_DEFAULTS = dict(
+    lr=1.5e-3,  # per 512 images; MAE: 1.5e-4 per 256 (3e-4 per 512): 5x, set once for a short run of a small model
+    beta2=0.95, weight_decay=0.05, min_lr=0.0, sched="mae",  # AdamW (0.9, 0.95); warm-up from 0, then a half-cosine
+    warmup_epochs=4,  # demo: a tenth of the demo's 36 epochs, as MAE's 40 of 400 (MAE: 40, of 800-1600 epochs)
+    rrc_scale=0.2, hflip=0.5,  # RandomResizedCrop(scale 0.2-1) and flips: MAE's only augmentation
+    aa="none", reprob=0.0, mixup=0.0, cutmix=0.0, smoothing=0.0, drop_path=0.0, model_ema=False,
+    out_dir="out-mae")  # batch: train.py's 128 (MAE: 4096); the decoder: get_parser's small one (MAE: 512 x 8)
 
 
 def sincos_2d(dim, grid, cls_token=True):
