@@ -94,7 +94,7 @@ cells = lambda b: [f"det-{b}-{s}" for s in range(3) if finished(f"det-{b}-{s}", 
 rows, used = [], []
 for b, label in NAME.items():
     pre, run, frozen = PRE.get(b, []), cells(b), cells(b + "-frozen")
-    used += pre + run + frozen
+    used += [p for p in pre if finished(p, 2)] + run + frozen
     top = "—" if not pre or not finished(pre[-1], 2) else (f"held-out loss {last(pre[-1], 'val_loss'):.3f}"
                                                              if b == "vit-mae" else f"{last(pre[-1]):.2f}")
     rows.append([f"{b}: {label}", top, seeds(run, "ap50") if run else "—", seeds(run, "map") if run else "—",

@@ -56,7 +56,7 @@ def provenance(names):
     """Where and when the cells ran: the '# ran DATE at commit C on MACHINE' lines lib.sh writes at the head of
     each cell's printed output, counted; cells kept from before those lines, by the commits that added their logs."""
     runs, older = {}, []
-    for n in names:
+    for n in [n for n in names if os.path.exists(os.path.join(OUT, n, "log.jsonl"))]:
         path = os.path.join(OUT, n + ".txt")
         heads = [l[len("# ran "):].strip() for l in open(path) if l.startswith("# ran ")] if os.path.exists(path) else []
         for h in heads:
