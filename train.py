@@ -2,8 +2,8 @@
 Train DeiT (Touvron et al. 2021) with the reference recipe (facebookresearch/deit main.py), on one CPU, one
 GPU, or many through torchrun.
 
-    python train.py                       # a small DeiT on the bundled Fashion-MNIST subset: 82.2% in
-                                          # about 4 min on 2 CPU cores (RESULTS.md: command, machine, date)
+    python train.py                       # a small DeiT on the bundled Fashion-MNIST subset: 81.4% top-1
+                                          # (RESULTS.md: command, machine, date)
     torchrun --nproc_per_node=8 train.py --data /imagenet --model deit_small_patch16_224 \
         --epochs 300 --batch-size 1024 --lr 5e-4 --warmup-epochs 5      # DeiT-S as in the paper (Table 9)
     python train.py --model deit_nano_distilled_patch7_28 --distill hard --teacher out/teacher/ckpt.pt
