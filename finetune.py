@@ -25,7 +25,7 @@ import train as T
 from launch import cli, start
 from data import load_data
 from distill import CONVNETS, ours
-from model import MODELS, fit_in_chans, fit_pos_embed, load_checked, read_file, state_dict_of
+from model import MODELS, drop_dist_token, fit_in_chans, fit_pos_embed, load_checked, read_file, state_dict_of
 
 
 def get_parser():
@@ -103,8 +103,7 @@ def adapt(state, model, args):
         notes.append(f"patch_embed.proj.weight summed over its {w.shape[1]} input channels (greyscale data)")
     distilled_src = "dist_token" in state
     if distilled_src and not cfg.distilled:  # distilled -> plain: drop the token, its head and its pos row
-        state = {k: v for k, v in state.items() if k not in ("dist_token", "head_dist.weight", "head_dist.bias")}
-        state["pos_embed"] = torch.cat([state["pos_embed"][:, :1], state["pos_embed"][:, 2:]], dim=1)
+        state = {k: v for k, v in drop_dist_token(state).items() if not k.startswith("head_dist.")}
         notes.append("dropped dist_token, head_dist and the distillation row of pos_embed (plain model)")
     elif cfg.distilled and not distilled_src:  # plain -> distilled: a fresh token, a pos row taken from the model
         state["pos_embed"] = torch.cat([state["pos_embed"][:, :1], own["pos_embed"][:, 1:2], state["pos_embed"][:, 1:]], 1)
