@@ -296,7 +296,7 @@ def jpeg_train_rows(ctx, root, model, steps, workers, batch=256):
         DT.prefetch = prefetch if ahead else (lambda batches, device: batches)
         targs = T.get_parser().parse_args(["--model", model, "--data", root, "--decode", decode, "--workers", str(workers),
                                            "--batch-size", str(batch), "--out-dir", tempfile.mkdtemp()])
-        data = DT.load_data(targs, ctx.device, 224)
+        data = T.load(targs, ctx.device, 224)
         run = T.start_run(targs, ctx, T.build_model(targs, data, ctx, 224), data, None, log=lambda *a: None)
         batches = (b for epoch in range(10 ** 9) for b in DT.train_batches(data, run.sampler, epoch, ctx.device))
         n, t = 0, time.perf_counter()

@@ -173,12 +173,14 @@ def free_memory(device):
     return free
 
 
-def load_data(args, device, img_size):
-    """Returns a namespace: train/val as (x, y) uint8 tensors on the device or as Datasets, num_classes,
-    in_chans and the normalisation mean/std."""
-    name = args.data
+def load_data(name="bundled", device="cpu", img_size=None, data_dir=os.path.join(HERE, "data"), train_subset=None,
+              classes=None, canvas=None, seed=0, crop_pad=None, decode="auto", workers=0, rrc_scale=None):
+    """A dataset by name (bundled | fashion-mnist | cifar10 | cifar100 | synthetic) or path, with train.py's
+    flags of the same names, as a namespace: train/val as (x, y) uint8 tensors on device, or as Datasets of an
+    image folder; num_classes, in_chans and the normalisation mean/std. img_size: resized to it (None: as is)."""
+    device = torch.device(device)
     if name in ("cifar10", "cifar100"):
-        train, val = load_cifar(name, args.data_dir)
+        train, val = load_cifar(name, data_dir)
         C, stats = (10 if name == "cifar10" else 100), ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
         pad = 4  # DeiT's RandomCrop(32, padding=4) for inputs of 32 px or less
     elif name == "synthetic":  # random images, for benchmarks: 1000 classes like ImageNet
@@ -193,39 +195,38 @@ def load_data(args, device, img_size):
             hint = " (apt-get install -y dataset-fashion-mnist)" if name == "fashion-mnist" else ""
             raise ValueError(f"dataset path {folder} does not exist{hint}")
         if os.path.isdir(os.path.join(folder, "train")) or os.path.isdir(os.path.join(folder, "val")):
-            if args.classes is not None or getattr(args, "canvas", None):
-                raise ValueError(f"--{'classes' if args.classes is not None else 'canvas'} works with idx and CIFAR "
+            if classes is not None or canvas:
+                raise ValueError(f"--{'classes' if classes is not None else 'canvas'} works with idx and CIFAR "
                                  "data, not an image folder")
-            return load_image_folder(folder, args, img_size, device)
+            return load_image_folder(folder, img_size, device, decode, workers, rrc_scale, train_subset, seed)
         train, val = load_idx_folder(folder)
         C, stats = 10, (FMNIST_MEAN, FMNIST_STD)
         # Deliberate difference: no padded crop by default. Fashion-MNIST's items are centred and fill the
         # frame; a 4-px shift of a 28-px image cuts them off (RESULTS.md, "The default job", measures the cost).
         # The reference would apply it (input <= 32 px).
         pad = 0
-    if args.classes is not None:  # e.g. pretrain on classes 0-4, fine-tune on 5-9 (finetune.py)
-        keep = parse_classes(args.classes, C)
+    if classes is not None:  # e.g. pretrain on classes 0-4, fine-tune on 5-9 (finetune.py)
+        keep = parse_classes(classes, C)
         train, val = select_classes(*train, keep), select_classes(*val, keep)
         C = len(keep)
-    if args.train_subset is not None:
-        keep = stratified_subset(train[1], args.train_subset, args.seed)
+    if train_subset is not None:
+        keep = stratified_subset(train[1], train_subset, seed)
         train = (train[0][keep], train[1][keep])
-    if getattr(args, "canvas", None):  # the held-out canvases by a fixed seed: the same whatever --seed
-        train, val = (make_canvases(train[0], args.canvas, args.seed)[0], train[1]), \
-                     (make_canvases(val[0], args.canvas, 1_000_003)[0], val[1])
+    if canvas:  # the held-out canvases by a fixed seed: the same whatever the seed
+        train, val = (make_canvases(train[0], canvas, seed)[0], train[1]), (make_canvases(val[0], canvas, 1_000_003)[0], val[1])
 
     def to_device(x, y):  # resize once if the model wants another size (e.g. 28 -> 32 px)
         if img_size is not None and x.shape[-1] != img_size:
             need, free = len(x) * x.shape[1] * img_size ** 2 * 5, free_memory(torch.device("cpu"))  # float + uint8
             if free is not None and need > free:
-                raise ValueError(f"resizing the {len(x)} images of --data {args.data} to --img-size {img_size} needs "
+                raise ValueError(f"resizing the {len(x)} images of --data {name} to --img-size {img_size} needs "
                                  f"{need / 2**30:.1f} GiB, and {free / 2**30:.1f} GiB is free: lower --img-size")
             x = F.interpolate(x.float(), size=(img_size, img_size), mode="bicubic", antialias=True)
             x = x.round().clamp(0, 255).to(torch.uint8)
         return x.to(device), y.to(device)
     return argparse.Namespace(train=to_device(*train), val=to_device(*val), num_classes=C, in_chans=train[0].shape[1],
                               mean=stats[0], std=stats[1], tensors=True, skipped=[],
-                              crop_pad=pad if args.crop_pad is None else args.crop_pad)
+                              crop_pad=pad if crop_pad is None else crop_pad)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -426,29 +427,28 @@ def collate_files(batch):
             "bad": [item[1] for item, _ in batch if item[0] == "bad"]}
 
 
-def load_image_folder(root, args, img_size, device):
+def load_image_folder(root, img_size, device, decode="auto", workers=0, rrc_scale=None, train_subset=None, seed=0):
     if img_size is None:
-        raise ValueError(f"{args.model} has no input size of its own: give --img-size for an image folder")
+        raise ValueError("this model has no input size of its own: give --img-size for an image folder")
     for split in ("train", "val"):
         if not os.path.isdir(os.path.join(root, split)):
             raise ValueError(f"image folder {root} has no {split}/ subfolder (expected DeiT's ImageNet layout: train/ and val/)")
     name, decoder = device_decoder()
-    decode = args.decode
     if decode == "device" and decoder is None:
         raise ValueError("--decode device needs TorchCodec (pip install torchcodec) or torchvision.io.decode_jpeg")
     if decode == "auto":  # on a CPU the workers decode in parallel, the main process would decode alone
         decode = "device" if device.type == "cuda" and decoder is not None else "workers"
-    train = ImageFiles(os.path.join(root, "train"), img_size, True, decode, args.rrc_scale or 0.08)
+    train = ImageFiles(os.path.join(root, "train"), img_size, True, decode, rrc_scale or 0.08)
     val = ImageFiles(os.path.join(root, "val"), img_size, False, decode)
     if train.classes != val.classes:
         raise ValueError(f"train/ and val/ of {root} have different class folders")
-    if args.train_subset is not None:
-        keep = stratified_subset(torch.tensor([y for _, y in train.samples]), args.train_subset, args.seed)
+    if train_subset is not None:
+        keep = stratified_subset(torch.tensor([y for _, y in train.samples]), train_subset, seed)
         train.samples = [train.samples[i] for i in keep.tolist()]
     where = (f"device ({name} on {device.type})" if decode == "device" else
              f"workers ({name + ', ' if name else ''}PIL with DCT scaling)")
     return argparse.Namespace(train=train, val=val, num_classes=len(train.classes), in_chans=3,
-                              mean=IMAGENET_MEAN, std=IMAGENET_STD, tensors=False, workers=args.workers,
+                              mean=IMAGENET_MEAN, std=IMAGENET_STD, tensors=False, workers=workers,
                               decoder=decoder if decode == "device" else None, decode=where,
                               skipped=[])  # this epoch's undecodable files, for the log line
 

@@ -23,7 +23,6 @@ import torch
 
 import train as T
 from launch import cli, start
-from data import load_data
 from distill import CONVNETS, ours
 from model import MODELS, drop_dist_token, fit_in_chans, fit_pos_embed, load_checked, read_file, state_dict_of
 
@@ -143,7 +142,7 @@ def main(argv=None):
     img_size = T.check_model(args, ctx, kept=0.0 if args.freeze else 1.0)  # frozen: no activations kept
     if args.freeze:
         args.drop_path = 0.0  # a frozen backbone computes features; stochastic depth would only add noise
-    data = load_data(args, ctx.device, img_size)
+    data = T.load(args, ctx.device, img_size)
     model = T.build_model(args, data, ctx, img_size, args.global_pool)
 
     state, new, notes = adapt(state, model, args)

@@ -31,7 +31,7 @@ import torch.nn as nn
 import augment as A
 import train as T
 from checkpoint import write_atomic
-from data import load_data, val_batches
+from data import val_batches
 from distill import CONVNETS
 from launch import all_sum, cli, start
 from model import Block, DeiTConfig, load_checked, read_file, state_dict_of
@@ -277,7 +277,7 @@ def main(argv=None):
     if args.probe:
         args.mask_ratio, args.norm_pix_loss = 0.0, bool(args.norm_pix_loss)
     args.norm_pix_loss = True if args.norm_pix_loss is None else args.norm_pix_loss
-    data = load_data(args, ctx.device, img_size)
+    data = T.load(args, ctx.device, img_size)
     encoder = T.build_model(args, data, ctx, img_size)
     model = MAE(encoder, args.decoder_dim, args.decoder_depth, args.decoder_heads, args.mask_ratio,
                 args.norm_pix_loss).to(ctx.device)

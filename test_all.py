@@ -210,9 +210,9 @@ def readme_block(needle):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("files", [["model.py"], ["augment.py"], ["distill.py", "model.py"]])
+@pytest.mark.parametrize("files", [["model.py"], ["augment.py"], ["distill.py", "model.py"], ["data.py", "augment.py"]])
 def test_library_files_work_copied_alone(tmp_path, files):
-    """model.py, augment.py, and distill.py with model.py, each copied alone into an empty folder: they import
+    """model.py, augment.py, distill.py with model.py and data.py with augment.py, each copied alone into an empty folder: they import
     and do their job there. augment.py runs exactly the README's lines for another project's loop, model.py
     the README's swap of a detector's ResNet-50 (torchvision installed, as in such a project)."""
     for f in files:
@@ -249,6 +249,21 @@ x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
 loss = D.DistillationLoss(torch.nn.functional.cross_entropy, teacher, "hard")(x, student(x), y)
 loss.backward()
 assert torch.isfinite(loss) and student.head_dist.weight.grad.abs().sum() > 0
+""", "data.py": """
+import gzip, os, struct, numpy as np, data as DT
+def idx(path, a):  # LeCun's idx format, written by hand
+    with gzip.open(path, "wb") as f:
+        f.write(struct.pack(">HBB", 0, 8, a.ndim) + struct.pack(f">{a.ndim}I", *a.shape) + a.tobytes())
+os.makedirs("fm")
+for split, n in (("train", 40), ("t10k", 20)):
+    idx(f"fm/{split}-images-idx3-ubyte.gz", np.random.default_rng(0).integers(0, 256, (n, 28, 28), dtype=np.uint8))
+    idx(f"fm/{split}-labels-idx1-ubyte.gz", np.arange(n, dtype=np.uint8) % 4)
+data = DT.load_data("fm", "cpu", 32, train_subset=20, seed=1)
+batches = list(DT.train_batches(data, DT.EpochSampler(20, 8, seed=0), 0, torch.device("cpu")))
+assert data.train[0].shape == (20, 1, 32, 32) and data.val[0].shape == (20, 1, 32, 32) and data.num_classes == 10
+assert len(batches) == 2 and batches[0][0].shape == (8, 1, 32, 32) and torch.equal(data.train[1].bincount(), torch.tensor([5] * 4))
+two = DT.load_data("fm", classes="2-3", canvas=48)
+assert two.num_classes == 2 and set(two.train[1].tolist()) == {0, 1} and two.train[0].shape == (20, 1, 48, 48)
 """}[files[0]]
     code = code.replace("README", readme_block("deit_augment" if files[0] == "augment.py" else "FasterRCNN(backbone"))
     env = {k: v for k, v in ENV.items() if k != "PYTHONPATH"}
@@ -761,17 +776,17 @@ def test_cifar_reads_python_batches_and_fails_clearly_offline(tmp_path, monkeypa
         with open(folder / name, "wb") as f:
             pickle.dump({"data": rng.integers(0, 256, (20, 3072), dtype=np.uint8), "labels": list(range(10)) * 2}, f)
     ctx = L.setup_distributed()
-    data = DT.load_data(parse("--data", "cifar10", "--data-dir", str(tmp_path)), ctx.device, 32)
+    data = T.load(parse("--data", "cifar10", "--data-dir", str(tmp_path)), ctx.device, 32)
     assert data.train[0].shape == (100, 3, 32, 32) and data.val[0].shape == (20, 3, 32, 32) and data.num_classes == 10
     assert data.crop_pad == 4  # DeiT's padded crop for <= 32 px; Fashion-MNIST defaults to flips only
-    assert DT.load_data(parse(), ctx.device, 28).crop_pad == 0 and DT.load_data(parse("--crop-pad", "2"), ctx.device, 28).crop_pad == 2
+    assert T.load(parse(), ctx.device, 28).crop_pad == 0 and T.load(parse("--crop-pad", "2"), ctx.device, 28).crop_pad == 2
     with open(folder / "test_batch", "rb") as f:  # the first pixel is channel 0 of row 0, col 0
         assert data.val[0][0, 0, 0, 0] == pickle.load(f)["data"][0, 0]
     # absent and offline: torchvision's download fails, and the user gets one clear sentence
     import torchvision
     monkeypatch.setattr(torchvision.datasets.CIFAR100, "url", "http://127.0.0.1:9/cifar-100-python.tar.gz")
     with pytest.raises(ValueError, match="could not download cifar100 .*offline"):
-        DT.load_data(parse("--data", "cifar100", "--data-dir", str(tmp_path)), ctx.device, 32)
+        T.load(parse("--data", "cifar100", "--data-dir", str(tmp_path)), ctx.device, 32)
 
 
 # Image folders. The reference for every crop is PIL, as facebookresearch/deit's pipeline uses it (torchvision's
@@ -955,7 +970,7 @@ def test_odd_and_broken_image_files(tmp_path, capsys, decode):
     give the reference's pixels; truncated, corrupt and non-image files are skipped, named and counted."""
     from PIL import Image
     paths = odd_folder(tmp_path)
-    data = DT.load_data(parse("--data", str(tmp_path), "--decode", decode, "--workers", "0"), torch.device("cpu"), 224)
+    data = T.load(parse("--data", str(tmp_path), "--decode", decode, "--workers", "0"), torch.device("cpu"), 224)
     assert data.decode.startswith(decode)
     x, y = next(DT.val_batches(data, 16, torch.device("cpu")))
     got = {data.val.classes[int(c)]: img.int() for img, c in zip(x, y)}
@@ -1008,7 +1023,7 @@ def test_device_and_worker_paths_give_the_same_crops(tmp_path):
     make_jpeg_folder(str(tmp_path), n_train=12, n_val=4, short=(230, 440))  # below 448 px: full decodes
     batch = {}
     for decode in ("workers", "device"):
-        data = DT.load_data(parse("--data", str(tmp_path), "--decode", decode, "--workers", "0"), torch.device("cpu"), 224)
+        data = T.load(parse("--data", str(tmp_path), "--decode", decode, "--workers", "0"), torch.device("cpu"), 224)
         torch.manual_seed(0)  # the boxes come from the worker's seeded stream: the same for both
         items = [data.train[i][0] for i in range(12)]
         if decode == "workers":
@@ -1025,7 +1040,7 @@ def test_device_and_worker_paths_give_the_same_crops(tmp_path):
     assert all(close(o, r) for o, r in zip(batch["device"], ref))
     # evaluation: both equal the reference's two steps
     for decode in ("workers", "device"):
-        data = DT.load_data(parse("--data", str(tmp_path), "--decode", decode, "--workers", "0"), torch.device("cpu"), 224)
+        data = T.load(parse("--data", str(tmp_path), "--decode", decode, "--workers", "0"), torch.device("cpu"), 224)
         x, y = next(DT.val_batches(data, 4, torch.device("cpu")))
         assert all(close_to_eval(x[i], Image.open(data.val.samples[int(i)][0]).convert("RGB")) for i in range(4)), decode
 
@@ -1066,7 +1081,7 @@ def test_prefetch_keeps_order_hands_each_batch_once_and_passes_errors_on():
 def jpeg_data(tmp_path, **kw):
     from prepare_data import make_jpeg_folder
     make_jpeg_folder(str(tmp_path), n_train=12, n_val=4, short=(60, 90))
-    return DT.load_data(parse("--data", str(tmp_path), "--decode", "device", "--workers", "0", **kw), torch.device("cpu"), 32)
+    return T.load(parse("--data", str(tmp_path), "--decode", "device", "--workers", "0", **kw), torch.device("cpu"), 32)
 
 
 def test_device_decode_with_prefetch_is_deterministic_and_sends_labels_from_the_loaders_buffers(tmp_path, monkeypatch):
@@ -1151,11 +1166,11 @@ def test_device_decode_needs_a_decoder(monkeypatch, tmp_path):
     odd_folder(tmp_path)
     monkeypatch.setattr(DT, "device_decoder", lambda: (None, None))
     with pytest.raises(ValueError, match="--decode device needs TorchCodec"):
-        DT.load_data(parse("--data", str(tmp_path), "--decode", "device"), torch.device("cpu"), 32)
-    assert DT.load_data(parse("--data", str(tmp_path)), torch.device("cpu"), 32).decode.startswith("workers")
+        T.load(parse("--data", str(tmp_path), "--decode", "device"), torch.device("cpu"), 32)
+    assert T.load(parse("--data", str(tmp_path)), torch.device("cpu"), 32).decode.startswith("workers")
     with pytest.raises(ValueError, match="no val/ subfolder"):  # the ImageNet layout needs both splits
         os.rename(tmp_path / "val", tmp_path / "valid")
-        DT.load_data(parse("--data", str(tmp_path)), torch.device("cpu"), 32)
+        T.load(parse("--data", str(tmp_path)), torch.device("cpu"), 32)
 
 
 def test_repeated_augmentation_indices():
@@ -1219,7 +1234,7 @@ def test_ema_averages_buffers_too(tmp_path):
     its initial statistics): float tensors averaged, integer ones (num_batches_tracked) copied."""
     args = parse(*QUICK, "--model", "convnet", "--model-ema-decay", "0.5", "--out-dir", str(tmp_path))
     ctx = L.setup_distributed()
-    data = DT.load_data(args, ctx.device, None)
+    data = T.load(args, ctx.device, None)
     run = T.start_run(args, ctx, T.build_model(args, data, ctx, None), data, None, log=lambda *a: None)
     expected = {k: v.clone() for k, v in run.ema.state_dict().items()}
     for step, (x, y) in zip(range(3), DT.train_batches(data, run.sampler, 0, ctx.device)):
@@ -1306,7 +1321,7 @@ def test_training_step_never_waits(tmp_path, recipe):
              "hard distillation": ["--model", "deit_nano_distilled_patch7_28", "--distill", "hard"]}[recipe]
     args = parse(*QUICK, *extra, "--clip-grad", "5", "--out-dir", str(tmp_path))
     ctx = L.setup_distributed()
-    data = DT.load_data(args, ctx.device, T.check_model(args))
+    data = T.load(args, ctx.device, T.check_model(args))
     teacher = D.create_convnet("convnet", 10, 1) if args.distill != "none" else None
     run = T.start_run(args, ctx, T.build_model(args, data, ctx, 28), data, teacher, log=lambda *a: None)
     cuda = ctx.device.type == "cuda"  # on a GPU, CUDA's own detector watches the same steps
@@ -1409,7 +1424,7 @@ def test_teacher_is_frozen_and_sees_the_students_augmented_input(tmp_path):
     args = parse(*QUICK, "--epochs", "1", "--out-dir", str(tmp_path), "--model", "deit_nano_distilled_patch7_28",
                  "--distill", "hard")
     ctx = L.setup_distributed()
-    data = DT.load_data(args, ctx.device, 28)
+    data = T.load(args, ctx.device, 28)
     student = T.build_model(args, data, ctx, 28)
     teacher = D.create_convnet("convnet", 10, 1)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
@@ -1769,7 +1784,7 @@ def test_the_lock_is_taken_before_anything_slow(script, tmp_path, monkeypatch):
         # (read only now: closing any file of the lock's in the process that holds it ends a POSIX lock)
         assert f"pid {os.getpid()}" in (out / "lock").read_text()
         raise ValueError("stopped at the data")
-    monkeypatch.setattr(script, "load_data", load_data)
+    monkeypatch.setattr(T, "load_data", load_data)  # (finetune.py and mae.py load through train.load)
     with pytest.raises(ValueError, match="stopped at the data"):
         script.main(QUICK + ["--out-dir", str(out)] + (["--weights", str(weights), "--model", "deit_nano_patch7_28"] if script is FT else []))
 
@@ -1952,7 +1967,7 @@ train("--epochs", "3", "--resume")
 import mae, data
 try:
     mae.save_picture(mae.MAE(__import__("model").create_model("deit_nano_patch7_28", in_chans=1)),
-                     data.load_data(mae.get_parser().parse_args([]), torch.device("cpu"), 28), os.path.join(disk, "p.png"))
+                     T.load(mae.get_parser().parse_args([]), torch.device("cpu"), 28), os.path.join(disk, "p.png"))
 except ValueError as e:
     print("picture |", e, "|", glob.glob(os.path.join(disk, "*.tmp")))
 """
@@ -2013,7 +2028,7 @@ def test_every_number_flag_has_a_range_and_each_range_is_enforced(script, tmp_pa
     parser = script.get_parser()
     flags = numeric_flags(parser)
     assert set(flags) <= set(parser.ranges), f"flags without a range in the parser's: {set(flags) - set(parser.ranges)}"
-    monkeypatch.setattr(script, "load_data", lambda *a: pytest.fail("the data loaded"))
+    monkeypatch.setattr(DET if script is DET else T, "load_data", lambda *a: pytest.fail("the data loaded"))
     for name, action in flags.items():
         base = ["--out-dir", str(tmp_path / "run")] + (["--epochs", "36"] if name != "epochs" else [])
         for bad in just_outside(parser.ranges[name], parser.parse_args(base)):
@@ -2386,9 +2401,9 @@ def test_canvases_are_deterministic_and_each_holds_its_own_image_in_its_box():
         assert not outside.any()
         want = np.array(Image.fromarray(x[i, 0].numpy()).resize((x1 - x0, y1 - y0), Image.BILINEAR))
         assert np.abs(c[i, 0, y0:y1, x0:x1].numpy().astype(int) - want).max() <= 1
-    data = [DT.load_data(parse("--canvas", "64", "--train-subset", "100", "--seed", s), torch.device("cpu"), 64)
+    data = [T.load(parse("--canvas", "64", "--train-subset", "100", "--seed", s), torch.device("cpu"), 64)
             for s in ("1", "2")]
-    plain = DT.load_data(parse("--train-subset", "100", "--seed", "1"), torch.device("cpu"), None)
+    plain = T.load(parse("--train-subset", "100", "--seed", "1"), torch.device("cpu"), None)
     assert data[0].train[0].shape == (100, 1, 64, 64) and torch.equal(data[0].train[1], plain.train[1])
     assert torch.equal(data[0].train[0], DT.make_canvases(plain.train[0], 64, 1)[0])
     assert torch.equal(data[0].val[0], data[1].val[0]) and torch.equal(data[0].val[1], plain.val[1])

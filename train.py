@@ -185,6 +185,12 @@ def check_model(args, ctx=None, kept=1.0):
     return size
 
 
+def load(args, device, img_size):
+    """data.load_data with this run's flags."""
+    return load_data(args.data, device, img_size, args.data_dir, args.train_subset, args.classes, args.canvas, args.seed,
+                     args.crop_pad, args.decode, args.workers, args.rrc_scale)
+
+
 def build_model(args, data, ctx, img_size, global_pool=None):
     if args.model in CONVNETS:
         return create_convnet(args.model, data.num_classes, data.in_chans).to(ctx.device)
@@ -273,7 +279,7 @@ def main(argv=None):
     if args.eval_only:
         return eval_only(args, ctx, log)
     img_size = check_model(args, ctx)
-    data = load_data(args, ctx.device, img_size)
+    data = load(args, ctx.device, img_size)
     model = build_model(args, data, ctx, img_size)
     return train(args, ctx, model, data, log, build_teacher(args, data, img_size, log))
 
@@ -525,7 +531,7 @@ def eval_only(args, ctx, log):
     path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
     ckpt = read_file(path, "checkpoint")
     img_size = check_model(args)
-    data = load_data(args, ctx.device, img_size)
+    data = load(args, ctx.device, img_size)
     model = rebuild(ckpt, img_size=img_size).to(ctx.device) if ours(ckpt) else build_model(args, data, ctx, img_size)
     if ours(ckpt) and ckpt["model_config"]["num_classes"] != data.num_classes:
         raise ValueError(f"{path} predicts {ckpt['model_config']['num_classes']} classes, the data has "

@@ -19,6 +19,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]  # studies/ and the repository
 import augment as A  # noqa: E402
 import train as T  # noqa: E402
+from data import load_data  # noqa: E402
 from distill import rebuild  # noqa: E402
 from model import read_file  # noqa: E402
 from plot import lines  # noqa: E402
@@ -87,9 +88,7 @@ def attention_picture(student, teacher, data, path, n=8):
 def measure(logs):
     """From the kept weights of the study's cells (LOGS/hard, labels, teacher): the cosines, one line per depth, in
     LOGS/tokens/log.jsonl, and LOGS/token-attention.png."""
-    args = T.get_parser().parse_args(["--data", "fashion-mnist"])
-    from data import load_data
-    data = load_data(args, torch.device("cpu"), 28)
+    data = load_data("fashion-mnist", "cpu", 28)
     rows = {name: token_cosines(load(os.path.join(logs, name, "weights.pt")), data) for name in ("hard", "labels")}
     attention_picture(load(os.path.join(logs, "hard", "weights.pt")), load(os.path.join(logs, "teacher", "weights.pt")),
                       data, os.path.join(logs, "token-attention.png"))
