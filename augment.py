@@ -2,18 +2,14 @@
 DeiT's data augmentation, from scratch, on batched uint8 tensors (B, C, H, W) on any device.
 
 Paper §6 and Table 8: without Mixup and CutMix DeiT-B falls from 81.8 to 75.8% top-1, without RandAugment
-to 79.6, and without random erasing training diverges. The reference runs RandAugment image by image in
-PIL on the CPU; here every op works on a whole batch on the device, and every image draws its own ops,
-magnitudes, boxes and rectangles, on the host, from a numpy Generator (below: the host decides, the device
-computes, and nothing waits for the device). Semantics: the reference's (timm's auto_augment.py,
-mixup.py, random_erasing.py and transforms.py as facebookresearch/deit datasets.py and main.py set them up);
-the ops follow PIL's ImageOps / ImageEnhance / Image.transform, and the tests compare them with PIL.
-
-Each op is usable alone, on a uint8 batch:
+to 79.6, and without random erasing training diverges. The reference runs RandAugment image by image in PIL
+on the CPU; here every op works on a whole batch on the device, every image drawing its own ops, magnitudes,
+boxes and rectangles. Semantics: the reference's (timm's auto_augment.py, mixup.py, random_erasing.py and
+transforms.py as facebookresearch/deit datasets.py and main.py set them up); the ops follow PIL's ImageOps,
+ImageEnhance and Image.transform, and the tests compare them with PIL. This file needs only torch and numpy:
+copy it into your project. Each op is usable alone, on a uint8 batch:
 
     apply_op(images, "Rotate", level=0.9, sign=-1)   # level in [0, 1] (= magnitude / 10), scalar or (B,)
-
-This file needs only torch and numpy: copy it into your project.
 """
 
 import math
@@ -54,8 +50,7 @@ def auto_contrast(img, _=None):
     # per image and channel: stretch min..max to 0..255 (ImageOps.autocontrast, cutoff 0); flat stays as is
     flat = img.flatten(2)
     lo, hi = flat.amin(2).float()[..., None, None], flat.amax(2).float()[..., None, None]
-    scale = 255.0 / (hi - lo).clamp(min=1)
-    out = _to_uint8((img.float() - lo) * scale)
+    out = _to_uint8((img.float() - lo) * (255.0 / (hi - lo).clamp(min=1)))
     return torch.where(hi > lo, out, img)
 
 
@@ -69,8 +64,7 @@ def equalize(img, _=None):
     step = (H * W - hist.gather(1, top)) // 255  # (B*C, 1)
     below = hist.cumsum(1) - hist  # pixels with a smaller value
     lut = ((step // 2 + below) // step.clamp(min=1)).clamp(max=255)
-    out = lut.gather(1, flat).to(torch.uint8)
-    return torch.where(step > 0, out, flat.to(torch.uint8)).view(B, C, H, W)
+    return torch.where(step > 0, lut.gather(1, flat), flat).to(torch.uint8).view(B, C, H, W)
 
 
 def invert(img, _=None):
@@ -106,26 +100,23 @@ def brightness(img, factor):  # blend with black
 
 
 def sharpness(img, factor):
-    """Blend with PIL's SMOOTH filter ([[1,1,1],[1,5,1],[1,1,1]] / 13, rounded); the border pixels of the
-    smoothed image stay as they were, as in PIL."""
+    """Blend with PIL's SMOOTH filter ([[1,1,1],[1,5,1],[1,1,1]] / 13, rounded; border pixels kept, as PIL)."""
     x = img.float()
     rows = x[:, :, :-2] + x[:, :, 1:-1] + x[:, :, 2:]  # 3x3 box sum as shifted sums: cheaper than a conv
     box = rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]
-    smooth = (box + 4 * x[:, :, 1:-1, 1:-1]).div_(13).add_(0.5).floor_()  # (sum + 4 centre) / 13, rounded
     degenerate = x.clone()
-    degenerate[:, :, 1:-1, 1:-1] = smooth
+    degenerate[:, :, 1:-1, 1:-1] = (box + 4 * x[:, :, 1:-1, 1:-1]).div_(13).add_(0.5).floor_()  # (sum + 4 centre) / 13
     return _blend(degenerate, img, factor)
 
 
 def affine(img, matrix, fill):
     """PIL's Image.transform(size, AFFINE, matrix, BICUBIC, fillcolor=fill), batched: output pixel centre
-    (x + 0.5, y + 0.5) samples the input at (a x' + b y' + c, d x' + e y' + f); a sample outside the image
-    takes the fill colour (PIL's rule); inside, a bicubic with edge pixels repeated, truncated to uint8.
-    matrix: (B, 6) in pixels; fill: C values in 0..255 (a uint8 tensor on the device costs no copy).
-    Deliberate difference: grid_sample's bicubic is the a = -0.75 cubic, PIL's transform uses a = -1: one
-    fused kernel instead of gathering PIL's 16 taps (README, "Differences from the reference"). On the
-    bundled 28-px images they differ by about 1 grey level on average, up to ~20 on sharp edges
-    (test_ops_match_pil); at integer shifts and quarter turns they agree exactly."""
+    (x + 0.5, y + 0.5) samples the input at (a x' + b y' + c, d x' + e y' + f): outside the image the fill
+    colour (PIL's rule), inside a bicubic with edge pixels repeated, truncated to uint8. matrix: (B, 6) in
+    pixels; fill: C values in 0..255 (a uint8 tensor on the device costs no copy). Deliberate difference:
+    grid_sample's a = -0.75 cubic, not PIL's a = -1: one fused kernel instead of gathering 16 taps (README,
+    "Differences from the reference"); on the bundled 28-px images about 1 grey level apart on average, up
+    to ~20 on sharp edges (test_ops_match_pil), equal at integer shifts and quarter turns."""
     B, C, H, W = img.shape
     dev = img.device
     ys, xs = torch.meshgrid(torch.arange(H, device=dev) + 0.5, torch.arange(W, device=dev) + 0.5, indexing="ij")
@@ -141,8 +132,7 @@ def affine(img, matrix, fill):
 
 
 def _matrix(arg, **entries):
-    """Per-image affine matrices (B, 6), (a, b, c, d, e, f), the identity except the named entries. Built on
-    arg's device from fills, not copied from the host."""
+    """Per-image affine matrices (B, 6) (a..f), the identity but the named entries, built on arg's device."""
     m = torch.zeros(len(arg), 6, dtype=torch.float64, device=arg.device)
     m[:, 0] = m[:, 4] = 1.0
     for name, value in entries.items():
@@ -152,10 +142,9 @@ def _matrix(arg, **entries):
 
 def rotate(img, degrees, fill=128):
     # PIL Image.rotate(degrees): counter-clockwise about the centre (W/2, H/2), same size
-    B, C, H, W = img.shape
     t = -torch.deg2rad(degrees.double())
     cos, sin = torch.cos(t), torch.sin(t)
-    cx, cy = W / 2, H / 2
+    cx, cy = img.shape[-1] / 2, img.shape[-2] / 2
     return affine(img, _matrix(degrees, a=cos, b=sin, c=cx - cos * cx - sin * cy,
                                d=-sin, e=cos, f=cy + sin * cx - cos * cy), fill)
 
@@ -177,27 +166,24 @@ def translate_y(img, pixels, fill=128):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The host decides, the device computes. Every random choice (which op, applied or not, magnitude, box,
-# flip, lam) is drawn on the host from a numpy Generator, so the sizes of the per-op subsets are known
-# without asking the device: a GPU never has to finish its queue so that the CPU can read a value back
-# (as .item(), .tolist(), nonzero() or a boolean mask would make it). The few numbers per image then travel
-# to the device in one pinned buffer with one non_blocking copy. Only per-pixel noise is drawn on the device.
+# The host decides, the device computes. Every random choice (which op, applied or not, magnitude, box, flip,
+# lam) is drawn on the host from a numpy Generator, so the sizes of the per-op subsets are known without asking
+# the device: a GPU never has to finish its queue so that the CPU can read a value back (as .item(), .tolist(),
+# nonzero() or a boolean mask would make it). Only per-pixel noise is drawn on the device.
 
 def to_device(device, *arrays):
     """Small host arrays -> float32 tensors on device, through one buffer and one copy that does not wait:
     pinned memory on CUDA, since a copy from ordinary (pageable) memory makes the CPU wait for the GPU."""
     flat = [np.asarray(a, np.float32).ravel() for a in arrays]
     buf = torch.from_numpy(np.concatenate(flat))
-    if device.type == "cuda":
-        buf = buf.pin_memory()
+    buf = buf.pin_memory() if device.type == "cuda" else buf
     parts = buf.to(device, non_blocking=True).split([len(f) for f in flat])
     return [p.view(np.shape(a)) for p, a in zip(parts, arrays)]
 
 
 # ---------------------------------------------------------------------------------------------------------
-# RandAugment's 15 ops (timm's "increasing" set, as DeiT's rand-m9-mstd0.5-inc1) and level -> argument.
-# level = magnitude / 10 in [0, 1]; sign = +-1 where the op's argument is randomly negated. The arguments
-# are computed on the host in float64, as timm does in Python.
+# RandAugment's 15 ops (timm's "increasing" set, as DeiT's rand-m9-mstd0.5-inc1) and level -> argument, with
+# sign = +-1 where timm negates it at random; computed on the host in float64, as timm does in Python.
 
 def _enhance(level, sign):
     return np.maximum(1.0 + sign * 0.9 * level, 0.1)
@@ -245,8 +231,7 @@ def apply_op(images, name, level, sign=1.0, fill=128):
 def rand_augment(images, rng, num_ops=2, magnitude=9.0, magnitude_std=0.5, prob=0.5, fill=128):
     """DeiT's RandAugment (rand-m9-mstd0.5-inc1): per image, num_ops ops drawn uniformly with replacement,
     each applied with probability prob, with magnitude ~ N(magnitude, magnitude_std) clipped to [0, 10].
-    The loop is over op slots and op kinds, never over images: each op runs once on the images that drew it.
-    rng: a numpy Generator, where every draw is made."""
+    The loop is over op slots and op kinds, never over images: each op runs once on the images that drew it."""
     B, C, H, W = images.shape
     plan = []  # (op name, indices of the images that drew it, their arguments), in the order they apply
     for _ in range(num_ops):
@@ -282,12 +267,10 @@ def _box_sizes(rng, B, H, W, area, ratio, attempts, fits):
 
 
 def sample_boxes(rng, B, H, W, scale, ratio, attempts=10):
-    """RandomResizedCrop's box per image (torchvision/timm): up to 10 tries of area ~ U(scale) * H * W and
-    log-uniform aspect in ratio, the first that fits wins; none fits -> the central crop of the clamped
-    ratio. Returns top, left, height, width as (B,) float arrays."""
+    """RandomResizedCrop's box per image (torchvision/timm): _box_sizes's, or if none fits, the whole image
+    centre-cropped to the nearest allowed aspect ratio. Returns top, left, height, width as (B,) float arrays."""
     h, w, found = _box_sizes(rng, B, H, W, scale, ratio, attempts,
                              lambda h, w: (w > 0) & (h > 0) & (w <= W) & (h <= H))
-    # fallback: the whole image cropped to the nearest allowed aspect ratio, centred
     r = W / H
     fw, fh = (W, round(W / ratio[0])) if r < ratio[0] else (round(H * ratio[1]), H) if r > ratio[1] else (W, H)
     h, w = np.where(found, h, fh), np.where(found, w, fw)
@@ -298,12 +281,10 @@ def sample_boxes(rng, B, H, W, scale, ratio, attempts=10):
 
 def random_resized_crop(images, rng, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5):
     """RandomResizedCrop(size, scale, ratio, bicubic) + horizontal flip p hflip, batched: each image gets its
-    own box, resampled to size x size with the a = -0.75 bicubic of grid_sample (no antialias: the images
-    this path serves are small and mostly upsampled; image files get PIL's kernel: resized_crops, data.py). One fused kernel
-    instead of PIL's a = -0.5 cubic (README, "Differences from the reference")."""
+    own box, resampled to size x size with grid_sample's a = -0.75 bicubic, not PIL's a = -0.5 (as affine), and
+    no antialias: the images this path serves are small and mostly upsampled (files: resized_crops, data.py)."""
     B, C, H, W = images.shape
-    top, left, h, w = sample_boxes(rng, B, H, W, scale, ratio)
-    top, left, h, w, flip = to_device(images.device, top, left, h, w, rng.random(B) < hflip)
+    top, left, h, w, flip = to_device(images.device, *sample_boxes(rng, B, H, W, scale, ratio), rng.random(B) < hflip)
     # output pixel centre u in (0, 1) maps to x = left + u * w in pixels, then to grid_sample's [-1, 1]
     u = (torch.arange(size, device=images.device) + 0.5) / size
     gx = (left[:, None] + u * w[:, None]) * 2 / W - 1  # (B, size)
@@ -314,8 +295,7 @@ def random_resized_crop(images, rng, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
-def _pil_cubic(x, a=-0.5):
-    """PIL's bicubic kernel (a = -0.5; Resample.c)."""
+def _pil_cubic(x, a=-0.5):  # PIL's bicubic kernel (Resample.c)
     x = x.abs()
     return torch.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1,
                        torch.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, torch.zeros_like(x)))
@@ -338,17 +318,15 @@ def _resample_matrices(lo, hi, n_in, out, n_max):
 
 def tf32(t):
     """float32 t rounded to TF32's 10-bit mantissa (to nearest), what a CUDA matmul in TF32 reads of it."""
-    bits = t.contiguous().view(torch.int32)
-    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+    return ((t.contiguous().view(torch.int32) + 0x1000) & ~0x1FFF).view(torch.float32)
 
 
 def exact_matmul(a, b, a_exact=False, b_exact=False):
     """a @ b in float32 precision, also where CUDA runs float32 matmuls in TF32 (train.py allows it for the
     model; the flag is global): each operand is split into its TF32 part and the rest, and the three products
     that matter are summed ("3xTF32"; the rest's own rounding is 2^-11 of 2^-11). An operand that TF32 holds
-    exactly (a_exact, b_exact: pixel values, integers up to 255) is not split, which leaves two products.
-    The crops need it to stay within a level of PIL: with a single TF32 product (emulated on the CPU,
-    test_crops_and_blur_stay_exact_under_tf32) 6.7% of their pixels move, by up to 2 levels."""
+    exactly (a_exact, b_exact: pixel values, integers up to 255) is not split, which leaves two products. With
+    one TF32 product 6.7% of the crops' pixels move, by up to 2 levels (test_crops_and_blur_stay_exact_under_tf32)."""
     if not torch.backends.cuda.matmul.allow_tf32:
         return a @ b
     if a_exact:
@@ -366,10 +344,9 @@ def resized_crops(images, boxes, sizes, size, budget=2 ** 26):
     pixels, floats) resized as PIL's img.resize((size, size), BICUBIC, box=box) does, for a whole batch at once.
 
     An antialiased resize is linear, separable and a function of the box alone: out = Wy @ X @ Wx^T, with the
-    crop in the matrices. So the images are zero-padded to a common size (nested tensors: no Python loop)
-    and resized by two batched matmuls; like PIL, the first (horizontal) pass is rounded to uint8. sizes:
-    (B, 2) host array of (H, W). Images are taken in order of area, in groups of at most budget padded
-    pixels, so that one huge photo does not pad the whole batch to its size."""
+    crop in the matrices. So the images are zero-padded to a common size (nested tensors: no Python loop) and
+    resized by two batched matmuls; like PIL, the first (horizontal) pass is rounded to uint8. sizes: (B, 2)
+    host (H, W). Groups by area of at most budget padded pixels: one huge photo does not pad the whole batch."""
     dev, B = images[0].device, len(images)
     sizes = np.asarray(sizes, dtype=np.int64).reshape(B, 2)
     order = np.argsort(sizes[:, 0] * sizes[:, 1], kind="stable")
@@ -407,9 +384,8 @@ def pad_crop_flip(images, rng, pad=4, hflip=0.5):
     cols = left.long()[:, None] + torch.arange(W, device=dev)
     cols = torch.where(flip[:, None] > 0, cols.flip(1), cols)[:, None, :]  # (B, 1, W)
     out = xp[torch.arange(B, device=dev)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)  # (B,H,W,C) -> (B,C,H,W)
-    # in the usual layout: a channels-last batch makes the patch embedding's weight gradient channels-last,
-    # which DDP's buckets (laid out like the parameter) must copy, with a warning on every process. For one
-    # channel both layouts count as contiguous, so only an explicit clone changes the strides.
+    # in the usual layout: a channels-last batch makes the patch embedding's weight gradient channels-last, which
+    # DDP's buckets must copy, warning on every process (one channel: only an explicit clone changes the strides)
     return out.clone(memory_format=torch.contiguous_format)
 
 
@@ -425,8 +401,7 @@ def three_augment(images, rng, jitter=0.3):
     factors = rng.uniform(1 - jitter, 1 + jitter, (3, B))  # brightness, contrast, saturation
     factors, *parts = to_device(images.device, factors, *[a for i in idx for a in (i, sigma[i])])
     ops = (lambda x, s: _grey(x).expand(x.shape).to(torch.uint8),
-           lambda x, s: solarize(x, torch.full_like(s, 128.0)),
-           _gaussian_blur)
+           lambda x, s: solarize(x, torch.full_like(s, 128.0)), _gaussian_blur)
     out = images.clone()
     for op, k, i, s in zip(ops, range(3), parts[0::2], parts[1::2]):  # each op only on the images that drew it
         if len(idx[k]):
@@ -442,7 +417,6 @@ def _gaussian_blur(images, sigma):
     r = torch.arange(-4, 5, device=images.device, dtype=torch.float32)
     k = torch.exp(-r[None] ** 2 / (2 * sigma[:, None] ** 2))
     k = k / k.sum(1, keepdim=True)  # (B, 9)
-    B, C, H, W = images.shape
     x = F.pad(images.float(), (4, 4, 4, 4), mode="replicate")
     # along W: (B, C, H+8, W, 9) @ (B, 1, 1, 9, 1), then along H; the pixels are exact in TF32, the sums not
     x = exact_matmul(x.unfold(3, 9, 1), k[:, None, None, :, None], a_exact=True)
@@ -460,10 +434,8 @@ def normalize(x, mean, std):
 
 
 def random_erasing(x, rng, p=0.25, area=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), attempts=10, gen=None):
-    """Random erasing (Zhong et al. 2017) as DeiT: with probability p per image, one rectangle of area
-    ~ U(area) * H * W and log-uniform aspect, the first of 10 tries that fits, filled with N(0, 1) per
-    value (mode "pixel", on normalised images) from gen, a torch.Generator on x's device. x: normalised
-    float (B, C, H, W), erased in place (as timm)."""
+    """Random erasing (Zhong et al. 2017) as DeiT: per image with probability p, one rectangle (_box_sizes) of
+    N(0, 1) values (mode "pixel") from gen, a torch.Generator on x's device, in the normalised x, in place (as timm)."""
     B, C, H, W = x.shape
     # timm draws the aspect as h/w; the range is symmetric (0.3 .. 1/0.3), so w/h has the same law
     h, w, fits = _box_sizes(rng, B, H, W, area, ratio, attempts, lambda h, w: (h < H) & (w < W))
@@ -480,23 +452,16 @@ def random_erasing(x, rng, p=0.25, area=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), att
     return x.index_copy_(0, idx, torch.where(inside, noise, x.index_select(0, idx)))
 
 
-def smooth_one_hot(y, num_classes, smoothing):
-    off = smoothing / num_classes
-    return torch.full((len(y), num_classes), off, device=y.device).scatter_(1, y[:, None], 1 - smoothing + off)
-
-
 def mixup_cutmix(x, y, num_classes, rng, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, smoothing=0.1):
-    """Mixup (Zhang et al. 2018) or CutMix (Yun et al. 2019), one per batch, as DeiT: the partner of image i
-    is image B-1-i (the flipped batch, any batch size); CutMix (probability switch_prob) pastes a box whose
-    area is 1 - lam, clipped to the image, and lam is recomputed from the pasted area. Targets: the
-    label-smoothed one-hots of the pair, weighted lam and 1 - lam. Returns (images, targets (B, classes));
-    the images are mixed in place (as timm). lam and the box are drawn on the host (rng): plain numbers."""
+    """Mixup (Zhang et al. 2018) or CutMix (Yun et al. 2019), one per batch, as DeiT: the partner of image i is image
+    B-1-i (the flipped batch, any batch size); CutMix (probability switch_prob) pastes a box whose area is 1 - lam,
+    clipped to the image, and lam is recomputed from the pasted area. Targets: the label-smoothed one-hots of the pair,
+    weighted lam and 1 - lam. Returns (images, targets (B, classes)); the images are mixed in place (as timm)."""
     B, C, H, W = x.shape
-    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < switch_prob)
-    if use_cutmix:
+    lam = 1.0
+    if cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < switch_prob):
         lam = rng.beta(cutmix_alpha, cutmix_alpha)
-        r = math.sqrt(1 - lam)
-        cut_h, cut_w = int(H * r), int(W * r)
+        cut_h, cut_w = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
         cy, cx = int(rng.random() * H), int(rng.random() * W)
         y1, y2 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, H)
         x1, x2 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, W)
@@ -506,9 +471,8 @@ def mixup_cutmix(x, y, num_classes, rng, mixup_alpha=0.8, cutmix_alpha=1.0, swit
         lam = float(rng.beta(mixup_alpha, mixup_alpha))
         partner = x.flip(0)  # a copy, taken before x changes
         x = x.mul_(lam).add_(partner, alpha=1 - lam)
-    else:
-        lam = 1.0
-    t = smooth_one_hot(y, num_classes, smoothing)
+    off = smoothing / num_classes  # label smoothing
+    t = torch.full((len(y), num_classes), off, device=y.device).scatter_(1, y[:, None], 1 - smoothing + off)
     return x, lam * t + (1 - lam) * t.flip(0)
 
 
@@ -535,13 +499,12 @@ def parse_aa(spec):
 def deit_augment(x, y, rng, gen=None, *, num_classes, mean, std, cropped=False, crop_pad=4, rrc_scale=None,
                  hflip=0.5, aa="rand-m9-mstd0.5-inc1", three_aug=False, reprob=0.25, mixup=0.8, cutmix=1.0,
                  switch_prob=0.5, smoothing=0.1):
-    """DeiT's training augmentation of a uint8 batch x (B, C, H, W) with labels y (B,) on their device, with
-    DeiT's flags as defaults: crop + flip (RandomResizedCrop above 32 px or with rrc_scale, its smallest area,
-    else the padded crop; flip only if cropped), RandAugment (aa) or 3-Augment, normalisation, random erasing
-    (not with 3-Augment, as DeiT III), Mixup/CutMix. rng (numpy) draws every choice on the host: seed it per
-    step, e.g. (seed, step, rank), and a resumed run repeats it; gen (torch, on x's device) draws the erasing
-    noise. Returns (float images, targets): soft targets (B, num_classes), label smoothing folded in, when
-    mixing; else the labels y (then smooth in the loss)."""
+    """DeiT's training augmentation of a uint8 batch x (B, C, H, W) with labels y (B,) on their device, with DeiT's
+    flags as defaults: crop + flip (RandomResizedCrop above 32 px or with rrc_scale, its smallest area, else the padded
+    crop; flip only if cropped), RandAugment (aa) or 3-Augment, normalisation, random erasing (not with 3-Augment, as
+    DeiT III), Mixup/CutMix. rng (numpy) draws every choice on the host: seed it per step, e.g. (seed, step, rank), and
+    a resumed run repeats it; gen (torch, on x's device) draws the erasing noise. Returns (float images, targets): soft
+    targets (B, num_classes), label smoothing folded in, when mixing; else the labels y (then smooth in the loss)."""
     if not cropped and (x.shape[-1] > 32 or rrc_scale is not None):
         x = random_resized_crop(x, rng, x.shape[-1], scale=(rrc_scale or 0.08, 1.0), hflip=hflip)
     elif (crop_pad and not cropped) or hflip:

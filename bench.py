@@ -8,17 +8,14 @@ Per model, train images/s of train.py's own step (train.train_step: forward, bac
 with the device's defaults (CUDA: bf16 autocast and torch.compile; CPU: fp32 eager):
   (a) the model alone, on a uint8 batch already on the device (normalised, nothing else);
   (b) + DeiT's full augmentation (crop, flip, RandAugment, erasing, Mixup/CutMix; augment.deit_augment);
-  (c) + hard distillation from a teacher (regnet_y_16gf, DeiT's, with random weights: no download; on CUDA
-      for DeiT-S only by default, as timm's row: --compare);
+  (c) + hard distillation from a teacher (regnet_y_16gf, DeiT's, with random weights: no download; --compare);
   (d) evaluation (train.evaluate);
-and on CUDA the model FLOP utilisation of (a) (FLOPs counted by torch.utils.flop_counter) and the number
-of times one step (b) waits for the GPU (sync debug mode "warn"). Then the augmentation alone at 224,
-batch 256, beside the reference's per-image PIL pipeline (CPU time per image, one thread). With timm
-importable (never required), timm's DeiT in (a)'s setting, as a ratio. Then image files: the CPU time
-per training image in one DataLoader worker for the reference's pipeline and each --decode path, on a
-JPEG folder made by prepare_data.py --jpegs (from mate-backgrounds' photographs when installed); on CUDA
-also DeiT-S trained with the full recipe from a 5,120-file JPEG folder per path, and the reference's
-data loading alone on the same workers (--no-jpeg-train skips it). Results: RESULTS.md ("Speed"; studies/speed.sh).
+on CUDA the model FLOP utilisation of (a) and how often one step (b) waits for the GPU; with timm importable
+(never required), timm's DeiT in (a)'s setting, as a ratio. Then the augmentation alone at 224, batch 256, beside
+the reference's per-image PIL pipeline (CPU time per image, one thread). Then image files (prepare_data.py --jpegs):
+the CPU time per training image in one DataLoader worker for the reference's pipeline and each --decode path; on
+CUDA also DeiT-S trained with the full recipe from 5,120 files per path, and the reference's data loading alone on
+the same workers. Results: RESULTS.md ("Speed"; studies/speed.sh).
 """
 
 import argparse
@@ -32,8 +29,10 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageEnhance, ImageOps
 
 import augment as A
+import data as DT
 import distill as D
 import train as T
 from data import IMAGENET_MEAN as MEAN, IMAGENET_STD as STD
@@ -50,33 +49,24 @@ CONFIGS = {"cuda": [("deit_tiny_patch16_224", 224, 256), ("deit_small_patch16_22
 
 def pil_op(name, im, arg, fill=FILL):
     """One RandAugment op as the reference pipeline does it, in PIL (the tests compare augment.py with it)."""
-    from PIL import Image, ImageEnhance, ImageOps
-    if name == "AutoContrast":
-        return ImageOps.autocontrast(im)
-    if name == "Equalize":
-        return ImageOps.equalize(im)
-    if name == "Invert":
-        return ImageOps.invert(im)
-    if name == "PosterizeIncreasing":
-        return ImageOps.posterize(im, int(arg)) if int(arg) > 0 else Image.new("RGB", im.size)
-    if name == "SolarizeIncreasing":
-        return ImageOps.solarize(im, arg)
-    if name == "SolarizeAdd":
-        return im.point([min(255, i + int(arg)) if i < 128 else i for i in range(256)] * 3)
-    enhance = {"ColorIncreasing": ImageEnhance.Color, "ContrastIncreasing": ImageEnhance.Contrast,
-               "BrightnessIncreasing": ImageEnhance.Brightness, "SharpnessIncreasing": ImageEnhance.Sharpness}
-    if name in enhance:
-        return enhance[name](im).enhance(arg)
-    if name == "Rotate":
-        return im.rotate(arg, resample=Image.BICUBIC, fillcolor=fill)
-    matrix = {"ShearX": (1, arg, 0, 0, 1, 0), "ShearY": (1, 0, 0, arg, 1, 0),
-              "TranslateXRel": (1, 0, arg, 0, 1, 0), "TranslateYRel": (1, 0, 0, 0, 1, arg)}[name]
-    return im.transform(im.size, Image.AFFINE, matrix, resample=Image.BICUBIC, fillcolor=fill)
+    affine = lambda *matrix: im.transform(im.size, Image.AFFINE, matrix, resample=Image.BICUBIC, fillcolor=fill)
+    ops = {"AutoContrast": lambda: ImageOps.autocontrast(im), "Equalize": lambda: ImageOps.equalize(im),
+           "Invert": lambda: ImageOps.invert(im), "SolarizeIncreasing": lambda: ImageOps.solarize(im, arg),
+           "PosterizeIncreasing": lambda: (ImageOps.posterize(im, int(arg)) if int(arg) > 0
+                                           else Image.new("RGB", im.size)),
+           "SolarizeAdd": lambda: im.point([min(255, i + int(arg)) if i < 128 else i for i in range(256)] * 3),
+           "ColorIncreasing": lambda: ImageEnhance.Color(im).enhance(arg),
+           "ContrastIncreasing": lambda: ImageEnhance.Contrast(im).enhance(arg),
+           "BrightnessIncreasing": lambda: ImageEnhance.Brightness(im).enhance(arg),
+           "SharpnessIncreasing": lambda: ImageEnhance.Sharpness(im).enhance(arg),
+           "Rotate": lambda: im.rotate(arg, resample=Image.BICUBIC, fillcolor=fill),
+           "ShearX": lambda: affine(1, arg, 0, 0, 1, 0), "ShearY": lambda: affine(1, 0, 0, arg, 1, 0),
+           "TranslateXRel": lambda: affine(1, 0, arg, 0, 1, 0), "TranslateYRel": lambda: affine(1, 0, 0, 0, 1, arg)}
+    return ops[name]()
 
 
 def pil_pipeline(images, size):
     """The reference's per-image path: PIL crop/flip/RandAugment, to tensor, normalise, erase."""
-    from PIL import Image
     rng = np.random.default_rng(0)
     mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
     out = []
@@ -183,9 +173,7 @@ def model_row(name, size, batch, ctx, args, out_dir):
 
 
 def augmentation_rows(ctx, steps):
-    """DeiT's augmentation alone at 224, batch 256: on the device (augment.deit_augment), crop included (tensor
-    data) and after the crop (image files, cropped by the workers); the reference's PIL path per image."""
-    from PIL import Image
+    """DeiT's augmentation alone: ours on the device, crop included (tensor data) or not (image files), and PIL's."""
     args = T.get_parser().parse_args([])
     src = synthetic(256, 256, 3, ctx.device)
     x256, y = src.train
@@ -207,8 +195,7 @@ def augmentation_rows(ctx, steps):
 
 
 def jpeg_folder(n_train, photos=None):
-    """out/jpegs-N: an ImageNet-like JPEG folder (prepare_data.py --jpegs), made once, from photos (default:
-    mate-backgrounds' photographs when installed, larger and sharper; else the bundled ones)."""
+    """An ImageNet-like JPEG folder in out/ (prepare_data.py --jpegs), made once; mate's photos are larger, sharper."""
     from prepare_data import PHOTOS, make_jpeg_folder
     mate = "/usr/share/backgrounds/mate/nature"
     photos = photos or (mate if os.path.isdir(mate) else PHOTOS)
@@ -221,75 +208,43 @@ def jpeg_folder(n_train, photos=None):
 
 
 def jpeg_worker_rows(root):
-    """CPU time per training image in one DataLoader worker (one thread), on the same files: the reference's
-    per-image pipeline (PIL decode, RandomResizedCrop, flip, RandAugment, to tensor, normalise, erasing),
-    our workers path (decode + crop; the rest is batched on the device) and the device path's worker side
-    (read the bytes, parse the header, draw the box)."""
-    from PIL import Image
-    import data as DT
-    files = DT.ImageFiles(os.path.join(root, "train"), 224, True, "workers")
-    paths = [p for p, _ in files.samples]
-    pipelines = {"reference: PIL decode + per-image augmentation": lambda i: pil_pipeline([Image.open(paths[i]).convert("RGB")], 224),
-                 "workers path: decode + crop (data.py)": lambda i: files[i]}
-    pil_only = DT.ImageFiles(os.path.join(root, "train"), 224, True, "workers")
-    pil_only.tensor_decode = False
-    pipelines["workers path, PIL decoding only"] = lambda i: pil_only[i]
+    """CPU time per training image in one DataLoader worker (one thread), per pipeline, on the same files."""
+    train = os.path.join(root, "train")
+    pipelines = {"reference: PIL decode + per-image augmentation": ReferenceFiles(root),
+                 "workers path: decode + crop (data.py)": DT.ImageFiles(train, 224, True, "workers"),
+                 "workers path, PIL decoding only": DT.ImageFiles(train, 224, True, "workers")}
+    pipelines["workers path, PIL decoding only"].tensor_decode = False
     if DT.device_decoder()[0]:
-        device_side = DT.ImageFiles(os.path.join(root, "train"), 224, True, "device")
-        pipelines["device path, worker side: bytes + box"] = lambda i: device_side[i]
+        pipelines["device path, worker side: bytes + box"] = DT.ImageFiles(train, 224, True, "device")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     rows = []
-    for name, fn in pipelines.items():
-        fn(0)
+    for name, files in pipelines.items():
+        files[0]  # warm-up
         c = time.process_time()
-        for i in range(len(paths)):
-            fn(i)
-        rows.append({"path": name, "CPU ms/image": 1000 * (time.process_time() - c) / len(paths)})
+        for i in range(len(files)):
+            files[i]
+        rows.append({"path": name, "CPU ms/image": 1000 * (time.process_time() - c) / len(files)})
     torch.set_num_threads(threads)
-    for r in rows:
-        r["vs reference"] = rows[0]["CPU ms/image"] / r["CPU ms/image"]
-    return rows
+    return [{**r, "vs reference": rows[0]["CPU ms/image"] / r["CPU ms/image"]} for r in rows]
 
 
-class ReferenceFiles(torch.utils.data.Dataset):
+class ReferenceFiles(DT.ImageFiles):
     """The reference's data loading, per image in the workers: PIL decode and pil_pipeline."""
 
     def __init__(self, root):
-        import data as DT
-        self.samples = DT.ImageFiles(os.path.join(root, "train"), 224, True, "workers").samples
-
-    def __len__(self):
-        return len(self.samples)
+        super().__init__(os.path.join(root, "train"), 224, True, "workers")
 
     def __getitem__(self, i):
-        from PIL import Image
         path, y = self.samples[i]
         return pil_pipeline([Image.open(path).convert("RGB")], 224)[0], y
 
 
-def reference_loading_rate(root, steps, workers, batch=256):
-    """images/s of the reference's pipeline alone in a DataLoader with workers processes (its ceiling)."""
-    loader = torch.utils.data.DataLoader(ReferenceFiles(root), batch, shuffle=True, num_workers=workers,
-                                         drop_last=True, persistent_workers=True)
-    n, t, step = 0, None, 0
-    while step < steps + 2:
-        for x, _ in loader:
-            step += 1
-            if step == 2:  # after the workers' start
-                n, t = 0, time.perf_counter()
-            n += len(x)
-            if step == steps + 2:
-                break
-    return n / (time.perf_counter() - t)
-
-
 def jpeg_train_rows(ctx, root, model, steps, workers, batch=256):
-    """On CUDA: train images/s of the full recipe (train.py's step) fed from the JPEG folder, per --decode path."""
-    import data as DT
+    """On CUDA: train images/s of the full recipe (train.py's step) fed from the JPEG folder, per --decode path;
+    then of the reference's pipeline alone in a DataLoader on the same workers (its ceiling)."""
     sync = torch.cuda.synchronize if ctx.device.type == "cuda" else (lambda: None)
-    rows = []
-    prefetch = DT.prefetch
+    rows, prefetch = [], DT.prefetch
     for decode, ahead in (("device", True), ("device", False), ("workers", True)):
         # ahead False: the device decode on the training stream, between steps (data.prefetch off), to show
         # what decoding one batch ahead on a stream of its own buys
@@ -313,8 +268,17 @@ def jpeg_train_rows(ctx, root, model, steps, workers, batch=256):
                      "workers": workers, "images/s": n / (time.perf_counter() - t)})
         del run
     DT.prefetch = prefetch
+    loader = torch.utils.data.DataLoader(ReferenceFiles(root), batch, shuffle=True, num_workers=workers,
+                                         drop_last=True, persistent_workers=True)
+    n, t = 0, None
+    for step, (x, _) in enumerate((b for epoch in range(10 ** 9) for b in loader), 1):
+        if step == 2:  # after the workers' start
+            n, t = 0, time.perf_counter()
+        n += len(x)
+        if step == steps + 2:
+            break
     rows.append({"decode": "the reference's pipeline, data loading alone", "workers": workers,
-                 "images/s": reference_loading_rate(root, steps, workers, batch)})
+                 "images/s": n / (time.perf_counter() - t)})
     return rows
 
 

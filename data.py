@@ -1,12 +1,9 @@
 """
-Data for train.py: datasets as uint8 tensors on the device, or image folders read by DataLoader workers,
-and the order in which each process sees them.
-
-Small datasets (Fashion-MNIST idx files, CIFAR, synthetic) live on the device as uint8 (N, C, H, W) tensors
-and are batched there, as in airbench: no DataLoader, no workers. Image folders (ImageNet's layout) are
-read by DataLoader workers, and each file becomes one crop, decoded on the device or in the workers
-(--decode; below). Augmentation happens later, on the batch (augment.py). The reference:
-facebookresearch/deit datasets.py (transforms) and samplers.py (repeated augmentation).
+Data for train.py, and the order in which each process sees it. Small datasets (Fashion-MNIST idx files, CIFAR,
+synthetic) live on the device as uint8 (N, C, H, W) tensors and are batched there, as in airbench: no DataLoader.
+Image folders (ImageNet's layout) are read by DataLoader workers, each file one crop, decoded on the device or in
+the workers (below). Augmentation happens later, on the batch (augment.py). The reference: facebookresearch/deit
+datasets.py (transforms) and samplers.py (repeated augmentation).
 """
 
 import argparse
@@ -45,10 +42,8 @@ FILES = {  # split -> (images, labels), the names Fashion-MNIST and MNIST ship w
 
 def find_idx(folder, name):
     """Path of an idx file, gzipped or not, or None."""
-    for path in (os.path.join(folder, name + ".gz"), os.path.join(folder, name)):
-        if os.path.isfile(path):
-            return path
-    return None
+    paths = (os.path.join(folder, name + ".gz"), os.path.join(folder, name))
+    return next((p for p in paths if os.path.isfile(p)), None)
 
 
 def read_idx(path):
@@ -230,14 +225,12 @@ def load_data(name="bundled", device="cpu", img_size=None, data_dir=os.path.join
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Image folders (ImageNet's layout). Each file becomes one box of its pixels resized to img_size x img_size:
-# in training RandomResizedCrop's random box, in evaluation the centre crop of the reference's
-# Resize(int(size / 0.875)) + CenterCrop(size) (facebookresearch/deit datasets.py), which is one box as well.
-# Two paths (--decode): "workers" decodes and resizes in the DataLoader workers with PIL; "device" has the
-# workers only read the bytes and the header and pick the box, and decodes and resizes the whole batch on
-# the device (nvJPEG through TorchCodec on CUDA; augment.resized_crops). Both resize as PIL's bicubic
-# does (antialiased), so they give the same pixels within 1 level (test_all.py). Deliberately as the
-# reference's loader (torchvision's pil_loader): EXIF orientation is not applied, on either path.
+# Image folders (ImageNet's layout). Each file becomes one box of its pixels resized to img_size: in training
+# RandomResizedCrop's, in evaluation the reference's Resize(int(size / 0.875)) + CenterCrop(size)
+# (facebookresearch/deit datasets.py), one box as well. --decode workers: the DataLoader workers decode and
+# resize with PIL; device: they only read the bytes and pick the box, and the batch is decoded and resized on the
+# device (nvJPEG through TorchCodec on CUDA; augment.resized_crops). Both resize as PIL's antialiased bicubic,
+# within 1 level (test_all.py). As the reference's loader (torchvision's pil_loader), EXIF rotation is not applied.
 
 @functools.lru_cache(None)
 def device_decoder():
@@ -279,7 +272,7 @@ def eval_box(W, H, size):
 
 
 def dct_scale(W, H, request):
-    """The reduction PIL's draft picks for a JPEG of W x H asked for at least request = (w, h): 8, 4, 2 or 1."""
+    """The reduction PIL's draft picks for a JPEG of W x H asked for at least request (w, h): 8, 4, 2 or 1."""
     most = min(W // request[0], H // request[1])
     return next((s for s in (8, 4, 2) if most >= s), 1)
 
@@ -294,17 +287,14 @@ def plain_jpeg(im, modes):
 def decode_crop(im, size, box=None, raw=None, decoder=None):
     """A PIL image, opened but not decoded -> (3, size, size) uint8 tensor: the box (x0, y0, x1, y1) resized to
     size x size, or with box None the reference's evaluation crop (eval_box). Two ways, by what saves most:
-
-    - A JPEG that needs every pixel (the common case at ImageNet's sizes) is decoded whole, by decoder when
-      given (raw bytes -> tensor, libjpeg-turbo as PIL: the same pixels, without PIL's copy into numpy),
-      then resized by torch's antialiased bicubic on uint8: PIL's a = -0.5 kernel, ~2.5x faster than PIL's
-      resize on one core. It crops first, as torchvision's tensor RandomResizedCrop does, so it does not
-      read the few pixels beyond a training box that PIL's resize(box=) reads: the 2 outer output pixels
-      differ. In evaluation it resizes the whole image and crops the centre, the reference's two steps.
-    - Otherwise PIL, as the reference, with one saving: a JPEG is decoded at the smallest DCT scale (1/2,
-      1/4, 1/8: PIL's draft) that keeps at least size pixels across the box, so nothing is upsampled that a
-      full decode had. It changes the pixels by resampling only: libjpeg's scaled IDCT averages each s x s
-      block before the bicubic filter instead of inside it (test_all.py bounds it against a full decode)."""
+    - A JPEG that needs every pixel (the common case at ImageNet's sizes) is decoded whole, by decoder if given
+      (libjpeg-turbo as PIL, without PIL's copy into numpy), then resized by torch's antialiased bicubic on uint8
+      (PIL's a = -0.5 kernel, ~2.5x faster than PIL's resize on one core). It crops first, as torchvision's tensor
+      RandomResizedCrop does, so the 2 outer output pixels differ from PIL's resize(box=), which reads a few pixels
+      beyond the box. In evaluation it resizes the whole image, then crops the centre: the reference's two steps.
+    - Otherwise PIL, as the reference, but a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8: PIL's draft)
+      that keeps at least size pixels across the box: libjpeg's scaled IDCT averages each s x s block before the
+      bicubic filter instead of inside it (test_all.py bounds it against a full decode)."""
     W, H = im.size
     pil_box = box or eval_box(W, H, size)
     request = (math.ceil(W * size / max(pil_box[2] - pil_box[0], 1)), math.ceil(H * size / max(pil_box[3] - pil_box[1], 1)))
@@ -374,11 +364,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 
 
 def list_images(root):
-    """torchvision's ImageFolder listing (class = subfolder, sorted; the image files below it, symlinks
-    followed, sorted by folder then name) -> (samples [(path, class index)], classes), except that a folder
-    or a file reached a second time, through a symlink loop (train/coffee/loop -> ..) or a second link, is
-    an error naming both paths: ImageFolder lists such files again and again, under whichever class they
-    were reached from, and says nothing."""
+    """torchvision's ImageFolder listing (class = subfolder, sorted; the image files below it, symlinks followed,
+    sorted by folder then name) -> (samples [(path, class index)], classes), except that a folder or file reached
+    twice, through a symlink loop or a second link, is an error naming both paths (ImageFolder lists it again)."""
     try:
         classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
     except OSError as e:
@@ -411,9 +399,8 @@ def list_images(root):
 
 
 def collate_files(batch):
-    """ImageFiles items -> a dict: the files already cropped (pixels (K, 3, S, S) or None, pixel_labels), those
-    left to the device decoder (jpegs: their bytes, lengths, paths, boxes, sizes, jpeg_labels), and the messages of
-    the bad ones. The device batch is the decoded files, then the cropped ones."""
+    """ImageFiles items -> a dict: the files already cropped (pixels (K, 3, S, S) or None, pixel_labels), those left
+    to the device decoder (jpegs: bytes, lengths, paths, boxes, sizes, jpeg_labels), the messages of the bad ones."""
     px = [(item[1], y) for item, y in batch if item[0] == "pixels"]
     jp = [(item, y) for item, y in batch if item[0] == "jpeg"]
     return {"pixels": torch.stack([p for p, _ in px]) if px else None,
@@ -454,13 +441,11 @@ def load_image_folder(root, img_size, device, decode="auto", workers=0, rrc_scal
 
 
 def epoch_indices(n, batch_size, seed, epoch, rank=0, world=1, repeats=1):
-    """Process rank's sample indices for one epoch, in order; consecutive chunks of batch_size // world are
-    its batches. Without repeated augmentation, process r takes the r-th slice of each global batch of one
-    permutation of (seed, epoch), so N processes train on exactly the images one process would.
-    With repeats > 1 in a distributed run (DeiT's RASampler, facebookresearch/deit samplers.py; paper §6,
-    Table 8: 76.5% without it for DeiT-B) each image is repeated, the copies going to different processes,
-    and each process keeps n // 256 * 256 / world samples: with 3 repeats an epoch sees about a third of the
-    images, each 3 times."""
+    """Process rank's sample indices for one epoch, in order, in batches of batch_size // world. Without repeats,
+    process r takes the r-th slice of each global batch of one permutation of (seed, epoch): N processes train on
+    exactly the images one would. With repeats > 1 in a distributed run (DeiT's RASampler, samplers.py; paper §6,
+    Table 8: 76.5% without it for DeiT-B) each image is repeated on different processes, each keeping
+    n // 256 * 256 / world samples: with 3 repeats an epoch sees about a third of the images, each 3 times."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     if repeats > 1 and world > 1:
         idx = torch.randperm(n, generator=g).repeat_interleave(repeats)
@@ -473,8 +458,8 @@ def epoch_indices(n, batch_size, seed, epoch, rank=0, world=1, repeats=1):
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """epoch_indices as a Sampler: the role of DistributedSampler, and of DeiT's RASampler with repeats=3.
-    local: the batch of one process; steps: its batches per epoch (whole ones only)."""
+    """epoch_indices as a Sampler (DistributedSampler's role, and DeiT's RASampler's with repeats=3). local: the
+    batch of one process; steps: its batches per epoch (whole ones only)."""
 
     def __init__(self, n, batch_size, seed, rank=0, world=1, repeats=1):
         self.n, self.batch_size, self.seed, self.rank, self.world, self.repeats = n, batch_size, seed, rank, world, repeats
@@ -533,9 +518,8 @@ def val_batches(data, batch_size, device, rank=0, world=1, skipped=None):
 
 
 def _folder_batches(data, dataset, batch_size, device, skipped, keep_empty=False, **kw):
-    # A DataLoader per epoch, as the reference's: workers read (and on the workers path decode and crop) the
-    # files; the JPEGs left to the device are decoded as one batch and cropped by augment.resized_crops, one
-    # batch ahead, on a stream of their own (prefetch).
+    # A DataLoader per epoch, as the reference's: workers read (and on the workers path decode and crop) the files;
+    # the JPEGs left to the device are decoded as one batch, one batch ahead, on a stream of their own (prefetch).
     # The loader's iterator is made here, in the caller's thread: it draws its workers' seeds from the global
     # generator, at the same point of the run every time.
     files = iter(torch.utils.data.DataLoader(dataset, batch_size, num_workers=data.workers, collate_fn=collate_files,
@@ -581,15 +565,12 @@ def _decoded_batches(data, files, device, skipped, keep_empty, training):
 
 
 def prefetch(batches, device, ahead=1):
-    """The generator batches runs in a thread of its own, on a CUDA stream of its own, up to `ahead` batches
-    before the step that takes them. TorchCodec's CUDA decoder synchronises the stream it runs on, twice per
-    batch (before the hardware decode and before it returns): on the training stream, batch i+1 could not
-    start decoding before step i had finished, and the GPU would idle while the host prepares the decode.
-    Here the host's share of the decode overlaps the running step, and the GPU's share runs beside it.
-    Each batch carries an event recorded after its work; the taking stream waits for that event only, and
-    marks the batch's tensors as used there (record_stream: their memory is not reused while the step
-    reads them). Order, content and errors are those of batches, each batch handed over once; on the CPU
-    there are no streams, only the thread."""
+    """The generator batches runs in a thread and on a CUDA stream of its own, up to `ahead` batches before the step
+    that takes them. TorchCodec's CUDA decoder synchronises its stream twice per batch: on the training stream,
+    batch i+1 could not start decoding before step i had finished, and the GPU would idle while the host prepares
+    the decode. Each batch carries an event recorded after its work; the taking stream waits for that event only,
+    and marks the batch's tensors as used there (record_stream: not reused while the step reads them). Order,
+    content and errors are those of batches; on the CPU there are no streams, only the thread."""
     cuda = device.type == "cuda"
     stream = torch.cuda.Stream(device) if cuda else None
     handover, stop, end = queue.Queue(maxsize=ahead), threading.Event(), object()
@@ -637,10 +618,9 @@ def prefetch(batches, device, ahead=1):
 
 
 def _decode(decoder, jpegs, device):
-    """The batch in one call; should that fail (a file the header check let through), file by file, so that
-    only the files the decoder rejects are left to the caller: (decoded images, indices kept, [(index,
-    reason)]). An error of the device itself (out of memory, a CUDA or nvJPEG setup error) is raised: it is
-    no fault of a file, and the files would be dropped in silence."""
+    """The batch in one call, or if that fails (a file the header check let through) file by file: (decoded images,
+    indices kept, [(index, reason)]). An error of the device itself (out of memory, CUDA, nvJPEG setup) is raised:
+    it is no fault of a file, and the files would be dropped in silence."""
     try:
         return decoder(jpegs, device), np.arange(len(jpegs)), []
     except Exception as e:

@@ -8,11 +8,9 @@ checkpoints and exact resume, progress, log.jsonl, the out-dir lock, one-line er
     python detect.py --model resnet50                 # torchvision's ResNet-50-FPN, the backbone being replaced
     python detect.py --masks                          # Mask R-CNN: boxes and instance masks
 
-The data: scenes composed from Fashion-MNIST's garments (make_scenes: 2-5 per canvas, random size and
-place, overlaps allowed; boxes, labels and instance masks of what stays visible), the training split's for
-training and the test split's for evaluation; or your own COCO-style folder (--data DIR with train/ and val/,
-each images plus annotations.json; boxes only). The metric: COCO's box AP (IoU .50:.05:.95) and AP50,
-average_precision below; with --masks also the masks'.
+The data: scenes composed from Fashion-MNIST's garments (make_scenes; the test split's for evaluation), or your own
+COCO-style folder (--data DIR with train/ and val/, each images plus annotations.json; boxes only). The metric:
+COCO's box AP (IoU .50:.05:.95) and AP50 (average_precision), with --masks also the masks'.
 """
 
 import argparse
@@ -39,9 +37,8 @@ MIN_PIXELS = 16  # an object left with fewer visible pixels (hidden by later one
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Data: composed scenes, or a COCO-style folder. Each split is (uint8 images (N, C, S, S), their indices)
-# for train.py's batches, and its annotations: per image a (k, 4) box tensor (x0, y0, x1, y1), k labels
-# (1..classes; 0 is torchvision's background) and, for scenes, an (S, S) map of which object each pixel shows.
+# Data, per split: uint8 images (N, C, S, S) and their indices; per image a (k, 4) box tensor (x0, y0, x1, y1), k labels
+# (1..classes; 0: torchvision's background) and, for scenes, an (S, S) map of which object each pixel shows.
 
 def make_scenes(images, labels, n, size, seed, objects=(2, 5), sides=(16, 48)):
     """n size x size canvases, each with objects[0]..objects[1] garments of images (uint8 (N, 1, 28, 28)),
@@ -49,8 +46,7 @@ def make_scenes(images, labels, n, size, seed, objects=(2, 5), sides=(16, 48)):
     brighter than 32 of 255). Deterministic from seed. Returns (canvases, ids, boxes, labels)."""
     rng = np.random.default_rng(seed)
     canvas = torch.zeros(n, 1, size, size, dtype=torch.uint8)
-    ids = torch.zeros(n, size, size, dtype=torch.uint8)
-    boxes, classes = [], []
+    ids, boxes, classes = torch.zeros(n, size, size, dtype=torch.uint8), [], []
     for i in range(n):  # data preparation, once; not the training path
         k = int(rng.integers(objects[0], objects[1] + 1))
         picks, ss = rng.integers(0, len(images), k), rng.integers(sides[0], sides[1] + 1, k)
@@ -74,8 +70,7 @@ def make_scenes(images, labels, n, size, seed, objects=(2, 5), sides=(16, 48)):
 
 
 def load_coco_folder(root, split, size):
-    """root/split/annotations.json (COCO: images, annotations with bbox [x, y, w, h] and category_id,
-    categories) and its images, each scaled so that its longer side is size and padded to size x size."""
+    """root/split/annotations.json (COCO's: bbox [x, y, w, h]) and images, scaled to size on the longer side, padded."""
     from PIL import Image
     path = os.path.join(root, split, "annotations.json")
     check_file(path, "annotations")
@@ -88,8 +83,7 @@ def load_coco_folder(root, split, size):
         files = [(im["id"], os.path.join(root, split, im["file_name"])) for im in coco["images"]]
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path} is not COCO-style annotations ({type(e).__name__}: {e})") from None
-    x = torch.zeros(len(files), 3, size, size, dtype=torch.uint8)
-    boxes, classes = [], []
+    x, boxes, classes = torch.zeros(len(files), 3, size, size, dtype=torch.uint8), [], []
     for i, (image_id, file) in enumerate(files):
         check_file(file, "image")
         im = Image.open(file).convert("RGB")
@@ -99,18 +93,21 @@ def load_coco_folder(root, split, size):
         b = torch.tensor([a["bbox"] for a in per_image[image_id]], dtype=torch.float32).reshape(-1, 4) * scale
         boxes.append(torch.cat([b[:, :2], b[:, :2] + b[:, 2:]], 1))
         classes.append(torch.tensor([cats.index(a["category_id"]) + 1 for a in per_image[image_id]], dtype=torch.int64))
-    names = [c["name"] for c in sorted(coco["categories"], key=lambda c: c["id"])]
-    return x, None, boxes, classes, names
+    return x, None, boxes, classes, [c["name"] for c in sorted(coco["categories"], key=lambda c: c["id"])]
 
 
 def load_data(args, device):
-    """train.py's data namespace for detection: the splits' images and indices on the device, and
-    data.annotations[split] = (ids or None, boxes, labels) on the host."""
+    """train.py's data namespace, the splits on the device, data.annotations[split] (ids, boxes, labels) on the host."""
+    try:
+        lo, hi = (int(v) for v in args.objects.split("-"))
+    except ValueError:
+        raise ValueError(f"--objects {args.objects!r}: give a range such as 2-5") from None
+    if not 1 <= lo <= hi:
+        raise ValueError(f"--objects {args.objects!r}: the range must be 1 or more, the smaller first")
     folder = {"bundled": BUNDLED, "fashion-mnist": DEBIAN_FMNIST}.get(args.data, args.data)
     if not os.path.isdir(folder):
         hint = " (apt-get install -y dataset-fashion-mnist)" if args.data == "fashion-mnist" else ""
         raise ValueError(f"dataset path {folder} does not exist{hint}")
-    lo, hi = parse_objects(args.objects)
     if os.path.isfile(os.path.join(folder, "train", "annotations.json")):
         if args.masks:
             raise ValueError("--masks needs instance masks: the composed scenes have them, COCO folders here do not")
@@ -130,16 +127,6 @@ def load_data(args, device):
         setattr(data, split, (x.to(device), torch.arange(len(x), device=device)))
         data.annotations[split] = (ids, boxes, labels)
     return data
-
-
-def parse_objects(spec):
-    try:
-        lo, hi = (int(v) for v in spec.split("-"))
-    except ValueError:
-        raise ValueError(f"--objects {spec!r}: give a range such as 2-5") from None
-    if not 1 <= lo <= hi:
-        raise ValueError(f"--objects {spec!r}: the range must be 1 or more, the smaller first")
-    return lo, hi
 
 
 def targets_of(data, split, index, flip, masks, device):
@@ -163,16 +150,13 @@ def targets_of(data, split, index, flip, masks, device):
 # The detector
 
 class Detector(nn.Module):
-    """torchvision's FasterRCNN / MaskRCNN around a backbone, taking train.py's batches: forward(images
-    (B, C, H, W) in [0, 1], targets) -> the dict of losses in training, the detections in evaluation. It
-    answers what train.py asks of a model (cfg, and for layer-wise lr decay blocks and layer_id)."""
+    """torchvision's FasterRCNN / MaskRCNN around a backbone, on train.py's batches (images in [0, 1])."""
 
     def __init__(self, backbone, num_classes, size, mean, std, masks=False, model="", freeze_trunk=False):
         super().__init__()
-        from torchvision.models.detection import FasterRCNN, MaskRCNN
         from torchvision.models.detection.anchor_utils import AnchorGenerator
-        from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-        from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+        from torchvision.models.detection.faster_rcnn import FasterRCNN, FastRCNNPredictor, TwoMLPHead
+        from torchvision.models.detection.mask_rcnn import MaskRCNN, MaskRCNNHeads, MaskRCNNPredictor
         # Sized for small images on a CPU, where torchvision's defaults are for 800-px COCO images: anchors
         # for objects of size/12 to 16x that (torchvision's: 32-512 px), three shapes each; 300 proposals kept
         # per image in training (2000), 150 in evaluation (1000); 128 of them sampled for the box head (512);
@@ -186,8 +170,7 @@ class Detector(nn.Module):
             heads.update(mask_head=MaskRCNNHeads(C, (C,) * 4, 1), mask_predictor=MaskRCNNPredictor(C, C, num_classes))
         kind = MaskRCNN if masks else FasterRCNN
         self.det = kind(backbone, None, min_size=size, max_size=size, image_mean=list(mean), image_std=list(std), **heads)
-        # what --eval-only needs to rebuild it: the ViT as trained (distilled or not, its position embeddings'
-        # grid, which the weights it started from set) and the pyramid's width
+        # for --eval-only to rebuild it: the ViT as trained (distilled or not, its position grid), the pyramid's width
         vit = dict(vars(backbone.vit.cfg)) if isinstance(backbone, Backbone) else None
         self.cfg = argparse.Namespace(model=model, num_classes=num_classes, masks=masks, vit=vit,
                                       fpn_channels=C, freeze_trunk=freeze_trunk)
@@ -213,9 +196,8 @@ class Detector(nn.Module):
         return getattr(self.det.backbone, "blocks", [])
 
     def layer_id(self, name):
-        head = "det.backbone."
-        if name.startswith(head) and isinstance(self.det.backbone, Backbone):
-            return self.det.backbone.layer_id(name[len(head):])
+        if name.startswith("det.backbone.") and isinstance(self.det.backbone, Backbone):
+            return self.det.backbone.layer_id(name[len("det.backbone."):])
         return len(self.blocks) + 1
 
     def no_weight_decay(self):
@@ -224,8 +206,7 @@ class Detector(nn.Module):
 
 
 def build_backbone(args, in_chans, log):
-    """Ours (--model, from --weights or fresh) or torchvision's ResNet-FPN (from --weights: train.py's
-    checkpoint of it, or a torchvision classification state dict; or fresh)."""
+    """Ours (--model) or torchvision's ResNet-FPN, from --weights (any file its help names) or fresh."""
     if args.model in RESNETS:
         from torchvision.models.detection.backbone_utils import BackboneWithFPN
         from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
@@ -238,9 +219,8 @@ def build_backbone(args, in_chans, log):
             load_checked(resnet, {**state, "fc.weight": resnet.fc.weight, "fc.bias": resnet.fc.bias}, args.weights)
             log(f"backbone: {args.model} from {args.weights} (fc left out)")
         widths = [256, 512, 1024, 2048] if args.model == "resnet50" else [64, 128, 256, 512]
-        # torchvision's resnet_fpn_backbone, with the pyramid as wide as ours (--fpn-channels)
         return BackboneWithFPN(resnet, {f"layer{i}": str(i - 1) for i in range(1, 5)}, widths, args.fpn_channels,
-                               extra_blocks=LastLevelMaxPool())
+                               extra_blocks=LastLevelMaxPool())  # as resnet_fpn_backbone, our pyramid's width
     if args.weights:
         # built for the detector's images, as the scratch one (the file's position embeddings resized once, here),
         # and without a distillation token: every ViT backbone is the same network, only its start differs
@@ -270,12 +250,11 @@ def mask_iou(a, b):
 
 
 def average_precision(dets, gts, iou=box_iou, thresholds=np.arange(10) * 0.05 + 0.5):
-    """COCO's AP (pycocotools' evaluate + accumulate, all areas, at most 100 detections per image), in %.
-    dets: per image (scores, labels, items); gts: per image (labels, items); items are boxes (k, 4) or masks
-    (k, H, W). Per class and IoU threshold t: detections in score order each take the unmatched ground truth
-    they overlap most, if by t or more (a true positive), else count false; AP is the mean over recall
-    0, .01, ..., 1 of the best precision at that recall or more. Returns (AP averaged over the classes
-    that have ground truth and over thresholds, a list of AP per threshold)."""
+    """COCO's AP (pycocotools' evaluate + accumulate, all areas, at most 100 detections per image), in %. dets: per
+    image (scores, labels, items); gts: per image (labels, items); items: boxes (k, 4) or masks (k, H, W). Per class and
+    IoU threshold t: detections in score order each take the unmatched ground truth they overlap most, if by t or more
+    (a true positive), else count false; AP is the mean over recall 0, .01, ..., 1 of the best precision at that recall
+    or more. Returns (AP averaged over the classes that have ground truth and over thresholds, AP per threshold)."""
     classes = sorted({int(c) for labels, _ in gts for c in labels})
     table = np.zeros((len(thresholds), len(classes)))
     for ci, c in enumerate(classes):
@@ -295,16 +274,13 @@ def average_precision(dets, gts, iou=box_iou, thresholds=np.arange(10) * 0.05 + 
                 for k in range(ious.shape[0]):  # detections in score order
                     cand = torch.where(taken, -1.0, ious[k])
                     if len(cand) and cand.max() >= min(t, 1 - 1e-10):
-                        j = int(cand.argmax())
-                        taken[j], hit[ti, k] = True, True
+                        taken[int(cand.argmax())], hit[ti, k] = True, True
             hits.append(hit)
         if n_gt == 0 or not scores:
             continue
-        order = torch.argsort(torch.cat(scores), descending=True, stable=True)
-        tp = torch.cat(hits, 1)[:, order].double().cumsum(1)
-        fp = (~torch.cat(hits, 1)[:, order]).double().cumsum(1)
-        recall, precision = tp / n_gt, tp / (tp + fp)
-        precision = precision.flip(1).cummax(1).values.flip(1)  # the best precision at this recall or more
+        hit = torch.cat(hits, 1)[:, torch.argsort(torch.cat(scores), descending=True, stable=True)]
+        tp, fp = hit.double().cumsum(1), (~hit).double().cumsum(1)
+        recall, precision = tp / n_gt, (tp / (tp + fp)).flip(1).cummax(1).values.flip(1)  # best at this recall or more
         for ti in range(len(thresholds)):
             at = torch.searchsorted(recall[ti].contiguous(), torch.linspace(0, 1, 101, dtype=torch.float64))
             p = torch.where(at < recall.shape[1], precision[ti][at.clamp(max=recall.shape[1] - 1)], 0.0)
@@ -316,16 +292,13 @@ def average_precision(dets, gts, iou=box_iou, thresholds=np.arange(10) * 0.05 + 
 
 @torch.no_grad()
 def evaluate(model, data, ctx, batch_size=16):
-    """Box AP (and mask AP) on the held-out split: each process detects in its shard, process 0's sums
-    are everyone's (the detections are gathered)."""
+    """Box AP (and mask AP) on the held-out split: each process detects in its shard, all gather the detections."""
     model.eval()
     found = []
-    masks = model.cfg.masks
     for x, idx in val_batches(data, batch_size, ctx.device, ctx.rank, ctx.world):
         with ctx.autocast:
             out = model(x.float() / 255)
-        for i, o in zip(idx.tolist(), out):
-            found.append((i, {k: v.float().cpu() for k, v in o.items()}))
+        found += [(i, {k: v.float().cpu() for k, v in o.items()}) for i, o in zip(idx.tolist(), out)]
     if ctx.ddp:
         everyone = [None] * ctx.world
         torch.distributed.all_gather_object(everyone, found)
@@ -333,11 +306,10 @@ def evaluate(model, data, ctx, batch_size=16):
     model.train()
     found.sort(key=lambda f: f[0])
     ids, boxes, labels = data.annotations["val"]
-    dets = [(o["scores"], o["labels"], o["boxes"]) for _, o in found]
-    gts = [(labels[i], boxes[i]) for i, _ in found]
-    ap, per_t = average_precision(dets, gts)
+    ap, per_t = average_precision([(o["scores"], o["labels"], o["boxes"]) for _, o in found],
+                                  [(labels[i], boxes[i]) for i, _ in found])
     metrics = {"map": ap, "ap50": per_t[0], "ap75": per_t[5]}
-    if masks:
+    if model.cfg.masks:
         dets = [(o["scores"], o["labels"], o["masks"][:, 0] > 0.5) for _, o in found]
         gts = [(labels[i], ids[i] == torch.arange(1, len(labels[i]) + 1)[:, None, None]) for i, _ in found]
         metrics["mask_map"], per_t = average_precision(dets, gts, mask_iou)
@@ -347,9 +319,9 @@ def evaluate(model, data, ctx, batch_size=16):
 
 @torch.no_grad()
 def save_picture(model, data, path, n=8, min_score=0.3):
-    """n held-out scenes with the detections scoring min_score or more: box, class name and score. (0.3, not the
-    usual 0.5: a detector trained for minutes spreads its scores over the classes, and at 0.5 shows next to no
-    boxes.)"""
+    """n held-out scenes with the detections scoring min_score or more: box, class name and score (0.3, not the usual
+    0.5: a detector trained for minutes spreads its scores over the classes, and at 0.5 shows next to no boxes)."""
+    from PIL import Image
     from torchvision.utils import draw_bounding_boxes, make_grid
     x = data.val[0][:n]
     model.eval()
@@ -362,10 +334,8 @@ def save_picture(model, data, path, n=8, min_score=0.3):
         im = im.expand(3, -1, -1) if im.shape[0] == 1 else im
         im = F.interpolate(im[None].float(), scale_factor=2, mode="nearest")[0].to(torch.uint8)  # room for the names
         tiles.append(draw_bounding_boxes(im, o["boxes"].cpu()[keep] * 2, names, colors="red") if keep.any() else im)
-    grid = make_grid(tiles, nrow=4, padding=2)
-    from PIL import Image
-    write_atomic(path, lambda tmp: Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp, format="png"),
-                   "no picture written")
+    grid = make_grid(tiles, nrow=4, padding=2).permute(1, 2, 0).numpy()
+    write_atomic(path, lambda tmp: Image.fromarray(grid).save(tmp, format="png"), "no picture written")
 
 
 def detection_task(args, data):
@@ -373,37 +343,29 @@ def detection_task(args, data):
 
     def augment(x, index, rng, gen):  # torchvision's detection recipe: a horizontal flip, per image
         flip = torch.from_numpy(rng.random(len(index)) < args.hflip).to(x.device)
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        return x.float() / 255, (index, flip)
+        return torch.where(flip[:, None, None, None], x.flip(-1), x).float() / 255, (index, flip)
 
     def loss(run, x, targets, gen):
         index, flip = targets
-        losses = run.net(x, targets_of(data, "train", index.tolist(), flip.tolist(), args.masks, x.device))
-        return sum(losses.values())
-
-    def evaluate_(run, data, ctx, batch_size):
-        return evaluate(run.model, data, ctx)
-
-    def after_epoch(run, data, epoch):
-        save_picture(run.model, data, os.path.join(args.out_dir, "detections.png"))
+        return sum(run.net(x, targets_of(data, "train", index.tolist(), flip.tolist(), args.masks, x.device)).values())
 
     def next_steps(args):
         return [f"picture: {os.path.join(args.out_dir, 'detections.png')}",
                 f"train on: python detect.py --resume --epochs {2 * args.epochs} --out-dir {args.out_dir}"]
 
-    return T.Task(loss, evaluate_, next_steps, key="map", augment=augment, after_epoch=after_epoch)
+    picture = os.path.join(args.out_dir, "detections.png")
+    return T.Task(loss, lambda run, data, ctx, batch_size: evaluate(run.model, data, ctx), next_steps, key="map",
+                  augment=augment, after_epoch=lambda run, data, epoch: save_picture(run.model, data, picture))
 
 
 def get_parser():
     p = T.get_parser()
     p.prog = "detect.py"
     p.description = ("Train and evaluate a torchvision Faster R-CNN / Mask R-CNN with a DeiT backbone (or a ResNet). "
-                     "train.py's optimisation, running and data flags work here; its augmentation flags do not "
-                     "(detection flips only: --hflip).")
+                     "train.py's optimisation, running and data flags work here; of its augmentation, only --hflip.")
     a = p.add_argument
-    a("--weights", default=None, help="the backbone's weights: any file model.Backbone.from_file reads (an official "
-      "DeiT release, train.py's, finetune.py's or mae.py's ckpt.pt) or, with --model resnet*, a torchvision "
-      "classification state dict; default: from scratch")
+    a("--weights", default=None, help="the backbone's: what model.Backbone.from_file reads (a DeiT release, the "
+      "ckpt.pt of train.py, finetune.py or mae.py) or, with --model resnet*, torchvision's; default: from scratch")
     a("--masks", action="store_true", help="Mask R-CNN: instance masks too (composed scenes only)")
     a("--scenes", type=int, default=2000, help="training scenes composed from the training split's garments")
     a("--val-scenes", type=int, default=500, help="held-out scenes, from the test split's garments")
@@ -433,16 +395,14 @@ def main(argv=None):
     if patch & (patch - 1):
         raise ValueError(f"the pyramid needs a power-of-2 patch size, and {args.model} has {patch}: choose a patch4/"
                          "patch16 model")
-    parse_objects(args.objects)
     data = load_data(args, ctx.device)
-    vit = None  # a ViT config to build the backbone from, rather than from --model / --weights
     if args.eval_only:
         path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
         ckpt = read_file(path, "checkpoint")
         if not ours(ckpt) or "masks" not in ckpt["model_config"]:
             raise ValueError(f"{path} is not a detect.py checkpoint")
         args.weights, args.fpn_channels = None, ckpt["model_config"].get("fpn_channels", args.fpn_channels)
-        vit = ckpt["model_config"].get("vit")  # the ViT as trained (None: a ResNet)
+    vit = ckpt["model_config"].get("vit") if args.eval_only else None  # the ViT as trained (None: a ResNet)
     backbone = Backbone(DeiT(DeiTConfig(**vit)), args.fpn_channels) if vit else build_backbone(args, data.in_chans, log)
     if args.freeze_trunk and not args.weights and not args.eval_only:
         raise ValueError("--freeze-trunk keeps the trunk's weights as they are: give them with --weights")

@@ -166,6 +166,18 @@ def is_file_name(name):
     return os.path.isfile(name) or os.sep in name or name.endswith((".pt", ".pth"))
 
 
+def default_teacher(name, data, bundled):
+    """name (--teacher) if given, else DeiT's regnet_y_16gf, but the bundled data ships its own (bundled: its path)."""
+    if name is not None:
+        return name
+    if data != "bundled":
+        return "regnet_y_16gf"
+    if not os.path.isfile(bundled):
+        raise ValueError(f"the bundled data's teacher {bundled} is missing: make it with "
+                         "python prepare_data.py --teacher (85 s on a 2-core CPU)")
+    return bundled
+
+
 def check_teacher(name, weights=None):
     """What load_teacher would refuse in its arguments, found without loading anything (train.py checks it
     with the flags, before the data loads)."""

@@ -6,15 +6,12 @@ Fine-tune pretrained DeiT weights on a new task: keep the backbone, give it a ne
         --data /imagenet --batch-size 256            # the paper's 224 -> 384 fine-tune (paper §3, Table 7)
     python finetune.py --weights out/ckpt.pt --freeze ...                         # linear probe
 
-Pretraining on classification teaches the backbone to map each class to its own cluster of features;
-a new task loads the backbone and trains a new head on top (paper §5.3, transfer, Tables 6-7). Weights come
-from this project's checkpoints (the model or, with --use-ema, the EMA weights), the official DeiT release
-files (a dict with key "model"), or a plain state dict with the same key names (timm's ViT/DeiT), always
-read with torch.load(weights_only=True). The architecture is --model (default: the checkpoint's own);
-a new input size resizes the position embeddings bicubically (paper §3). A distilled checkpoint keeps both
-heads, or becomes a plain model with --plain. Everything else is train.py: the same loop, evaluation,
-augmentation, distillation, checkpoints and --resume, with the reference's 384 fine-tune recipe as defaults
-(and MAE's own fine-tune recipe, MAE_FINETUNE, for a checkpoint written by mae.py).
+Pretraining on classification teaches the backbone to map each class to its own cluster of features, which a
+new head reuses (paper §5.3, transfer, Tables 6-7). Weights come from this project's checkpoints (the model's or,
+with --use-ema, the EMA's), the official DeiT release files (a dict with key "model"), or a plain state dict with
+the same key names (timm's ViT/DeiT), always read with torch.load(weights_only=True). The architecture is --model
+(default: the checkpoint's own); a new input size resizes the position embeddings bicubically (paper §3). All else
+is train.py's, with the reference's 384 fine-tune recipe as defaults (MAE_FINETUNE for a checkpoint of mae.py).
 """
 
 import argparse
@@ -22,7 +19,7 @@ import argparse
 import torch
 
 import train as T
-from launch import cli, start
+from launch import check_model, cli, start
 from distill import CONVNETS, ours
 from model import MODELS, drop_dist_token, fit_in_chans, fit_pos_embed, load_checked, read_file, state_dict_of
 
@@ -43,23 +40,19 @@ def get_parser():
       "with this std (MAE's fine-tuning: 2e-5), biases 0; default: the model's own init (DeiT's: std 0.02)")
     a("--global-pool", action=argparse.BooleanOptionalAction, default=None, help="classify the mean of the patch "
       "tokens (MAE's fine-tuning) instead of the class token; default: as the checkpoint's model, on for MAE's")
-    # The reference's fine-tune at 384 (its README): lr 5e-6 (per 512), weight decay 1e-8, 30 epochs, min lr
-    # 5e-6. A quirk we keep: at any global batch up to 512 (it used 32 per GPU) the scaled peak lr is at most
-    # the min lr, so the "cosine decay" is flat or climbs to 5e-6. --model defaults to the checkpoint's.
+    # The reference's fine-tune at 384 (its README). A quirk we keep: at any global batch up to 512 (it used 32
+    # per GPU) the scaled peak lr is at most the min lr, so the "cosine decay" is flat or climbs to 5e-6.
     p.set_defaults(lr=5e-6, weight_decay=1e-8, epochs=30, min_lr=5e-6, model=None, out_dir="out-finetune",
                    script=p.prog)
     p.ranges.update(layer_decay="(0, 1]", head_init_std="(0, inf)")
     return p
 
 
-# MAE's fine-tune recipe, the default for a checkpoint of mae.py (DeiT's 384 recipe, 5e-6, leaves an MAE encoder
-# where it was): facebookresearch/mae main_finetune.py with FINETUNE.md's ViT-B command (MAE §A.1): base lr 5e-4
-# per 256 images (1e-3 per 512 here), layer decay 0.65, weight decay 0.05, drop path 0.1, 100 epochs, 5 of
-# warm-up from 0 then a half-cosine to 1e-6 (--sched mae), the new head's weights drawn with std 2e-5, global pool,
-# no EMA or repeated augmentation; the augmentation is DeiT's.
+# MAE's fine-tune recipe, the default for a checkpoint of mae.py (DeiT's 384 recipe, 5e-6, leaves an MAE encoder where
+# it was): facebookresearch/mae main_finetune.py with FINETUNE.md's ViT-B command (MAE §A.1); DeiT's augmentation.
 MAE_FINETUNE = dict(lr=1e-3, layer_decay=0.65, weight_decay=0.05, drop_path=0.1, epochs=100, warmup_epochs=5,
                     warmup_lr=0.0, min_lr=1e-6, sched="mae", head_init_std=2e-5, global_pool=True, model_ema=False,
-                    repeated_aug=False)
+                    repeated_aug=False)  # lr per 512 images: MAE's base lr 5e-4 per 256
 
 
 def weights_defaults(args):
@@ -68,10 +61,9 @@ def weights_defaults(args):
     ckpt = read_file(args.weights) if args.weights else None
     if not ours(ckpt):
         return {}
-    config, mc = ckpt["config"], ckpt["model_config"]
+    config, pool = ckpt["config"], ckpt["model_config"].get("global_pool")
     mae = "mask_ratio" in config and not config.get("probe")
-    return {"model": config.get("model"), **({"global_pool": True} if mc.get("global_pool") else {}),
-            **(MAE_FINETUNE if mae else {})}
+    return {"model": config.get("model"), **({"global_pool": True} if pool else {}), **(MAE_FINETUNE if mae else {})}
 
 
 def read_weights(args):
@@ -86,9 +78,8 @@ def read_weights(args):
 
 
 def adapt(state, model, args):
-    """Fit a pretrained state dict to model: check the architecture, convert between distilled and plain,
-    resize the position embeddings, drop the old heads. Returns the state to load, the keys it leaves to
-    the model's fresh initialisation, and notes on what was changed, for the log."""
+    """Fit a pretrained state dict to model: check the architecture, convert distilled <-> plain, resize the position
+    embeddings, drop the old heads. Returns (the state to load, the keys left to fresh init, notes for the log)."""
     own, cfg = model.state_dict(), model.cfg
     w = state["patch_embed.proj.weight"]
     depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
@@ -100,11 +91,10 @@ def adapt(state, model, args):
     if w.shape[1] != cfg.in_chans:  # e.g. ImageNet (RGB) weights on greyscale data
         state = fit_in_chans(state, "patch_embed.proj.weight", cfg.in_chans, args.weights)
         notes.append(f"patch_embed.proj.weight summed over its {w.shape[1]} input channels (greyscale data)")
-    distilled_src = "dist_token" in state
-    if distilled_src and not cfg.distilled:  # distilled -> plain: drop the token, its head and its pos row
+    if "dist_token" in state and not cfg.distilled:  # distilled -> plain: drop the token, its head and its pos row
         state = {k: v for k, v in drop_dist_token(state).items() if not k.startswith("head_dist.")}
         notes.append("dropped dist_token, head_dist and the distillation row of pos_embed (plain model)")
-    elif cfg.distilled and not distilled_src:  # plain -> distilled: a fresh token, a pos row taken from the model
+    elif cfg.distilled and "dist_token" not in state:  # plain -> distilled: a fresh token, a pos row from the model
         state["pos_embed"] = torch.cat([state["pos_embed"][:, :1], own["pos_embed"][:, 1:2], state["pos_embed"][:, 1:]], 1)
         notes.append("a new dist_token with a new pos_embed row (the checkpoint is not distilled)")
     old = tuple(state["pos_embed"].shape)
@@ -118,16 +108,14 @@ def adapt(state, model, args):
             raise ValueError(f"--keep-head: the pretrained head has {theirs} classes, the data {cfg.num_classes}; "
                              "leave out --keep-head for a new head")
     else:
-        for k in heads:
-            del state[k]
+        state = {k: v for k, v in state.items() if k not in heads}
         notes.append(f"left out the pretrained head(s): {', '.join(heads)}" if heads else "no pretrained head")
     extra = [k for k in state if k not in own]  # an MAE checkpoint's decoder; norm.* under --global-pool
     if extra:
         state = {k: v for k, v in state.items() if k in own}
         notes.append(f"left out what the model has not: {', '.join(sorted({k.split('.')[0] for k in extra}))} "
                      f"({len(extra)} tensors)")
-    new = [k for k in own if k not in state]
-    return state, new, notes
+    return state, [k for k in own if k not in state], notes
 
 
 def main(argv=None):
@@ -139,7 +127,7 @@ def main(argv=None):
         args.model = args.model.replace("_distilled", "")
     if args.model in CONVNETS:
         raise ValueError(f"finetune.py fine-tunes DeiT models, not {args.model}")
-    img_size = T.check_model(args, ctx, kept=0.0 if args.freeze else 1.0)  # frozen: no activations kept
+    img_size = check_model(args, T.DEFAULT_MODEL, ctx, kept=0.0 if args.freeze else 1.0)  # frozen: no activations kept
     if args.freeze:
         args.drop_path = 0.0  # a frozen backbone computes features; stochastic depth would only add noise
     data = T.load(args, ctx.device, img_size)

@@ -1,13 +1,13 @@
 """
-Starting a run: the flags checked, the processes, the one-line errors. What train.py, finetune.py, mae.py and
-detect.py do before their loop and around it, kept out of the loop's file (as nanoGPT keeps its configurator
-and DeiT its utils.py): torchrun sets RANK/WORLD_SIZE/LOCAL_RANK (without it, one process), a bad flag or a
-step that cannot fit in memory is one line before anything loads, and `with cli(): main()` turns a
-ValueError into "error: ..." and exit code 2.
+What train.py, finetune.py, mae.py and detect.py do before and around their loop (as nanoGPT's configurator and
+DeiT's utils.py): the flags checked, the processes (torchrun's RANK/WORLD_SIZE/LOCAL_RANK, else one), a bad flag
+or a step that cannot fit in memory one line before anything loads, `with cli(): main()` turning a ValueError
+into "error: ..." and exit code 2, and a run's closing lines.
 """
 
 import argparse
 import gc
+import json
 import os
 import sys
 import threading
@@ -19,7 +19,8 @@ import torch.distributed as dist
 
 from checkpoint import lock_out_dir
 from data import free_memory
-from model import SIZES, check_file, read_file
+from distill import CONVNETS
+from model import MODELS, SIZES, check_file, read_file, variant
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -52,10 +53,9 @@ def out_of_range(name, spec, args):
 
 
 def check_args(parser, args, ctx, given=()):
-    """Flags that cannot work, each one line before anything loads: parser.ranges (each script's parser adds
-    its own), the files to read, and parser.check(args) for what a range cannot say; the --workers default.
-    A default warm-up (one not in given, the flags on the command line) longer than a short run is cut to the
-    run (`--epochs 1` warms up over its one epoch)."""
+    """Flags that cannot work, each one line before anything loads: parser.ranges (each script's parser adds its
+    own), the files to read, and parser.check(args) for what a range cannot say; the --workers default. A default
+    warm-up (not in given: the flags typed) longer than a short run is cut to it (`--epochs 1` warms up over 1)."""
     flags = vars(args)
     if "warmup_epochs" not in given and args.warmup_epochs > args.epochs:
         args.warmup_epochs = float(args.epochs)
@@ -76,13 +76,12 @@ def check_args(parser, args, ctx, given=()):
 
 
 def start(parser, argv=None, defaults=None):
-    """What every entry point (train.py, finetune.py, mae.py, detect.py) does first: the flags, checked; the processes;
-    the out-dir's lock (process 0, before anything slow: a run started a moment later must not win the
-    out-dir while this one loads); the seed and process 0's printer. Flags the command line leaves out come
-    from the checkpoint that --resume continues or --eval-only evaluates (ours: `--resume --epochs 72`
-    trains on as the run began), then from defaults(args) if given (finetune.py: from its weights), then
-    from the parser. Returns (args, ctx, log); ctx.lock is the held lock file (None: not process 0, or
-    --eval-only, which writes nothing)."""
+    """What every script does first: the flags, checked; the processes; the out-dir's lock (process 0, before
+    anything slow: a run started a moment later must not win the out-dir while this one loads); the seed and
+    process 0's printer. Flags the command line leaves out come from the checkpoint that --resume continues or
+    --eval-only evaluates (`--resume --epochs 72` trains on as the run began), then from defaults(args) if given
+    (finetune.py: from its weights), then from the parser. Returns (args, ctx, log); ctx.lock: the held lock
+    file (None: not process 0, or --eval-only, which writes nothing)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     unset = object()  # parsed into a namespace that holds it everywhere, a flag the command line gives replaces it
@@ -166,12 +165,29 @@ def all_sum(values, ctx):
     return t.tolist()
 
 
+def check_model(args, default, ctx=None, kept=1.0):
+    """--model and --distill checked before anything loads, and with ctx whether a step fits in memory (check_memory).
+    Without --model: default (a script's default job), distilled with --distill (`torchrun ... train.py --distill
+    hard` runs as typed). Returns the input size (a convnet: None)."""
+    if args.model is None:
+        args.model = default.replace("nano_", "nano_distilled_") if args.distill != "none" else default
+    v = None if args.model in CONVNETS else variant(args.model)
+    if v and args.img_size and args.img_size % v.patch_size:
+        raise ValueError(f"--img-size {args.img_size} is not a multiple of {args.model}'s patch size {v.patch_size}: "
+                         f"try {max(1, round(args.img_size / v.patch_size)) * v.patch_size}")
+    if args.distill != "none" and not (v and v.distilled):
+        raise ValueError(f"--distill {args.distill} needs a student with a distillation token, and {args.model} has "
+                         f"none; distilled models: {', '.join(m for m, v in MODELS.items() if v.distilled)}")
+    size = args.img_size or getattr(args, "canvas", None) or (v.img_size if v else None)
+    if ctx is not None and size:
+        check_memory(args.model, v, size, args.batch_size // ctx.world, ctx, kept)
+    return size
+
+
 def check_memory(model, v, size, batch, ctx, kept=1.0):
-    """Refuse, before anything loads, a step that cannot fit: `--img-size 7000` would otherwise run out of
-    memory after a minute with no message (or be killed by the OS). step_bytes is a lower bound, so a run
-    it lets through may still not fit, but one it stops cannot. model: its name, v: its model.Variant (None: a
-    convnet); batch: images per process; kept: the share of the activations a step keeps (mae.py's encoder sees
-    the unmasked share; finetune.py --freeze keeps none)."""
+    """Refuse, before anything loads, a step that cannot fit (`--img-size 7000` would otherwise fail after a minute
+    with no message, or be killed by the OS): step_bytes is a lower bound, so a step it stops cannot fit. v: the
+    model's Variant (None: a convnet); batch: images per process; kept: the share of the activations a step keeps."""
     free = free_memory(ctx.device)
     if free is None:
         return
@@ -185,12 +201,11 @@ def check_memory(model, v, size, batch, ctx, kept=1.0):
 
 
 def step_bytes(v, size, batch, bf16, kept=1.0):
-    """A lower bound on the memory one training step holds (bytes), and the tokens an image: the batch
-    through augmentation (3 channels of float32, 4 copies), and for a ViT the activations its backward keeps
-    (about 16 numbers per token and channel in each block: 2 norms, q, k, v, the attention's output and
-    projection, the MLP's 4x-wide hidden layer before and after GELU; 2 bytes each under bf16 autocast), the
-    weights, their gradients and AdamW's two moments; kept: the share of the activations kept. A convnet
-    (v None): the batch only."""
+    """A lower bound on the memory one training step holds (bytes), and the tokens an image: the batch through
+    augmentation (3 channels of float32, 4 copies), and for a ViT the activations its backward keeps (about 16
+    numbers per token and channel in each block: 2 norms, q, k, v, the attention's output and projection, the MLP's
+    4x-wide hidden layer before and after GELU; 2 bytes each under bf16), the weights, their gradients and AdamW's
+    two moments; kept: the share of the activations kept. A convnet (v None): the batch only."""
     images = batch * 3 * size * size * 4 * 4
     if v is None:
         return images, None
@@ -198,6 +213,21 @@ def step_bytes(v, size, batch, bf16, kept=1.0):
     tokens = (size // v.patch_size) ** 2 + 1 + v.distilled
     params = 12 * depth * width * width
     return images + int(kept * 16 * tokens * width * depth * batch * (2 if bf16 else 4)) + 16 * params, tokens
+
+
+def summary(log_path, ckpt_path, t_start, key, lower_is_better, steps, log):
+    """The last lines of a run: where it ended (by the metric key), where its files are, what to do next (steps)."""
+    records = [json.loads(l) for l in open(log_path)] if os.path.exists(log_path) else []
+    if not records:
+        return
+    best = max((r for r in records if key in r), key=lambda r: (-1 if lower_is_better else 1) * r[key])
+    log(f"done: {records[-1]['epoch']} epochs in {fmt_time(time.time() - t_start)} (this session) | final {key} "
+        f"{records[-1][key]:.4g} | best {key} {best[key]:.4g} (epoch {best['epoch']})\n"
+        f"  checkpoint {ckpt_path}, log {log_path}" + "".join(f"\n  {s}" for s in steps))
+
+
+def fmt_time(s):
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
 @contextmanager

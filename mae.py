@@ -3,23 +3,19 @@ MAE: masked-autoencoder pretraining of model.py's ViT (He et al. 2021, "Masked A
 Vision Learners", arXiv 2111.06377; reference code: facebookresearch/mae, models_mae.py and main_pretrain.py).
 
 Classification pretraining teaches a backbone what the images of a class share; MAE teaches it what each
-image has of its own. Each image loses a random 75% of its patches; the encoder (the ViT that finetune.py
-later fine-tunes) sees only the rest and the class token; a light decoder gets the encoded patches back in
-place, with a shared learned mask token at every hidden one, and predicts the hidden patches' pixels. The
-loss is the mean squared error on the hidden patches only, against pixels normalised per patch
-(norm_pix_loss, MAE §4: sharper features). No labels are used.
+image has of its own. Each image loses a random 75% of its patches; the encoder sees only the rest and the
+class token; a light decoder gets the encoded patches back in place, with a shared learned mask token at every
+hidden one, and predicts the hidden patches' pixels. The loss is the mean squared error on the hidden patches
+only, against pixels normalised per patch (norm_pix_loss, MAE §4: sharper features). No labels are used.
 
     python mae.py                                   # the bundled data, CPU-sized defaults
     torchrun --nproc_per_node=8 mae.py --data /imagenet --model deit_base_patch16_224 --epochs 800 \\
         --batch-size 4096 --decoder-dim 512 --decoder-depth 8 --decoder-heads 16 --warmup-epochs 40 --resume auto
-    python finetune.py --weights out-mae/ckpt.pt   # with MAE's fine-tune recipe (finetune.py)
+    python finetune.py --weights out-mae/ckpt.pt   # the encoder, with MAE's fine-tune recipe
 
 It runs on train.py's loop (DDP, compile and bf16 on CUDA, checkpoints, exact --resume, the JSON log, the nan
-stop): only the task differs (reconstruction_task: the step's loss, the evaluation, the picture). The
-checkpoint's encoder has DeiT's key names, so finetune.py --weights takes it (with MAE's fine-tune recipe);
-the decoder's keys (decoder_*, mask_token) are left out there. After every evaluated epoch (--eval-interval) a
-picture, out_dir/reconstructions/epoch_NNN.png: held-out images, their masked version, and the reconstruction
-(visible patches pasted back, as in MAE's figures).
+stop); only the task differs (reconstruction_task). After every evaluated epoch (--eval-interval) a picture,
+out_dir/reconstructions/epoch_NNN.png, of held-out images, masked and reconstructed.
 """
 
 import argparse
@@ -33,19 +29,17 @@ import train as T
 from checkpoint import write_atomic
 from data import val_batches
 from distill import CONVNETS
-from launch import all_sum, cli, start
+from launch import all_sum, check_model, cli, start
 from model import Block, DeiTConfig, load_checked, read_file, state_dict_of
 
-# MAE's recipe (main_pretrain.py and the paper's Table 8) as defaults, each with MAE's value where ours differs.
-# Demo-sized where marked, so that `python mae.py` runs in minutes on a CPU. Weight decay spares cls_token as
-# model.param_groups does for DeiT; MAE's code decays it (and mask_token).
+# MAE's recipe (main_pretrain.py, the paper's Table 8), with MAE's value where ours differs; demo-sized where
+# marked, so that `python mae.py` runs in minutes on a CPU. The batch stays train.py's 128 (MAE: 4096).
 MAE_DEFAULTS = dict(
     lr=1.5e-3,  # per 512 images; MAE: 1.5e-4 per 256 (3e-4 per 512): 5x, set once for a short run of a small model
     beta2=0.95, weight_decay=0.05, min_lr=0.0, sched="mae",  # AdamW (0.9, 0.95); warm-up from 0, then a half-cosine
     warmup_epochs=4,  # demo: a tenth of the demo's 36 epochs, as MAE's 40 of 400 (MAE: 40, of 800-1600 epochs)
     rrc_scale=0.2, hflip=0.5,  # RandomResizedCrop(scale 0.2-1) and flips: MAE's only augmentation
-    aa="none", reprob=0.0, mixup=0.0, cutmix=0.0, smoothing=0.0, drop_path=0.0, model_ema=False,
-    out_dir="out-mae")  # batch: train.py's 128 (MAE: 4096); the decoder: get_parser's small one (MAE: 512 x 8)
+    aa="none", reprob=0.0, mixup=0.0, cutmix=0.0, smoothing=0.0, drop_path=0.0, model_ema=False, out_dir="out-mae")
 
 
 def sincos_2d(dim, grid, cls_token=True):
@@ -63,10 +57,9 @@ def sincos_2d(dim, grid, cls_token=True):
 
 
 def random_masking(x, ratio, noise):
-    """Per image, keep the (1 - ratio) share of its N tokens with the smallest noise (MAE's "shuffle by sorting
-    random noise"). x: (B, N, D), noise: (B, N). Returns the kept tokens (B, keep, D) in the order of their
-    noise, mask (B, N): 1 where hidden, in the original order, and ids_restore, which puts the shuffled
-    sequence back in order."""
+    """Per image, keep the (1 - ratio) share of the N tokens of x (B, N, D) with the smallest noise (B, N) (MAE's
+    "shuffle by sorting random noise"). Returns the kept tokens (B, keep, D) in noise order, mask (B, N): 1 where
+    hidden, in the original order, and ids_restore, which puts the shuffled sequence back in order."""
     B, N, D = x.shape
     keep = int(N * (1 - ratio))
     ids_shuffle = noise.argsort(dim=1)
@@ -78,8 +71,7 @@ def random_masking(x, ratio, noise):
 
 
 class MAE(nn.Module):
-    """model.py's ViT as the encoder (its modules adopted under their own names, so the state dict holds the
-    encoder under DeiT's key names) and MAE's decoder (decoder_* and mask_token)."""
+    """model.py's ViT under DeiT's key names (finetune.py loads it) and MAE's decoder (decoder_*, mask_token)."""
 
     def __init__(self, encoder, decoder_dim=64, decoder_depth=2, decoder_heads=4, mask_ratio=0.75, norm_pix_loss=True):
         super().__init__()
@@ -94,8 +86,7 @@ class MAE(nn.Module):
             raise ValueError(f"--mask-ratio {mask_ratio} hides every one of the {self.grid ** 2} patches")
         self.cls_token, self.pos_embed, self.patch_embed = encoder.cls_token, encoder.pos_embed, encoder.patch_embed
         self.blocks, self.norm = encoder.blocks, encoder.norm
-        # the encoder's position embeddings: MAE's fixed sine-cosine (fine-tuning later trains them)
-        self.pos_embed.data.copy_(sincos_2d(cfg.embed_dim, self.grid)[None])
+        self.pos_embed.data.copy_(sincos_2d(cfg.embed_dim, self.grid)[None])  # fixed here; fine-tuning trains them
         self.pos_embed.requires_grad_(False)
         self.decoder_embed = nn.Linear(cfg.embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
@@ -104,13 +95,12 @@ class MAE(nn.Module):
         self.decoder_blocks = nn.ModuleList([Block(dcfg, 0.0) for _ in range(decoder_depth)])
         self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_dim, cfg.patch_size ** 2 * cfg.in_chans)
-        # MAE's init (models_mae.py initialize_weights), of the encoder too (DeiT's is truncated normal 0.02):
-        # tokens N(0, 0.02); every Linear, and the patch embedding as a (width, C*p*p) matrix, xavier-uniform,
-        # their biases 0 (the patch embedding's keeps PyTorch's default); LayerNorms 1 and 0 (as they are)
+        # MAE's init (models_mae.py initialize_weights), the encoder's too (DeiT's: truncated normal 0.02): tokens
+        # N(0, 0.02); the patch embedding's weight as a (width, C*p*p) matrix and every Linear xavier-uniform, the
+        # Linears' biases 0 (the patch embedding's keeps PyTorch's default); LayerNorms 1 and 0 (as they are)
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
-        w = self.patch_embed.proj.weight
-        nn.init.xavier_uniform_(w.data.view(w.shape[0], -1))
+        nn.init.xavier_uniform_(self.patch_embed.proj.weight.data.view(cfg.embed_dim, -1))
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -130,8 +120,7 @@ class MAE(nn.Module):
         return patches.reshape(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, g * p, g * p)
 
     def targets(self, images):
-        """The pixels each patch is to predict: normalised by the patch's own mean and variance with
-        norm_pix_loss (MAE: var + 1e-6), else as they are."""
+        """Each patch's target pixels, with norm_pix_loss normalised by its own mean and variance (MAE: var + 1e-6)."""
         t = self.patchify(images)
         if self.norm_pix_loss:
             t = (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + 1e-6) ** 0.5
@@ -141,8 +130,7 @@ class MAE(nn.Module):
         """Returns (loss, predictions (B, N, p*p*C), mask (B, N), 1 = hidden)."""
         x = self.patch_embed(images) + self.pos_embed[:, 1:]
         x, mask, ids_restore = random_masking(x, self.mask_ratio, noise)
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1)
+        x = torch.cat([(self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1), x], dim=1)
         for block in self.blocks:
             x = block(x)
         x = self.decoder_embed(self.norm(x))
@@ -165,10 +153,8 @@ def noise_for(images, grid, gen):
 def reconstruction_task(args, model):
     """The MAE task for train.train: the loss of a step (its masks from the step's device generator, so a
     resumed run repeats them), the held-out loss with masks fixed per batch, and the picture."""
-    raw = model
-
     def loss(run, x, targets, gen):  # the loss lives in the model's forward, as in MAE
-        return run.net(x, noise_for(x, raw.grid, gen))[0]
+        return run.net(x, noise_for(x, model.grid, gen))[0]
 
     @torch.no_grad()
     def evaluate(run, data, ctx, batch_size):
@@ -179,16 +165,14 @@ def reconstruction_task(args, model):
             gen.manual_seed(1_000_003 * i + ctx.rank)
             x = A.normalize(x, data.mean, data.std)
             with ctx.autocast:
-                total += raw(x, noise_for(x, raw.grid, gen))[0].double() * len(x)
+                total += model(x, noise_for(x, model.grid, gen))[0].double() * len(x)
             n += len(x)
         run.net.train()
         loss, count = all_sum([total.item(), n], ctx)
         return {"val_loss": loss / max(count, 1)}
 
-    @torch.no_grad()
     def after_epoch(run, data, epoch):
-        path = os.path.join(args.out_dir, "reconstructions", f"epoch_{epoch + 1:03d}.png")
-        save_picture(raw, data, path, run)
+        save_picture(model, data, os.path.join(args.out_dir, "reconstructions", f"epoch_{epoch + 1:03d}.png"), run)
 
     def next_steps(args):  # commands that work as printed (test_next_steps_work_as_printed)
         data = "" if args.data == "bundled" else f" --data {args.data}"
@@ -203,7 +187,7 @@ def reconstruction_task(args, model):
 @torch.no_grad()
 def save_picture(model, data, path, run=None, n=8):
     """Rows: n held-out images, the same with their hidden patches grey, the reconstruction with the visible
-    patches pasted back; the same images and masks every epoch."""
+    patches pasted back (as in MAE's figures); the same images and masks every epoch."""
     import torchvision.utils
     x, _ = next(val_batches(data, n, next(model.parameters()).device))
     x = A.normalize(x[:n], data.mean, data.std)
@@ -212,16 +196,12 @@ def save_picture(model, data, path, run=None, n=8):
     model.eval()
     _, pred, mask = model(x, noise_for(x, model.grid, gen))
     model.train(was_training)
+    patches, m = model.patchify(x.float()), mask[..., None]
     if model.norm_pix_loss:  # back to pixels with each patch's own statistics, as MAE's visualisation
-        t = model.patchify(x.float())
-        pred = pred * (t.var(-1, keepdim=True) + 1e-6) ** 0.5 + t.mean(-1, keepdim=True)
-    m = mask[..., None]
-    patches = model.patchify(x.float())
-    masked = model.unpatchify(patches * (1 - m))
-    recon = model.unpatchify(patches * (1 - m) + pred * m)
-    mean = torch.tensor(data.mean, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(data.std, device=x.device).view(1, -1, 1, 1)
-    grid = torch.cat([x, masked, recon]) * std + mean
+        pred = pred * (patches.var(-1, keepdim=True) + 1e-6) ** 0.5 + patches.mean(-1, keepdim=True)
+    visible = patches * (1 - m)
+    mean, std = (torch.tensor(v, device=x.device).view(1, -1, 1, 1) for v in (data.mean, data.std))
+    grid = torch.cat([x, model.unpatchify(visible), model.unpatchify(visible + pred * m)]) * std + mean
     if grid.shape[-1] < 96:  # small images, enlarged with visible pixels
         grid = torch.nn.functional.interpolate(grid.float(), scale_factor=-(-96 // grid.shape[-1]), mode="nearest")
     try:
@@ -233,9 +213,8 @@ def save_picture(model, data, path, run=None, n=8):
 
 
 def freeze_encoder(model, path, log):
-    """The reconstruction probe's encoder: the weights of path under DeiT's names (its own position
-    embeddings, learned or sine-cosine), frozen; only the decoder trains. What a backbone keeps of each
-    image's detail is then what a decoder can read back from its patch tokens."""
+    """The probe's encoder: path's weights under DeiT's names (its position embeddings, learned or sine-cosine),
+    frozen; what a backbone keeps of each image's detail is then what a decoder can read back from its patch tokens."""
     state = state_dict_of(read_file(path, "weights"), path)
     own = model.state_dict()
     encoder = [k for k in own if not k.startswith(("decoder_", "mask_token"))]
@@ -271,16 +250,15 @@ def main(argv=None):
     args, ctx, log = start(get_parser(), argv)
     if args.distill != "none":
         raise ValueError("mae.py pretrains without labels or a teacher: drop --distill")
-    img_size = T.check_model(args, ctx, kept=1 - args.mask_ratio)  # the encoder sees the unmasked share
+    img_size = check_model(args, T.DEFAULT_MODEL, ctx, kept=1 - args.mask_ratio)  # the encoder sees the unmasked share
     if args.model in CONVNETS:
         raise ValueError(f"mae.py pretrains a ViT, not {args.model}")
     if args.probe:
         args.mask_ratio, args.norm_pix_loss = 0.0, bool(args.norm_pix_loss)
     args.norm_pix_loss = True if args.norm_pix_loss is None else args.norm_pix_loss
     data = T.load(args, ctx.device, img_size)
-    encoder = T.build_model(args, data, ctx, img_size)
-    model = MAE(encoder, args.decoder_dim, args.decoder_depth, args.decoder_heads, args.mask_ratio,
-                args.norm_pix_loss).to(ctx.device)
+    model = MAE(T.build_model(args, data, ctx, img_size), args.decoder_dim, args.decoder_depth, args.decoder_heads,
+                args.mask_ratio, args.norm_pix_loss).to(ctx.device)
     if args.probe:
         freeze_encoder(model, args.probe, log)
     log(f"MAE: encoder {args.model}, decoder {args.decoder_depth} x {args.decoder_dim} wide, "

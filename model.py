@@ -1,11 +1,9 @@
 """
-DeiT: a Vision Transformer with a class token and, in the distilled variants, a distillation token.
-
-Follows Touvron et al. 2021, "Training data-efficient image transformers & distillation through attention"
-(arXiv 2012.12877): the architecture is ViT-B/16 and smaller (paper §3, Table 1); the distillation token
-(paper §4, Fig. 2) is a second learned token with its own position embedding and its own linear head.
-"The reference" below is facebookresearch/deit models.py, built on timm's vision_transformer.py.
-The state_dict has exactly the key names and shapes of the official release files, so
+DeiT (Touvron et al. 2021, "Training data-efficient image transformers & distillation through attention", arXiv
+2012.12877): a Vision Transformer, ViT-B/16 and smaller (paper §3, Table 1), with a class token and, in the
+distilled variants, a distillation token (paper §4, Fig. 2): a second learned token with its own position embedding
+and its own linear head. "The reference" below is facebookresearch/deit models.py, built on timm's
+vision_transformer.py. The state_dict has exactly the key names and shapes of the official release files, so
 
     model = create_model("deit_small_distilled_patch16_224")
     load_weights(model, "deit_small_distilled_patch16_224-649709d9.pth")
@@ -39,25 +37,17 @@ class DeiTConfig:
     global_pool: bool = False  # classify the mean of the patch tokens (MAE's fine-tuning) instead of the class token
 
 
-# width, depth, heads (paper Table 1). "nano" is this project's size for CPU runs on 28-64 px images;
-# it is not in the paper.
-SIZES = {
-    "nano": (96, 6, 3),
-    "tiny": (192, 12, 3),
-    "small": (384, 12, 6),
-    "base": (768, 12, 12),
-}
+# width, depth, heads (paper Table 1); "nano", this project's size for CPU runs on 28-64 px images, is not in it
+SIZES = {"nano": (96, 6, 3), "tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12)}
 
 Variant = namedtuple("Variant", "size patch_size img_size distilled")  # size: a key of SIZES
-# The eight official variants, then variants for 28-64 px images: a 16-px patch would leave a 28-px image
-# with one token; patch 4 gives a 7x7 grid (8x8 at 32 px), patch 7 a 4x4 one. Every variant also exists
-# distilled: "_distilled" after the size, as in the official names.
+# The official variants, then ones for 28-64 px images (a 16-px patch would leave a 28-px image one token): patch 4
+# gives a 7x7 grid (8x8 at 32 px), patch 7 a 4x4 one (train.py's CPU default: 3x the images/s of patch 4).
 MODELS = {}
 for _name, _size, _patch, _img in [
         ("deit_tiny_patch16_224", "tiny", 16, 224), ("deit_small_patch16_224", "small", 16, 224),
         ("deit_base_patch16_224", "base", 16, 224), ("deit_base_patch16_384", "base", 16, 384),
-        ("deit_nano_patch4_28", "nano", 4, 28),
-        ("deit_nano_patch7_28", "nano", 7, 28),  # train.py's CPU default: 16 tokens, 3x the images/s of patch 4
+        ("deit_nano_patch4_28", "nano", 4, 28), ("deit_nano_patch7_28", "nano", 7, 28),
         ("deit_tiny_patch4_32", "tiny", 4, 32), ("deit_small_patch4_32", "small", 4, 32)]:
     MODELS[_name] = Variant(_size, _patch, _img, False)
     MODELS[_name.replace(f"_{_size}_", f"_{_size}_distilled_")] = Variant(_size, _patch, _img, True)
@@ -70,6 +60,11 @@ def variant(name):
     return MODELS[name]
 
 
+def distilled(model):
+    """Whether model has a distillation token: a DeiT's cfg says so; other models (torchvision's) have none."""
+    return getattr(getattr(model, "cfg", None), "distilled", False)
+
+
 def create_model(name, **overrides):
     """Build a variant by name; keyword arguments override any DeiTConfig field (num_classes, img_size,
     drop_path_rate, in_chans, or explicit sizes such as embed_dim=64, depth=2, num_heads=2)."""
@@ -77,8 +72,7 @@ def create_model(name, **overrides):
     width, depth, heads = SIZES[v.size]
     cfg = dict(embed_dim=width, depth=depth, num_heads=heads, patch_size=v.patch_size, img_size=v.img_size,
                distilled=v.distilled)
-    cfg.update({k: v for k, v in overrides.items() if v is not None})
-    return DeiT(DeiTConfig(**cfg))
+    return DeiT(DeiTConfig(**{**cfg, **{k: x for k, x in overrides.items() if x is not None}}))
 
 
 class PatchEmbed(nn.Module):
@@ -129,9 +123,8 @@ class Mlp(nn.Module):
 
 
 def drop_path(x, p, training):
-    """Stochastic depth (Huang et al. 2016), per sample: a residual branch is dropped for a whole image and
-    the survivors are scaled by 1/keep so the expectation is unchanged. DeiT needs it: paper Table 8,
-    training without it diverges."""
+    """Stochastic depth (Huang et al. 2016), per sample: a residual branch is dropped for a whole image and the
+    survivors scaled by 1/keep (the same expectation). DeiT needs it: paper Table 8, without it training diverges."""
     if p == 0.0 or not training:
         return x
     keep = 1.0 - p
@@ -150,8 +143,7 @@ class Block(nn.Module):
 
     def forward(self, x):  # pre-norm residual blocks
         x = x + drop_path(self.attn(self.norm1(x)), self.drop_path_rate, self.training)
-        x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
-        return x
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
 
 
 class DeiT(nn.Module):
@@ -164,10 +156,9 @@ class DeiT(nn.Module):
         D = cfg.embed_dim
         self.num_prefix_tokens = 2 if cfg.distilled else 1
         self.grid = (H // cfg.patch_size, W // cfg.patch_size)  # the patch grid pos_embed was made for
-        num_patches = self.grid[0] * self.grid[1]
         # Registration order gives the official checkpoints' key order: cls_token, pos_embed, dist_token, ...
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.num_prefix_tokens, D))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1] + self.num_prefix_tokens, D))
         if cfg.distilled:
             self.dist_token = nn.Parameter(torch.zeros(1, 1, D))
         self.patch_embed = PatchEmbed(cfg)
@@ -176,8 +167,7 @@ class DeiT(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg, r) for r in rates])
         if cfg.global_pool and cfg.distilled:
             raise ValueError("global_pool replaces the class token's output: it has no distilled variant")
-        # global_pool: MAE's models_vit.py, which normalises the pooled patch tokens (fc_norm) in place of the
-        # final norm of every token
+        # global_pool: MAE's models_vit.py, whose fc_norm normalises the pooled patch tokens in place of the final norm
         self.norm = nn.Identity() if cfg.global_pool else nn.LayerNorm(D, eps=1e-6)
         if cfg.global_pool:
             self.fc_norm = nn.LayerNorm(D, eps=1e-6)
@@ -187,17 +177,13 @@ class DeiT(nn.Module):
         self._init_weights()
 
     def _init_weights(self):
-        # As the reference: tokens, position embeddings and Linear weights ~ N(0, 0.02) truncated at +-2
-        # (absolute, so practically untruncated); biases 0; LayerNorm 1/0; the patch conv keeps
-        # PyTorch's default init.
+        # As the reference: tokens, position embeddings and Linear weights ~ N(0, 0.02) truncated at +-2 (absolute,
+        # so practically untruncated), biases 0; LayerNorms (1/0) and the patch conv keep PyTorch's default init.
         for p in [self.cls_token, self.pos_embed] + ([self.dist_token] if self.cfg.distilled else []):
             nn.init.trunc_normal_(p, std=0.02, a=-2.0, b=2.0)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02, a=-2.0, b=2.0)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
     def no_weight_decay(self):
@@ -217,8 +203,7 @@ class DeiT(nn.Module):
     def embed(self, x):
         """Images -> the first block's input: [cls, (dist), patches] + pos_embed, (B, prefix + N, D). Any
         height and width the patch size divides: another grid than the model's gets pos_embed_at's."""
-        H, W = x.shape[-2:]
-        p = self.cfg.patch_size
+        (H, W), p = x.shape[-2:], self.cfg.patch_size
         if H % p or W % p:
             raise ValueError(f"a {H}x{W} input is not a multiple of the patch size {p}: pad or resize it to "
                              f"{-(-H // p) * p}x{-(-W // p) * p}")
@@ -228,9 +213,8 @@ class DeiT(nn.Module):
         return x + self.pos_embed_at((H // p, W // p))
 
     def pos_embed_at(self, grid):
-        """pos_embed for a (rows, columns) patch grid: the model's own, or its patch rows resized bicubically
-        as resize_pos_embed does for a checkpoint (paper §3), here as one cached matrix per grid, so the
-        embeddings keep training and a loop at a fixed size pays one small matmul."""
+        """pos_embed for a (rows, columns) patch grid: the model's own, or resized as resize_pos_embed does, here by
+        one cached matrix per grid, so the embeddings keep training and a loop at a fixed size pays one matmul."""
         if grid == self.grid:
             return self.pos_embed
         P, pe = self.num_prefix_tokens, self.pos_embed
@@ -244,10 +228,8 @@ class DeiT(nn.Module):
         return self.norm(x)  # (B, prefix + N, D)
 
     def forward_intermediates(self, x, depth=None):
-        """The tokens after each block (the first depth blocks), before the final norm: a list of
-        (B, prefix + N, D) tensors, the last of which forward_features normalises. What a detector's
-        backbone (feature_maps), or a look at what the class and distillation tokens become through the
-        network (paper §5), reads."""
+        """The tokens after each of the first depth blocks, before the final norm: (B, prefix + N, D) tensors, for a
+        detector's backbone (feature_maps) or a look at what the class and distillation tokens become (paper §5)."""
         x, out = self.embed(x), []
         for block in self.blocks[:depth]:
             x = block(x)
@@ -255,8 +237,7 @@ class DeiT(nn.Module):
         return out
 
     def feature_maps(self, x, blocks=(-1,)):
-        """The patch tokens after the chosen blocks as (B, D, H/p, W/p) maps, class and distillation tokens
-        dropped: a convnet's feature maps, for any input size the patch size divides."""
+        """The patch tokens after the chosen blocks as (B, D, H/p, W/p) maps, as a convnet's (prefix tokens dropped)."""
         B, (H, W), p = x.shape[0], x.shape[-2:], self.cfg.patch_size
         blocks = [b % len(self.blocks) for b in blocks]
         tokens = self.forward_intermediates(x, max(blocks) + 1)
@@ -281,10 +262,9 @@ class DeiT(nn.Module):
 
 
 def param_groups(model, weight_decay, layer_decay=1.0):
-    """AdamW's parameter groups for any model: no weight decay on the 1-D parameters and on what the model's
-    no_weight_decay() names, as the reference. layer_decay < 1 (MAE's fine-tuning, BEiT's idea): the
-    parameters of model.layer_id l train at lr x layer_decay ** (depth + 1 - l), so the head gets the full lr
-    and the patch embedding the least; each group's "lr_scale" says by how much."""
+    """AdamW's parameter groups for any model: no weight decay on the 1-D parameters and on no_weight_decay(), as
+    the reference. layer_decay < 1 (MAE's fine-tuning, BEiT's idea): the parameters of model.layer_id l train at
+    lr x layer_decay ** (depth + 1 - l), the head at the full lr; each group's "lr_scale" says by how much."""
     exempt = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
     groups = {}
     for name, p in model.named_parameters():
@@ -296,20 +276,18 @@ def param_groups(model, weight_decay, layer_decay=1.0):
 
 
 def resize_pos_embed(pos_embed, new_grid, num_prefix_tokens):
-    """Resize (1, prefix + g*g, D) position embeddings to a new_grid patch grid (n for n x n, or (rows,
-    columns)): the prefix (class/distillation) rows are kept as they are, the patch rows are interpolated
-    bicubically as a square image. Paper §3 "Fine-tuning at different resolution": bicubic keeps the
-    embeddings' norm, bilinear shrinks it."""
+    """Resize (1, prefix + g*g, D) position embeddings to a new_grid patch grid (n for n x n, or (rows, columns)): the
+    prefix (class/distillation) rows are kept as they are, the patch rows are interpolated bicubically as a square
+    image. Paper §3 "Fine-tuning at different resolution": bicubic keeps the embeddings' norm, bilinear shrinks it."""
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     old = math.isqrt(grid.shape[1])
     assert old * old == grid.shape[1], f"patch rows ({grid.shape[1]}) do not form a square grid"
     new = (new_grid, new_grid) if isinstance(new_grid, int) else tuple(new_grid)
     if (old, old) == new:
         return pos_embed
-    D = grid.shape[-1]
-    grid = grid.reshape(1, old, old, D).permute(0, 3, 1, 2)  # (1, D, old, old)
+    grid = grid.reshape(1, old, old, -1).permute(0, 3, 1, 2)  # (1, D, old, old)
     grid = F.interpolate(grid.float(), size=new, mode="bicubic", align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, new[0] * new[1], D).to(pos_embed.dtype)
+    grid = grid.permute(0, 2, 3, 1).flatten(1, 2).to(pos_embed.dtype)
     return torch.cat([prefix, grid], dim=1)
 
 
@@ -328,12 +306,11 @@ def resize_matrix(old, new, device):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Weights files: the official release ({"model": state_dict}), train.py's checkpoints (the same, plus "ema",
-# "optimizer", "config", ...) or a plain state dict with the same key names (timm's ViT/DeiT).
+# Weights files: the official release ({"model": state_dict}), train.py's checkpoints (also "ema", "config", ...)
+# or a plain state dict with the same key names (timm's ViT/DeiT).
 
 def load_weights(model, path, ema=False):
-    """Load a weights file into model (its EMA weights with ema, for a train.py checkpoint), position
-    embeddings resized to the model's grid. A wrong file is one ValueError line. Returns model."""
+    """Load a weights file into model (its EMA weights with ema, for a train.py checkpoint); returns model."""
     state = state_dict_of(read_file(path), path, ema)
     load_checked(model, fit_pos_embed(state, model), path)
     return model
@@ -383,8 +360,7 @@ def fit_pos_embed(state, model):
 
 
 def fit_in_chans(state, key, in_chans, what):
-    """RGB weights for greyscale images: the first layer's filters summed over R, G and B (a grey image is the
-    same value in each, so the sum gives the same response)."""
+    """RGB weights for greyscale images: first-layer filters summed over R, G, B (a grey pixel has R = G = B)."""
     w = state[key]
     if w.shape[1] == in_chans:
         return state
@@ -397,8 +373,7 @@ def load_checked(model, state, what):
     """model.load_state_dict(state), strict, but a mismatch is one line naming the keys and shapes, not a
     page of traceback. Works for any nn.Module (torchvision teachers too)."""
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
+    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
               if k in state and tuple(state[k].shape) != tuple(v.shape)]
     problems = [f"{n}: {', '.join(xs[:4])}" + (f" (+{len(xs) - 4} more)" if len(xs) > 4 else "")
@@ -415,18 +390,16 @@ def load_checked(model, state, what):
 # made into a pyramid by a few (de)convolutions, no FPN top-down path. We keep global attention in every
 # block (ViTDet uses windows in most blocks and relative positions: a cost cut at 1024 px, not needed here).
 
-class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channels of (B, C, H, W) maps (ViTDet's norm in the pyramid)."""
+class LayerNorm2d(nn.LayerNorm):  # over the channels of (B, C, H, W) maps (ViTDet's norm in the pyramid)
     def forward(self, x):
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 class SimpleFeaturePyramid(nn.Module):
-    """ViTDet's simple feature pyramid (§3, Fig. 2c) from one (B, dim, H/p, W/p) map: strides 4, 8, 16, 32,
-    each by 2x2 transposed convs (LayerNorm and GELU between two) or a max-pool from the patch size p (for
-    p = 16, ViTDet's: two deconvs, one, identity, a 2x2 max-pool), then a 1x1 and a 3x3 conv to out_channels,
-    each with a LayerNorm; plus "pool", the stride-64 level that torchvision's FPN backbones add
-    (LastLevelMaxPool). Keys "0"-"3" and "pool": what torchvision's resnet_fpn_backbone returns."""
+    """ViTDet's simple feature pyramid (§3, Fig. 2c) from one (B, dim, H/p, W/p) map: strides 4, 8, 16, 32, each by 2x2
+    transposed convs (LayerNorm and GELU between two) or a max-pool from the patch size p (for p = 16, ViTDet's: two
+    deconvs, one, identity, a 2x2 max-pool), then a 1x1 and a 3x3 conv to out_channels, each with a LayerNorm; plus
+    "pool", the stride-64 level that torchvision's FPN backbones add (LastLevelMaxPool): keys "0"-"3" and "pool"."""
 
     def __init__(self, dim, patch_size, out_channels=256, strides=(4, 8, 16, 32)):
         super().__init__()
@@ -457,9 +430,8 @@ TRUNK = ("cls_token", "dist_token", "pos_embed", "patch_embed.", "blocks.")  # w
 
 
 class Backbone(nn.Module):
-    """A DeiT and ViTDet's pyramid, as torchvision's detectors take a backbone: forward(images) returns an
-    OrderedDict of (B, out_channels, H/s, W/s) maps keyed as a ResNet-50-FPN's, and out_channels says
-    their width, so
+    """A DeiT and ViTDet's pyramid, as torchvision's detectors take a backbone: forward(images) returns an OrderedDict
+    of (B, out_channels, H/s, W/s) maps keyed as a ResNet-50-FPN's, and out_channels says their width, so
 
         backbone = Backbone.from_file("deit_small_patch16_224-cd65a155.pth", "deit_small_patch16_224")
         detector = torchvision.models.detection.FasterRCNN(backbone, num_classes=91)
@@ -490,21 +462,18 @@ class Backbone(nn.Module):
 
     @classmethod
     def from_file(cls, path, model=None, out_channels=256, ema=False, **overrides):
-        """A backbone from any weights file of this project: an official DeiT release or a plain state dict
-        (model names the architecture), or a checkpoint of train.py, finetune.py or mae.py (which carries
-        its own). Only the ViT's trunk is loaded; .left_out names what the file has besides (heads, the
-        final norm, an MAE decoder). overrides: DeiTConfig fields (drop_path_rate, ...): img_size builds the ViT
-        for that size, its position embeddings resized once at load (paper §3, as deit's main.py resizes them
-        to fine-tune at another resolution); distilled=False drops a distilled file's distillation token."""
+        """A backbone from any weights file of this project: an official DeiT release or a plain state dict (model names
+        the architecture), or a checkpoint of train.py, finetune.py or mae.py (which names its own). Only the ViT's
+        trunk is loaded; .left_out names the rest (heads, final norm, MAE decoder). overrides: DeiTConfig fields;
+        img_size builds the ViT for that size, position embeddings resized once at load (paper §3, as deit's main.py
+        does to fine-tune at another resolution); distilled=False drops a distilled file's distillation token."""
         obj = read_file(path)
         state = state_dict_of(obj, path, ema)
         if "patch_embed.proj.weight" not in state:
             raise ValueError(f"{path} is not a ViT/DeiT weights file (no patch_embed.proj.weight); its keys begin: "
                              + ", ".join(list(state)[:3]))
-        ours = isinstance(obj, dict) and isinstance(obj.get("model_config"), dict)
-        if ours and "embed_dim" in obj["model_config"]:
-            cfg = {**obj["model_config"], "global_pool": False, **overrides}
-            vit = DeiT(DeiTConfig(**cfg))
+        if isinstance(obj, dict) and isinstance(obj.get("model_config"), dict) and "embed_dim" in obj["model_config"]:
+            vit = DeiT(DeiTConfig(**{**obj["model_config"], "global_pool": False, **overrides}))
         elif model is not None:
             vit = create_model(model, **{"distilled": "dist_token" in state, **overrides})
         else:
@@ -515,7 +484,7 @@ class Backbone(nn.Module):
                              vit.cfg.in_chans, path)
         if not vit.cfg.distilled:
             trunk = drop_dist_token(trunk)
-        load_checked(backbone.vit, fit_pos_embed(trunk, vit), path)  # img_size: resized once, here
+        load_checked(backbone.vit, fit_pos_embed(trunk, vit), path)
         backbone.left_out = sorted({k.split(".")[0] for k in state if k not in backbone.vit.state_dict()})
         return backbone
 

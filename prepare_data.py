@@ -1,23 +1,18 @@
 """
-Make the bundled Fashion-MNIST subset in data/fashion-mnist-subset/ from the full dataset; or (--jpegs) an
-ImageNet-like JPEG folder from photographs, for the image-file benchmark and tests; or (--teacher) the
-convnet teacher that distillation uses on the bundled data.
+Make the bundled Fashion-MNIST subset (data/fashion-mnist-subset/) from the full set; or (--jpegs) an ImageNet-like
+JPEG folder of photographs for the image-file benchmark and tests; or (--teacher) the bundled data's teacher.
 
-Fashion-MNIST (Xiao, Rasul, Vollgraf 2017; MIT licence) comes from the Debian package
-`dataset-fashion-mnist` (apt-get install -y dataset-fashion-mnist), which puts the four idx files in
-/usr/share/datasets/fashion-mnist/. This script draws a stratified sample -- the same number of images of
-every class, chosen with a fixed seed -- and writes it in the same gzipped idx format, so train.py reads the
-subset and the full set with one reader. gzip's timestamp is zeroed, so a rerun writes identical bytes.
+Fashion-MNIST (Xiao, Rasul, Vollgraf 2017; MIT licence): apt-get install -y dataset-fashion-mnist puts its four idx
+files in /usr/share/datasets/fashion-mnist/. The stratified subset is written in the same gzipped idx format, so
+train.py reads it and the full set with one reader; gzip's timestamp is zeroed, so a rerun writes identical bytes.
 
     python prepare_data.py                      # 1000 train + 200 test images per class (~4 MB)
-    python prepare_data.py --src DIR --out DIR --train-per-class 600 --test-per-class 100
     python prepare_data.py --jpegs out/jpegs    # 160 train + 40 val JPEGs from data/photos/ (or --photos DIR)
     python prepare_data.py --teacher            # data/teachers/convnet-bundled.pt: the bundled data's teacher
 
-The JPEG folder: each photograph is a class; each file is a random crop of it (30-100% of the area, aspect
-4:3, 3:4, 3:2 or 1:1) rescaled to a shorter side of 300-500 px and saved at quality 75-95, as ImageNet's
-files mostly are. Photographs larger than that (e.g. apt-get install -y mate-backgrounds, then
---photos /usr/share/backgrounds/mate/nature) give sharper files than the small bundled ones.
+The JPEG folder: each photograph is a class; each file is a random crop of it (30-100% of the area, aspect 4:3, 3:4, 3:2
+or 1:1) rescaled to a shorter side of 300-500 px and saved at quality 75-95, as ImageNet's files mostly are. Larger
+photographs give sharper files (apt-get install -y mate-backgrounds, then --photos /usr/share/backgrounds/mate/nature).
 """
 
 import argparse
@@ -43,17 +38,15 @@ def stratified(labels, per_class, rng):
 
 
 PHOTOS = os.path.join(HERE, "data", "photos")
-# data.BUNDLED_TEACHER, the teacher that `train.py --distill hard` uses on the bundled data: distill.py's
-# convnet, trained by train.py on the bundled subset with flips only (no RandAugment, erasing or
-# Mixup/CutMix: a convnet needs no help to learn 28-px garments), 8 epochs, seed 0 (85 s on a 2-core CPU).
-# The same command on the same torch gives the same weights; RESULTS.md states its accuracy.
+# data.BUNDLED_TEACHER, the teacher of `train.py --distill hard` on the bundled data: distill.py's convnet with flips
+# only (no RandAugment, erasing or Mixup/CutMix: a convnet needs no help to learn 28-px garments; 85 s on a 2-core
+# CPU). The same command on the same torch gives the same weights; RESULTS.md states its accuracy.
 TEACHER_ARGS = ["--data", "bundled", "--model", "convnet", "--epochs", "8", "--aa", "none", "--reprob", "0",
                 "--mixup", "0", "--cutmix", "0", "--seed", "0"]
 
 
 def make_teacher(path=BUNDLED_TEACHER):
-    """Train the bundled data's teacher with train.py and keep what a teacher needs of the checkpoint (the
-    weights, the config and the model config: 1.2 MB instead of 4.7 with the optimizer and EMA)."""
+    """Train the teacher with train.py, keeping what a teacher needs (1.2 MB, not 4.7 with the optimizer and EMA)."""
     import tempfile
     import torch
     import train
@@ -64,15 +57,13 @@ def make_teacher(path=BUNDLED_TEACHER):
             top1 = [line for line in f][-1]
     os.makedirs(os.path.dirname(path), exist_ok=True)
     keep = {k: ckpt[k] for k in ("model", "config", "model_config", "num_classes", "mean", "std", "epoch")}
-    keep["config"] = {**keep["config"], "out_dir": None}
-    torch.save(keep, path + ".tmp")
+    torch.save({**keep, "config": {**keep["config"], "out_dir": None}}, path + ".tmp")
     os.replace(path + ".tmp", path)
     return path, top1
 
 
 def make_jpeg_folder(out, photos=PHOTOS, n_train=160, n_val=40, seed=0, short=(300, 500)):
-    """An ImageFolder (train/ and val/, one class per photograph) of JPEG crops of the photographs in
-    photos; the same seed writes the same files. Returns the paths written."""
+    """JPEG crops of photos as an ImageFolder (train/, val/), the same files for the same seed; returns their paths."""
     from PIL import Image
     names = sorted(f for f in os.listdir(photos) if f.lower().endswith((".jpg", ".jpeg", ".png")))
     if not names:
@@ -115,23 +106,22 @@ def main():
     if args.teacher:
         path, last = make_teacher()
         print(f"teacher -> {path}; its last epoch: {last.strip()}")
-        return
-    if args.jpegs:
+    elif args.jpegs:
         paths = make_jpeg_folder(args.jpegs, args.photos, args.n_train, args.n_val, args.seed)
         print(f"{len(paths)} JPEGs from {args.photos} -> {args.jpegs}")
-        return
-    rng = np.random.default_rng(args.seed)
-    os.makedirs(args.out, exist_ok=True)
-    for split, per_class in (("train", args.train_per_class), ("test", args.test_per_class)):
-        paths = [find_idx(args.src, name) for name in FILES[split]]
-        if None in paths:
-            raise SystemExit(f"error: no Fashion-MNIST idx files in {args.src}; "
-                             "install them with: apt-get install -y dataset-fashion-mnist")
-        images, labels = (read_idx(path) for path in paths)
-        keep = stratified(labels, per_class, rng)
-        for name, arr in zip(FILES[split], (images[keep], labels[keep])):
-            write_idx(os.path.join(args.out, name + ".gz"), arr)
-        print(f"{split}: {len(keep)} images ({per_class} per class) -> {args.out}")
+    else:
+        rng = np.random.default_rng(args.seed)
+        os.makedirs(args.out, exist_ok=True)
+        for split, per_class in (("train", args.train_per_class), ("test", args.test_per_class)):
+            paths = [find_idx(args.src, name) for name in FILES[split]]
+            if None in paths:
+                raise SystemExit(f"error: no Fashion-MNIST idx files in {args.src}; "
+                                 "install them with: apt-get install -y dataset-fashion-mnist")
+            images, labels = (read_idx(path) for path in paths)
+            keep = stratified(labels, per_class, rng)
+            for name, arr in zip(FILES[split], (images[keep], labels[keep])):
+                write_idx(os.path.join(args.out, name + ".gz"), arr)
+            print(f"{split}: {len(keep)} images ({per_class} per class) -> {args.out}")
 
 
 if __name__ == "__main__":

@@ -52,6 +52,11 @@ QUICK = ["--train-subset", "640", "--batch-size", "64", "--log-seconds", "1000"]
 TORCHRUN2 = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
 
 
+def out_dir(path):
+    """The flags that put a run's files (ckpt.pt, log.jsonl, lock) in path, a folder of the test's tmp_path."""
+    return ["--out-dir", str(path)]
+
+
 STARTED = []  # the processes this test started: each leads a process group of its own (spawn)
 
 
@@ -88,12 +93,12 @@ def run_cli(args, cmd=(sys.executable, "train.py"), timeout=300):
     return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 
-def final_weights(out_dir):
-    return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["model"]
+def final_weights(folder):
+    return torch.load(os.path.join(folder, "ckpt.pt"), weights_only=True)["model"]
 
 
-def read_log(out_dir):
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
+def read_log(folder):
+    with open(os.path.join(folder, "log.jsonl")) as f:
         return [json.loads(l) for l in f]
 
 
@@ -173,7 +178,7 @@ class WaitsForDevice(TorchFunctionMode):
 
 def finetune_run(tmp_path, name, weights, *extra):
     out = tmp_path / name
-    FT.main(["--weights", str(weights), *QUICK, "--epochs", "1", "--lr", "1e-3", "--out-dir", str(out), *extra])
+    FT.main(["--weights", str(weights), *QUICK, "--epochs", "1", "--lr", "1e-3", *out_dir(out), *extra])
     return read_log(out), final_weights(out)
 
 
@@ -522,8 +527,8 @@ def test_backbone_loads_every_kind_of_weights_file(tmp_path):
         M.Backbone.from_file(tmp_path / "release.pth")
     with pytest.raises(ValueError, match=r"does not fit the model: .*shape"):
         M.Backbone.from_file(tmp_path / "release.pth", "deit_small_patch16_224", depth=2)
-    T.main(QUICK + ["--model", "deit_nano_patch4_28", "--epochs", "1", "--out-dir", str(tmp_path / "sup")])
-    MAE.main(QUICK + ["--model", "deit_nano_patch4_28", "--epochs", "1", "--out-dir", str(tmp_path / "mae")])
+    T.main(QUICK + ["--model", "deit_nano_patch4_28", "--epochs", "1", *out_dir(tmp_path / "sup")])
+    MAE.main(QUICK + ["--model", "deit_nano_patch4_28", "--epochs", "1", *out_dir(tmp_path / "mae")])
     for run, ema, left in (("sup", False, ["head", "norm"]), ("sup", True, ["head", "norm"]),
                            ("mae", False, ["decoder_blocks", "decoder_embed", "decoder_norm", "decoder_pos_embed",
                                            "decoder_pred", "mask_token", "norm"])):
@@ -1007,7 +1012,7 @@ def test_image_folder_listing_is_imagefolders_and_refuses_what_it_reaches_twice(
     (train / "coffee" / "loop").unlink()
     (train / "rocket" / "same.jpg").symlink_to(train / "coffee" / "00002.jpg")
     line = cli_error(["--data", str(tmp_path / "data"), "--model", "deit_nano_patch4_28", "--img-size", "32",
-                      "--out-dir", str(tmp_path / "out")], "rocket/same.jpg is coffee/00002.jpg again")
+                      *out_dir(tmp_path / "out")], "rocket/same.jpg is coffee/00002.jpg again")
     assert "each image must be reached once" in line
     (train / "rocket" / "same.jpg").unlink()
     (train / "empty").mkdir()
@@ -1232,7 +1237,7 @@ def test_weight_decay_groups():
 def test_ema_averages_buffers_too(tmp_path):
     """The EMA follows the model's BatchNorm statistics as well as its weights (a convnet's EMA used to keep
     its initial statistics): float tensors averaged, integer ones (num_batches_tracked) copied."""
-    args = parse(*QUICK, "--model", "convnet", "--model-ema-decay", "0.5", "--out-dir", str(tmp_path))
+    args = parse(*QUICK, "--model", "convnet", "--model-ema-decay", "0.5", *out_dir(tmp_path))
     ctx = L.setup_distributed()
     data = T.load(args, ctx.device, None)
     run = T.start_run(args, ctx, T.build_model(args, data, ctx, None), data, None, log=lambda *a: None)
@@ -1262,7 +1267,7 @@ def test_the_step_calls_the_model_and_the_loss_directly(monkeypatch, tmp_path):
     monkeypatch.setattr(M.DeiT, "forward", recorder("forward", M.DeiT.forward))
     monkeypatch.setattr(T, "base_loss", recorder("loss", T.base_loss))
     T.main([*QUICK, "--epochs", "1", "--model", "deit_nano_distilled_patch7_28", "--distill", "hard",
-            "--out-dir", str(tmp_path)])
+            *out_dir(tmp_path)])
     assert depth == {"forward": {3}, "loss": {4}}  # our frames above the call: main, train, train_step (+ criterion)
 
 
@@ -1319,9 +1324,9 @@ def test_training_step_never_waits(tmp_path, recipe):
     call that waits for the device: the host decides, the device computes."""
     extra = {"default": [], "3-Augment": ["--three-augment"],
              "hard distillation": ["--model", "deit_nano_distilled_patch7_28", "--distill", "hard"]}[recipe]
-    args = parse(*QUICK, *extra, "--clip-grad", "5", "--out-dir", str(tmp_path))
+    args = parse(*QUICK, *extra, "--clip-grad", "5", *out_dir(tmp_path))
     ctx = L.setup_distributed()
-    data = T.load(args, ctx.device, T.check_model(args))
+    data = T.load(args, ctx.device, L.check_model(args, T.DEFAULT_MODEL))
     teacher = D.create_convnet("convnet", 10, 1) if args.distill != "none" else None
     run = T.start_run(args, ctx, T.build_model(args, data, ctx, 28), data, teacher, log=lambda *a: None)
     cuda = ctx.device.type == "cuda"  # on a GPU, CUDA's own detector watches the same steps
@@ -1355,7 +1360,7 @@ def test_compile_and_bf16_autocast_on_the_cpu(tmp_path):
     compiled after the first epoch (the step's lr and Mixup's lam are plain numbers outside the graph)."""
     common, logs = distilled_run_args(tmp_path), {}
     for name, extra in (("eager", []), ("compile", ["--compile"]), ("bf16", ["--amp", "bf16"])):
-        r = run_cli([*common, *extra, "--out-dir", str(tmp_path / name)])
+        r = run_cli([*common, *extra, *out_dir(tmp_path / name)])
         assert r.returncode == 0, r.stdout[-1500:] + r.stderr
         logs[name] = read_log(tmp_path / name)
     assert "autocast True" in r.stdout
@@ -1370,9 +1375,9 @@ def test_compile_and_bf16_autocast_on_the_cpu(tmp_path):
 
 @pytest.mark.slow
 def test_cli_errors_unknown_model_and_missing_data(tmp_path):
-    line = cli_error(["--model", "deit_huge", "--out-dir", str(tmp_path)], "unknown model 'deit_huge'")
+    line = cli_error(["--model", "deit_huge", *out_dir(tmp_path)], "unknown model 'deit_huge'")
     assert "deit_small_distilled_patch16_224" in line
-    cli_error(["--data", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path)], "does not exist")
+    cli_error(["--data", str(tmp_path / "nowhere"), *out_dir(tmp_path)], "does not exist")
 
 
 # ----------------------------------------------------------------------------------------------- distill.py
@@ -1421,7 +1426,7 @@ def test_no_distillation_leaves_head_dist_without_gradient():
 
 @pytest.mark.slow
 def test_teacher_is_frozen_and_sees_the_students_augmented_input(tmp_path):
-    args = parse(*QUICK, "--epochs", "1", "--out-dir", str(tmp_path), "--model", "deit_nano_distilled_patch7_28",
+    args = parse(*QUICK, "--epochs", "1", *out_dir(tmp_path), "--model", "deit_nano_distilled_patch7_28",
                  "--distill", "hard")
     ctx = L.setup_distributed()
     data = T.load(args, ctx.device, 28)
@@ -1453,9 +1458,9 @@ def test_teachers_load_and_bad_teachers_fail_clearly(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="cannot take 1-channel 28-px images"):
         D.load_teacher("resnet18", str(tmp_path / "r18.pth"), 1000, 1, 28)
     # through train.py: one clear error before training starts
-    student = ["--model", "deit_nano_distilled_patch7_28", "--out-dir", str(tmp_path / "run")]
+    student = ["--model", "deit_nano_distilled_patch7_28", *out_dir(tmp_path / "run")]
     with pytest.raises(ValueError, match="needs a student with a distillation token.*deit_nano_distilled_patch7_28"):
-        T.main(["--distill", "hard", "--model", "deit_nano_patch7_28", "--out-dir", str(tmp_path / "run")])
+        T.main(["--distill", "hard", "--model", "deit_nano_patch7_28", *out_dir(tmp_path / "run")])
     torch.save(D.create_convnet("convnet", 5, 1).state_dict(), tmp_path / "five.pt")
     with pytest.raises(ValueError, match="teacher convnet predicts 5 classes, the data has 10"):
         T.main([*student, "--distill", "hard", "--teacher", "convnet", "--teacher-weights", str(tmp_path / "five.pt")])
@@ -1481,11 +1486,11 @@ def test_teachers_load_and_bad_teachers_fail_clearly(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_convnet_teacher_then_two_process_distilled_student(tmp_path):
-    r = run_cli([*QUICK, "--epochs", "1", "--model", "convnet", "--out-dir", str(tmp_path / "teacher")])
+    r = run_cli([*QUICK, "--epochs", "1", "--model", "convnet", *out_dir(tmp_path / "teacher")])
     assert r.returncode == 0, r.stdout[-1500:] + r.stderr
     ckpt = str(tmp_path / "teacher" / "ckpt.pt")
     r = run_cli([*QUICK, "--epochs", "1", "--model", "deit_nano_distilled_patch7_28", "--distill", "hard",
-                 "--teacher", ckpt, "--out-dir", str(tmp_path / "student")],
+                 "--teacher", ckpt, *out_dir(tmp_path / "student")],
                 cmd=(*TORCHRUN2, "train.py"))
     assert r.returncode == 0, r.stdout[-1500:] + r.stderr
     log = read_log(tmp_path / "student")
@@ -1549,7 +1554,7 @@ def test_finetune_is_reproducible_and_freeze_keeps_the_backbone(tmp_path, capsys
 def test_finetune_bad_inputs_fail_clearly(tmp_path):
     def error(weights, match, *extra):
         with pytest.raises(ValueError, match=match):
-            FT.main(["--weights", str(weights), "--out-dir", str(tmp_path / "run"), *extra])
+            FT.main(["--weights", str(weights), *out_dir(tmp_path / "run"), *extra])
     torch.save([1, 2, 3], tmp_path / "list.pt")
     error(tmp_path / "list.pt", "is not a state dict")
     torch.save(D.create_convnet("convnet", 10, 1).state_dict(), tmp_path / "convnet.pt")
@@ -1574,9 +1579,9 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     # design (seed + rank, as DeiT), and repeated augmentation reorders; all off, the runs must agree.
     common = QUICK + ["--epochs", "2", "--drop-path", "0", "--aa", "none", "--reprob", "0", "--mixup", "0",
                       "--cutmix", "0", "--hflip", "0", "--no-repeated-aug"]
-    one = run_cli(common + ["--out-dir", str(tmp_path / "one")])
+    one = run_cli(common + [*out_dir(tmp_path / "one")])
     assert one.returncode == 0, one.stdout[-1500:] + one.stderr
-    two = run_cli(common + ["--out-dir", str(tmp_path / "two")],
+    two = run_cli(common + [*out_dir(tmp_path / "two")],
                   cmd=(*TORCHRUN2, "train.py"))
     assert two.returncode == 0, two.stdout[-1500:] + two.stderr
     assert "global batch 64 on 2 process(es)" in two.stdout
@@ -1600,7 +1605,7 @@ def test_two_process_ddp_equals_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_two_process_run_with_the_full_recipe(tmp_path):
-    r = run_cli(["--train-subset", "600", "--batch-size", "64", "--epochs", "1", "--out-dir", str(tmp_path)],
+    r = run_cli(["--train-subset", "600", "--batch-size", "64", "--epochs", "1", *out_dir(tmp_path)],
                 cmd=(*TORCHRUN2, "train.py"))
     assert r.returncode == 0, r.stdout[-1500:] + r.stderr
     log = read_log(tmp_path)  # repeated augmentation: 600 // 256 * 256 / 2 = 256 samples a process, 8 steps of 32
@@ -1619,7 +1624,7 @@ def test_two_process_run_on_an_image_folder(tmp_path, decode):
     (tmp_path / "data" / "val" / "coffee" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     r = run_cli(["--data", str(tmp_path / "data"), "--model", "deit_nano_patch4_28", "--img-size", "32",
                  "--decode", decode, "--batch-size", "26", "--no-repeated-aug", "--epochs", "1",
-                 "--out-dir", str(tmp_path / "out")],
+                 *out_dir(tmp_path / "out")],
                 cmd=(*TORCHRUN2, "train.py"))
     assert r.returncode == 0, r.stdout[-1500:] + r.stderr
     assert "Grad strides" not in r.stderr and "suggested max number of worker" not in r.stderr  # --workers default
@@ -1634,7 +1639,7 @@ def test_two_process_run_compiled_with_bf16_autocast(tmp_path):
     """The slowest test: compiling takes most of it, whatever the number of steps, and with a cold cache on a
     loaded 2-core machine it was seen to take about 200 s (issue 18); hence a budget of 3x that."""
     args = [*distilled_run_args(tmp_path), "--compile", "--amp", "bf16"]
-    r = run_cli([*args, "--out-dir", str(tmp_path / "run")], cmd=(*TORCHRUN2, "train.py"), timeout=600)
+    r = run_cli([*args, *out_dir(tmp_path / "run")], cmd=(*TORCHRUN2, "train.py"), timeout=600)
     assert r.returncode == 0, r.stdout[-1500:] + r.stderr
     first, last = read_log(tmp_path / "run")
     assert math.isfinite(last["train_loss"]) and last["train_loss"] < first["train_loss"]
@@ -1644,19 +1649,19 @@ def test_two_process_run_compiled_with_bf16_autocast(tmp_path):
 @pytest.mark.slow
 def test_kill_then_resume_equals_uninterrupted(tmp_path):
     args = QUICK + ["--epochs", "4"]
-    full = run_cli(args + ["--out-dir", str(tmp_path / "full")])
+    full = run_cli(args + [*out_dir(tmp_path / "full")])
     assert full.returncode == 0, full.stdout[-1500:] + full.stderr
     out = tmp_path / "killed"
-    p = spawn([sys.executable, "train.py", *args, "--out-dir", str(out)],
+    p = spawn([sys.executable, "train.py", *args, *out_dir(out)],
               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while p.poll() is None and not (out / "ckpt.pt").exists():  # the first epoch's checkpoint (atomic)
         time.sleep(0.02)
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert len(read_log(out)) < 4, "the run finished before it could be killed"
-    r = run_cli(args + ["--out-dir", str(out)])  # without --resume it refuses to overwrite the run
+    r = run_cli(args + [*out_dir(out)])  # without --resume it refuses to overwrite the run
     assert r.returncode == 2 and "--resume" in r.stderr
-    r = run_cli(args + ["--out-dir", str(out), "--resume"])
+    r = run_cli(args + [*out_dir(out), "--resume"])
     assert r.returncode == 0, r.stdout[-1500:] + r.stderr
     assert "resumed from" in r.stdout
     a, b = read_log(tmp_path / "full"), read_log(out)
@@ -1671,20 +1676,20 @@ def test_kill_then_resume_equals_uninterrupted(tmp_path):
         torch.testing.assert_close(ca["ema"][k], cb["ema"][k], atol=1e-6, rtol=1e-6)
     # the checkpoint holds plain types and evaluates to the logged numbers
     assert ca["config"]["model"] == "deit_nano_patch7_28" and ca["epoch"] == 4 and ca["step"] == 40
-    metrics = T.main(["--eval-only", "--out-dir", str(tmp_path / "full")])
+    metrics = T.main(["--eval-only", *out_dir(tmp_path / "full")])
     assert metrics["top1"] == pytest.approx(a[-1]["top1"]) and metrics["val_loss"] == pytest.approx(a[-1]["val_loss"], rel=1e-5)
     # at another resolution the position embeddings are resized (4x4 -> 5x5 patches) and it still evaluates
-    at35 = T.main(["--eval-only", "--out-dir", str(tmp_path / "full"), "--img-size", "35"])
+    at35 = T.main(["--eval-only", *out_dir(tmp_path / "full"), "--img-size", "35"])
     assert 10 < at35["top1"] <= 100
 
 
 @pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     out = tmp_path / "run"
-    assert run_cli(QUICK + ["--epochs", "1", "--out-dir", str(out)]).returncode == 0
+    assert run_cli(QUICK + ["--epochs", "1", *out_dir(out)]).returncode == 0
     before = (out / "ckpt.pt").read_bytes()
     # an absurd learning rate sends the weights, then the loss, to inf/nan within a few steps
-    line = cli_error(QUICK + ["--epochs", "3", "--resume", "--lr", "1e35", "--warmup-epochs", "0", "--out-dir", str(out)],
+    line = cli_error(QUICK + ["--epochs", "3", "--resume", "--lr", "1e35", "--warmup-epochs", "0", *out_dir(out)],
                      "loss became nan/inf at step")
     step = int(line.split("at step ")[1].split()[0])
     assert 10 <= step < 20 and "last good checkpoint" in line
@@ -1700,16 +1705,16 @@ def test_headline_command_distills_with_the_shipped_teacher(tmp_path):
     """`torchrun ... train.py --distill hard`, as typed (2 processes, a smaller run): the distilled default
     student, the convnet teacher that ships for the bundled data, no DDP warning."""
     r = run_cli(["--distill", "hard", "--train-subset", "640", "--batch-size", "64", "--epochs", "1",
-                 "--out-dir", str(tmp_path)], cmd=(*TORCHRUN2, "train.py"))
+                 *out_dir(tmp_path)], cmd=(*TORCHRUN2, "train.py"))
     assert r.returncode == 0, r.stdout[-1500:] + r.stderr
     assert "deit_nano_distilled_patch7_28" in r.stdout and "teacher " + DT.BUNDLED_TEACHER in r.stdout
     assert "Grad strides do not match" not in r.stderr
     assert "top1_dist" in read_log(tmp_path)[0]
     args = parse("--distill", "soft")
-    assert T.check_model(args) == 28 and args.model == "deit_nano_distilled_patch7_28"
-    assert T.default_teacher(parse("--data", "cifar10")) == "regnet_y_16gf"  # DeiT's, on any other data
+    assert L.check_model(args, T.DEFAULT_MODEL) == 28 and args.model == "deit_nano_distilled_patch7_28"
+    assert D.default_teacher(None, "cifar10", "x") == "regnet_y_16gf"  # DeiT's, on any other data
     args = parse()
-    assert T.check_model(args) == 28 and args.model == "deit_nano_patch7_28"
+    assert L.check_model(args, T.DEFAULT_MODEL) == 28 and args.model == "deit_nano_patch7_28"
 
 
 @pytest.mark.slow
@@ -1731,10 +1736,10 @@ def test_torchrun_restart_finishes_the_run_by_itself(tmp_path):
     line, --resume auto) finds the checkpoint and ends with the weights of an uninterrupted run. Without a
     store prefix per restart the restarted processes fail to connect (or wait 30 minutes)."""
     args = ["--train-subset", "640", "--batch-size", "64", "--epochs", "3", "--log-seconds", "1000", "--resume", "auto"]
-    full = run_cli(args + ["--out-dir", str(tmp_path / "full")], cmd=(*TORCHRUN2, "train.py"))
+    full = run_cli(args + [*out_dir(tmp_path / "full")], cmd=(*TORCHRUN2, "train.py"))
     assert full.returncode == 0, full.stdout[-1500:] + full.stderr
     out = tmp_path / "killed"
-    p = spawn([*TORCHRUN2, "--max-restarts=1", "train.py", *args, "--out-dir", str(out)],
+    p = spawn([*TORCHRUN2, "--max-restarts=1", "train.py", *args, *out_dir(out)],
               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while p.poll() is None and not (out / "ckpt.pt").exists():
         time.sleep(0.02)
@@ -1754,16 +1759,16 @@ def test_one_out_dir_one_run(tmp_path):
     """A second run in a busy out-dir gets one line naming the first; a lock left by a killed run (kill -9)
     blocks nothing; a temp file a killed writer left behind is removed."""
     out = tmp_path / "run"
-    p = spawn([sys.executable, "train.py", *QUICK, "--epochs", "50", "--out-dir", str(out)],
+    p = spawn([sys.executable, "train.py", *QUICK, "--epochs", "50", *out_dir(out)],
               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while p.poll() is None and not (out / "ckpt.pt").exists():
         time.sleep(0.02)
-    line = cli_error(QUICK + ["--epochs", "50", "--seed", "1", "--out-dir", str(out)], "is in use by another run")
+    line = cli_error(QUICK + ["--epochs", "50", "--seed", "1", *out_dir(out)], "is in use by another run")
     assert f"pid {p.pid}" in line
     p.send_signal(signal.SIGKILL)
     p.wait()
     (out / f"ckpt.pt.{p.pid}.tmp").write_bytes(b"half a checkpoint")
-    r = run_cli(QUICK + ["--epochs", "2", "--resume", "auto", "--out-dir", str(out)])
+    r = run_cli(QUICK + ["--epochs", "2", "--resume", "auto", *out_dir(out)])
     assert r.returncode == 0, r.stdout[-1500:] + r.stderr
     assert "resumed from" in r.stdout and not list(out.glob("*.tmp"))
 
@@ -1786,7 +1791,7 @@ def test_the_lock_is_taken_before_anything_slow(script, tmp_path, monkeypatch):
         raise ValueError("stopped at the data")
     monkeypatch.setattr(T, "load_data", load_data)  # (finetune.py and mae.py load through train.load)
     with pytest.raises(ValueError, match="stopped at the data"):
-        script.main(QUICK + ["--out-dir", str(out)] + (["--weights", str(weights), "--model", "deit_nano_patch7_28"] if script is FT else []))
+        script.main(QUICK + [*out_dir(out)] + (["--weights", str(weights), "--model", "deit_nano_patch7_28"] if script is FT else []))
 
 
 @pytest.mark.slow
@@ -1832,7 +1837,7 @@ def test_a_command_past_its_time_is_killed_with_all_it_started():
 def test_workers_stop_when_the_torchrun_agent_is_killed(tmp_path):
     """kill -9 of the torchrun agent: its workers notice within seconds and stop, releasing the out-dir, so the
     same command runs again (and with --resume auto continues)."""
-    args = [*QUICK, "--epochs", "50", "--resume", "auto", "--out-dir", str(tmp_path)]
+    args = [*QUICK, "--epochs", "50", "--resume", "auto", *out_dir(tmp_path)]
     p = spawn([*TORCHRUN2, "train.py", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while p.poll() is None and not (tmp_path / "ckpt.pt").exists():
         time.sleep(0.02)
@@ -1844,7 +1849,7 @@ def test_workers_stop_when_the_torchrun_agent_is_killed(tmp_path):
     while not all(gone(w) for w in workers) and time.time() - t0 < 30:
         time.sleep(0.1)
     assert all(gone(w) for w in workers), "workers outlived their agent"
-    r = run_cli([*args[:-4], "--epochs", "2", "--resume", "auto", "--out-dir", str(tmp_path)], cmd=(*TORCHRUN2, "train.py"))
+    r = run_cli([*args[:-4], "--epochs", "2", "--resume", "auto", *out_dir(tmp_path)], cmd=(*TORCHRUN2, "train.py"))
     assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-3000:]
     assert "resumed from" in r.stdout
 
@@ -1855,10 +1860,10 @@ def test_mid_epoch_checkpoint_resumes_exactly(tmp_path):
     resumed, ends with the weights and the log of an uninterrupted run."""
     args = ["--train-subset", "1280", "--batch-size", "64", "--epochs", "2", "--log-seconds", "1000",
             "--check-interval", "5", "--ckpt-every-minutes", "0"]
-    full = run_cli(args + ["--out-dir", str(tmp_path / "full")])
+    full = run_cli(args + [*out_dir(tmp_path / "full")])
     assert full.returncode == 0, full.stdout[-1500:] + full.stderr
     out = tmp_path / "killed"
-    p = spawn([sys.executable, "train.py", *args, "--out-dir", str(out)],
+    p = spawn([sys.executable, "train.py", *args, *out_dir(out)],
               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def mid_epoch():
@@ -1872,7 +1877,7 @@ def test_mid_epoch_checkpoint_resumes_exactly(tmp_path):
     p.wait()
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["epoch"] == 0 and ckpt["epoch_step"] in (5, 10, 15), "no mid-epoch checkpoint before the kill"
-    r = run_cli(args + ["--out-dir", str(out), "--resume"])
+    r = run_cli(args + [*out_dir(out), "--resume"])
     assert r.returncode == 0, r.stdout[-1500:] + r.stderr
     assert f"step {ckpt['epoch_step']}" in r.stdout
     a, b = read_log(tmp_path / "full"), read_log(out)
@@ -1890,7 +1895,7 @@ def test_disk_problems_are_one_line(tmp_path, monkeypatch):
     """An out-dir under a file or not writable stops before training; a full disk while writing the checkpoint
     stops with one line, keeps the previous checkpoint and leaves no temp file."""
     (tmp_path / "file").write_text("")
-    cli_error(QUICK + ["--out-dir", str(tmp_path / "file" / "run")], "cannot write to --out-dir")
+    cli_error(QUICK + [*out_dir(tmp_path / "file" / "run")], "cannot write to --out-dir")
     real_open = open
 
     def no_write(path, *a, **k):
@@ -1900,9 +1905,9 @@ def test_disk_problems_are_one_line(tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr("builtins.open", no_write)
         with pytest.raises(ValueError, match="cannot write to --out-dir .*Permission denied"):
-            T.main(QUICK + ["--epochs", "1", "--out-dir", str(tmp_path / "ro")])
+            T.main(QUICK + ["--epochs", "1", *out_dir(tmp_path / "ro")])
     out = tmp_path / "full"
-    T.main(QUICK + ["--epochs", "1", "--out-dir", str(out)])
+    T.main(QUICK + ["--epochs", "1", *out_dir(out)])
     before = (out / "ckpt.pt").read_bytes()
     real_save = torch.save
 
@@ -1912,7 +1917,7 @@ def test_disk_problems_are_one_line(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(ValueError, match=r"cannot write .*ckpt.pt: No space left on device \(the disk is full\); the previous"):
-        T.main(QUICK + ["--epochs", "2", "--resume", "--out-dir", str(out)])
+        T.main(QUICK + ["--epochs", "2", "--resume", *out_dir(out)])
     monkeypatch.setattr(torch, "save", real_save)
     assert (out / "ckpt.pt").read_bytes() == before and not list(out.glob("*.tmp"))
 
@@ -1953,7 +1958,7 @@ import glob, os, subprocess, sys, torch
 disk, quick = sys.argv[1], sys.argv[2:]
 run = os.path.join(disk, "run")
 def train(*extra):
-    r = subprocess.run([sys.executable, "train.py", *quick, "--out-dir", run, *extra], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "train.py", *quick, *out_dir(run), *extra], capture_output=True, text=True)
     print("rc", r.returncode, "|", r.stderr.strip().replace(chr(10), " / "))
     print("files", sorted(os.listdir(run)), "| epoch", torch.load(os.path.join(run, "ckpt.pt"), weights_only=True)["epoch"])
 train("--epochs", "3")                # the second checkpoint does not fit beside the first
@@ -2005,7 +2010,7 @@ def test_a_real_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
 def test_bad_flag_values_are_one_line_before_anything_loads(flags, match, tmp_path, monkeypatch):
     monkeypatch.setattr(T, "load_data", lambda *a: pytest.fail("the data loaded"))
     with pytest.raises(ValueError, match=re.escape(match)):
-        T.main(flags.split() + ["--out-dir", str(tmp_path / "run")])
+        T.main(flags.split() + [*out_dir(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
 
 
@@ -2030,7 +2035,7 @@ def test_every_number_flag_has_a_range_and_each_range_is_enforced(script, tmp_pa
     assert set(flags) <= set(parser.ranges), f"flags without a range in the parser's: {set(flags) - set(parser.ranges)}"
     monkeypatch.setattr(DET if script is DET else T, "load_data", lambda *a: pytest.fail("the data loaded"))
     for name, action in flags.items():
-        base = ["--out-dir", str(tmp_path / "run")] + (["--epochs", "36"] if name != "epochs" else [])
+        base = [*out_dir(tmp_path / "run")] + (["--epochs", "36"] if name != "epochs" else [])
         for bad in just_outside(parser.ranges[name], parser.parse_args(base)):
             flag = action.option_strings[0]
             with pytest.raises(ValueError, match=re.escape(f"{flag} must be ")):
@@ -2044,22 +2049,22 @@ def test_files_and_sizes_that_cannot_work(tmp_path):
     step cannot fit in memory (it was killed after a minute, with no message): one line each."""
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(ValueError, match=r"weights file .*empty.pt is empty \(0 bytes\)"):
-        FT.main(["--weights", str(tmp_path / "empty.pt"), "--out-dir", str(tmp_path / "ft")])
+        FT.main(["--weights", str(tmp_path / "empty.pt"), *out_dir(tmp_path / "ft")])
     with pytest.raises(ValueError, match=r"--probe .* is a directory, not a file"):
-        MAE.main(["--probe", str(tmp_path), "--out-dir", str(tmp_path / "mae")])
+        MAE.main(["--probe", str(tmp_path), *out_dir(tmp_path / "mae")])
     with pytest.raises(ValueError, match=r"--weights .*nothing.pt does not exist"):
-        FT.main(["--weights", str(tmp_path / "nothing.pt"), "--out-dir", str(tmp_path / "ft")])
-    cli_error(["--img-size", "30", "--out-dir", str(tmp_path / "p7")], "--img-size 30 is not a multiple of "
+        FT.main(["--weights", str(tmp_path / "nothing.pt"), *out_dir(tmp_path / "ft")])
+    cli_error(["--img-size", "30", *out_dir(tmp_path / "p7")], "--img-size 30 is not a multiple of "
               "deit_nano_patch7_28's patch size 7: try 28")
-    line = cli_error(["--img-size", "7000", "--out-dir", str(tmp_path / "big")], "needs at least")
+    line = cli_error(["--img-size", "7000", *out_dir(tmp_path / "big")], "needs at least")
     assert "--img-size 7000 (1000001 tokens an image)" in line and "lower --img-size or --batch-size" in line
-    r = run_cli(["--img-size", "7000", "--out-dir", str(tmp_path / "big")], cmd=(sys.executable, "mae.py"))
+    r = run_cli(["--img-size", "7000", *out_dir(tmp_path / "big")], cmd=(sys.executable, "mae.py"))
     assert r.returncode == 2 and "needs at least" in r.stderr, r.stderr
 
 
 @pytest.mark.slow
 def test_eval_interval_evaluates_every_kth_epoch_and_the_last(tmp_path, capsys):
-    T.main(QUICK + ["--epochs", "5", "--eval-interval", "2", "--out-dir", str(tmp_path)])
+    T.main(QUICK + ["--epochs", "5", "--eval-interval", "2", *out_dir(tmp_path)])
     log = read_log(tmp_path)
     assert [r["epoch"] for r in log if "top1" in r] == [2, 4, 5] and all("train_loss" in r for r in log)
     assert "final top1" in capsys.readouterr().out
@@ -2068,11 +2073,11 @@ def test_eval_interval_evaluates_every_kth_epoch_and_the_last(tmp_path, capsys):
 @pytest.mark.slow
 def test_resume_without_a_run_or_of_a_finished_one(tmp_path):
     with pytest.raises(ValueError, match="there is no .*ckpt.pt to continue; drop --resume"):
-        T.main(QUICK + ["--epochs", "1", "--resume", "--out-dir", str(tmp_path)])
-    T.main(QUICK + ["--epochs", "1", "--resume", "auto", "--out-dir", str(tmp_path)])  # auto: starts
+        T.main(QUICK + ["--epochs", "1", "--resume", *out_dir(tmp_path)])
+    T.main(QUICK + ["--epochs", "1", "--resume", "auto", *out_dir(tmp_path)])  # auto: starts
     with pytest.raises(ValueError, match=r"is finished \(1 of 1 epochs\): raise --epochs"):
-        T.main(QUICK + ["--epochs", "1", "--resume", "--out-dir", str(tmp_path)])
-    T.main(QUICK + ["--epochs", "1", "--resume", "auto", "--out-dir", str(tmp_path)])  # auto: nothing left to do
+        T.main(QUICK + ["--epochs", "1", "--resume", *out_dir(tmp_path)])
+    T.main(QUICK + ["--epochs", "1", "--resume", "auto", *out_dir(tmp_path)])  # auto: nothing left to do
     assert len(read_log(tmp_path)) == 1
 
 
@@ -2097,7 +2102,7 @@ def test_first_run_progress_summary_and_help(tmp_path):
     """Progress lines by time (here every step), a closing summary that says where things are and what to do
     next, and --help that states each default once and never as None."""
     r = run_cli(["--train-subset", "640", "--batch-size", "64", "--epochs", "1", "--log-seconds", "0",
-                 "--out-dir", str(tmp_path)])
+                 *out_dir(tmp_path)])
     assert r.returncode == 0, r.stdout[-1500:] + r.stderr
     assert r.stdout.count("epoch 1 step ") == 9  # steps 1-9 of 10; the 10th is the epoch's line
     assert "done: 1 epochs" in r.stdout and f"checkpoint {tmp_path / 'ckpt.pt'}" in r.stdout
@@ -2127,18 +2132,18 @@ def test_next_steps_work_as_printed(tmp_path, capsys):
     """Each command a run ends with works as printed: train.py's evaluate and train on (which keeps the run's
     flags); after finetune.py --global-pool, its evaluate (the checkpoint brings its model) and train on; after
     mae.py, its fine-tune (MAE's recipe, the default for an MAE checkpoint) and train on."""
-    T.main([*QUICK, "--epochs", "1", "--out-dir", str(tmp_path / "run")])
+    T.main([*QUICK, "--epochs", "1", *out_dir(tmp_path / "run")])
     steps = printed_steps(capsys.readouterr().out)
     assert set(steps) == {"evaluate", "train on"}
     assert "top1" in run_printed(steps["evaluate"])
     assert "10 steps/epoch" in run_printed(steps["train on"])  # the run's own --train-subset and --batch-size
     assert [r["epoch"] for r in read_log(tmp_path / "run")] == [1, 2]
     FT.main(["--weights", str(tmp_path / "run" / "ckpt.pt"), *QUICK, "--epochs", "1", "--global-pool", "--lr", "1e-3",
-             "--out-dir", str(tmp_path / "ft")])
+             *out_dir(tmp_path / "ft")])
     steps = printed_steps(capsys.readouterr().out)
     assert "top1" in run_printed(steps["evaluate"])
     assert "10 steps/epoch" in run_printed(steps["train on"]) and len(read_log(tmp_path / "ft")) == 2
-    MAE.main([*QUICK, "--epochs", "1", "--out-dir", str(tmp_path / "mae")])
+    MAE.main([*QUICK, "--epochs", "1", *out_dir(tmp_path / "mae")])
     steps = printed_steps(capsys.readouterr().out)
     assert set(steps) == {"fine-tune", "train on"}
     out = run_printed(steps["fine-tune"], *QUICK, "--epochs", "1")  # on fewer images and epochs, for time
@@ -2207,7 +2212,7 @@ def test_mae_initialises_encoder_and_decoder_as_maes_code():
 def test_mae_encoder_loads_into_finetune(tmp_path, capsys):
     """An MAE checkpoint: its encoder under DeiT's names; finetune.py keeps it and reports the decoder left
     out and the head new; --global-pool trades norm for fc_norm; --layer-decay scales each group's lr."""
-    MAE.main(QUICK + ["--epochs", "1", "--out-dir", str(tmp_path / "mae")])
+    MAE.main(QUICK + ["--epochs", "1", *out_dir(tmp_path / "mae")])
     ckpt = torch.load(tmp_path / "mae" / "ckpt.pt", weights_only=True)
     enc = {k for k in ckpt["model"] if not k.startswith(("decoder_", "mask_token"))}
     plain = set(M.create_model("deit_nano_patch7_28", in_chans=1, num_classes=10).state_dict())
@@ -2222,7 +2227,7 @@ def test_mae_encoder_loads_into_finetune(tmp_path, capsys):
                                                       (["--layer-decay", "0.75"], pooled, decoder + ", norm", 0.75))):
         out = tmp_path / f"ft{i}"
         capsys.readouterr()
-        FT.main(["--weights", str(tmp_path / "mae" / "ckpt.pt"), *QUICK, "--epochs", "1", "--out-dir", str(out), *extra])
+        FT.main(["--weights", str(tmp_path / "mae" / "ckpt.pt"), *QUICK, "--epochs", "1", *out_dir(out), *extra])
         printed = capsys.readouterr().out
         assert f"newly initialised: {new}" in printed and f"left out what the model has not: {dropped} " in printed, printed
         assert f"peak lr {1e-3 * 64 / 512:.2e}" in printed  # MAE's base lr, 5e-4 per 256
@@ -2233,7 +2238,7 @@ def test_mae_encoder_loads_into_finetune(tmp_path, capsys):
         assert all(g["lr"] == pytest.approx(top * g["lr_scale"]) for g in groups)
         assert sorted({round(g["lr_scale"], 6) for g in groups}) == sorted({round(decay ** k, 6) for k in range(8)})
     # the reconstruction probe: the encoder of a checkpoint, frozen, every patch shown; only the decoder learns
-    MAE.main(QUICK + ["--epochs", "1", "--probe", str(tmp_path / "ft0" / "ckpt.pt"), "--out-dir", str(tmp_path / "probe")])
+    MAE.main(QUICK + ["--epochs", "1", "--probe", str(tmp_path / "ft0" / "ckpt.pt"), *out_dir(tmp_path / "probe")])
     probe = torch.load(tmp_path / "probe" / "ckpt.pt", weights_only=True)
     for k, v in torch.load(tmp_path / "ft0" / "ckpt.pt", weights_only=True)["model"].items():
         if k in probe["model"]:
@@ -2246,7 +2251,7 @@ def test_mae_encoder_loads_into_finetune(tmp_path, capsys):
     def prepared(weights):  # the model as finetune.py hands it to the loop
         with pytest.MonkeyPatch.context() as m:
             m.setattr(T, "train", lambda args, ctx, model, *a, **k: (args, model))
-            return FT.main(["--weights", str(weights), *QUICK, "--out-dir", str(tmp_path / "unused")])
+            return FT.main(["--weights", str(weights), *QUICK, *out_dir(tmp_path / "unused")])
     args, model = prepared(tmp_path / "mae" / "ckpt.pt")
     assert args.sched == "mae" and model.head.weight.std().item() == pytest.approx(2e-5, rel=0.1)
     assert model.head.bias.abs().max() == 0
@@ -2281,17 +2286,17 @@ def test_layer_decay_and_global_pool_formulas():
 @pytest.mark.slow
 def test_mae_kill_then_resume_equals_uninterrupted(tmp_path):
     args = QUICK + ["--epochs", "3"]
-    full = run_cli(args + ["--out-dir", str(tmp_path / "full")], cmd=(sys.executable, "mae.py"))
+    full = run_cli(args + [*out_dir(tmp_path / "full")], cmd=(sys.executable, "mae.py"))
     assert full.returncode == 0, full.stdout[-1500:] + full.stderr
     out = tmp_path / "killed"
-    p = spawn([sys.executable, "mae.py", *args, "--out-dir", str(out)],
+    p = spawn([sys.executable, "mae.py", *args, *out_dir(out)],
               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while p.poll() is None and not (out / "ckpt.pt").exists():
         time.sleep(0.02)
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert len(read_log(out)) < 3, "the run finished before it could be killed"
-    r = run_cli(args + ["--out-dir", str(out), "--resume"], cmd=(sys.executable, "mae.py"))
+    r = run_cli(args + [*out_dir(out), "--resume"], cmd=(sys.executable, "mae.py"))
     assert r.returncode == 0, r.stdout[-1500:] + r.stderr
     a, b = read_log(tmp_path / "full"), read_log(out)
     assert [x["epoch"] for x in b] == [1, 2, 3]
@@ -2307,7 +2312,7 @@ def test_mae_kill_then_resume_equals_uninterrupted(tmp_path):
 def test_mae_on_two_processes(tmp_path):
     """torchrun: the same loop under DDP (the decoder's position embeddings and the encoder's are buffers in
     all but name: frozen parameters, which DDP must leave alone)."""
-    r = run_cli(QUICK + ["--epochs", "1", "--out-dir", str(tmp_path)], cmd=(*TORCHRUN2, "mae.py"))
+    r = run_cli(QUICK + ["--epochs", "1", *out_dir(tmp_path)], cmd=(*TORCHRUN2, "mae.py"))
     assert r.returncode == 0, r.stdout[-1500:] + r.stderr
     assert math.isfinite(read_log(tmp_path)[0]["val_loss"]) and "Grad strides" not in r.stderr
 
@@ -2321,7 +2326,7 @@ def test_mae_on_two_processes(tmp_path):
 ])
 @pytest.mark.slow
 def test_mae_bad_inputs_are_one_line(flags, match, tmp_path):
-    r = run_cli(QUICK + flags + ["--out-dir", str(tmp_path)], cmd=(sys.executable, "mae.py"))
+    r = run_cli(QUICK + flags + [*out_dir(tmp_path)], cmd=(sys.executable, "mae.py"))
     assert r.returncode == 2 and "Traceback" not in r.stderr and match in r.stderr, r.stderr
 
 
@@ -2407,7 +2412,7 @@ def test_canvases_are_deterministic_and_each_holds_its_own_image_in_its_box():
     assert data[0].train[0].shape == (100, 1, 64, 64) and torch.equal(data[0].train[1], plain.train[1])
     assert torch.equal(data[0].train[0], DT.make_canvases(plain.train[0], 64, 1)[0])
     assert torch.equal(data[0].val[0], data[1].val[0]) and torch.equal(data[0].val[1], plain.val[1])
-    assert T.check_model(parse("--canvas", "64", "--model", "deit_nano_patch4_28")) == 64
+    assert L.check_model(parse("--canvas", "64", "--model", "deit_nano_patch4_28"), T.DEFAULT_MODEL) == 64
 
 
 def test_pretrained_backbones_are_the_scratch_network_at_the_detectors_size(tmp_path):
@@ -2450,7 +2455,7 @@ def test_a_frozen_trunk_keeps_its_weights_and_gets_no_gradient(tmp_path):
         args = DET.get_parser().parse_args(["--model", model, "--weights", str(tmp_path / weights), "--img-size", "64"])
         start = {"det.backbone." + k: v for k, v in DET.build_backbone(args, 1, print).state_dict().items()
                  if ("det.backbone." + k).startswith(trunk)}
-        DET.main(base + ["--model", model, "--weights", str(tmp_path / weights), "--out-dir", str(tmp_path / model)])
+        DET.main(base + ["--model", model, "--weights", str(tmp_path / weights), *out_dir(tmp_path / model)])
         end = final_weights(tmp_path / model)
         assert start and all(torch.equal(end[k], v) for k, v in start.items()), model
     det = DET.Detector(M.Backbone(M.create_model("deit_nano_patch4_28", img_size=64, in_chans=1), 16), 11, 64, (0.3,), (0.3,),
@@ -2462,7 +2467,7 @@ def test_a_frozen_trunk_keeps_its_weights_and_gets_no_gradient(tmp_path):
     assert all(p.grad is None for p in det.trunk().parameters())
     assert all(p.grad is not None for p in det.det.backbone.pyramid.parameters())
     with pytest.raises(ValueError, match="give them with --weights"):
-        DET.main(base + ["--out-dir", str(tmp_path / "none")])
+        DET.main(base + [*out_dir(tmp_path / "none")])
 
 
 def coco_folder(root):
@@ -2490,20 +2495,20 @@ def test_detect_trains_resumes_exactly_and_reads_a_coco_folder(tmp_path, capsys)
     the image) and trained on by 2 processes with a ResNet-18."""
     base = ["--scenes", "24", "--val-scenes", "12", "--img-size", "64", "--batch-size", "8", "--log-seconds", "1000",
             "--fpn-channels", "16"]
-    DET.main(base + ["--epochs", "2", "--out-dir", str(tmp_path / "full")])
-    DET.main(base + ["--epochs", "1", "--out-dir", str(tmp_path / "cut")])
-    DET.main(base + ["--epochs", "2", "--out-dir", str(tmp_path / "cut"), "--resume"])
+    DET.main(base + ["--epochs", "2", *out_dir(tmp_path / "full")])
+    DET.main(base + ["--epochs", "1", *out_dir(tmp_path / "cut")])
+    DET.main(base + ["--epochs", "2", *out_dir(tmp_path / "cut"), "--resume"])
     a, b = read_log(tmp_path / "full"), read_log(tmp_path / "cut")
     assert [r["epoch"] for r in b] == [1, 2] and a[-1]["map"] == pytest.approx(b[-1]["map"])
     wa, wb = final_weights(tmp_path / "full"), final_weights(tmp_path / "cut")
     assert wa.keys() == wb.keys() and all(torch.allclose(wa[k].float(), wb[k].float(), atol=1e-6) for k in wa)
     assert (tmp_path / "full" / "detections.png").exists()
-    metrics = DET.main(["--eval-only", "--out-dir", str(tmp_path / "full")])
+    metrics = DET.main(["--eval-only", *out_dir(tmp_path / "full")])
     assert metrics["map"] == pytest.approx(a[-1]["map"]) and metrics["ap50"] == pytest.approx(a[-1]["ap50"])
     # the same from pretrained weights of another kind and size (distilled, 28 px: 7x7 position embeddings)
     torch.save(M.create_model("deit_nano_distilled_patch4_28").state_dict(), tmp_path / "w28.pth")
-    DET.main(base + ["--epochs", "1", "--weights", str(tmp_path / "w28.pth"), "--out-dir", str(tmp_path / "pre")])
-    metrics = DET.main(["--eval-only", "--out-dir", str(tmp_path / "pre")])
+    DET.main(base + ["--epochs", "1", "--weights", str(tmp_path / "w28.pth"), *out_dir(tmp_path / "pre")])
+    metrics = DET.main(["--eval-only", *out_dir(tmp_path / "pre")])
     assert metrics["map"] == pytest.approx(read_log(tmp_path / "pre")[-1]["map"])
     coco = coco_folder(tmp_path / "coco")
     data = DET.load_data(DET.get_parser().parse_args(["--data", str(coco), "--img-size", "80"]), torch.device("cpu"))
@@ -2511,7 +2516,7 @@ def test_detect_trains_resumes_exactly_and_reads_a_coco_folder(tmp_path, capsys)
     _, boxes, labels = data.annotations["val"]
     assert boxes[1].tolist() == [[10.0, 10.0, 42.0, 34.0]] and labels[1].tolist() == [2]  # x2: 40 px -> 80
     r = run_cli(["--data", str(coco), "--model", "resnet18", "--img-size", "64", "--epochs", "1", "--batch-size", "4",
-                 "--fpn-channels", "16", "--out-dir", str(tmp_path / "coco-run")], cmd=(*TORCHRUN2, "detect.py"))
+                 "--fpn-channels", "16", *out_dir(tmp_path / "coco-run")], cmd=(*TORCHRUN2, "detect.py"))
     assert r.returncode == 0, r.stdout[-1500:] + r.stderr
     assert "map" in read_log(tmp_path / "coco-run")[0] and "2 process(es)" in r.stdout
 
@@ -2529,16 +2534,16 @@ def test_detect_bad_inputs_are_one_line(flags, match, tmp_path):
     if "COCO" in flags:
         flags = [str(coco_folder(tmp_path / "coco")) if f == "COCO" else f for f in flags]
     with pytest.raises(ValueError, match=re.escape(match)):
-        DET.main(flags + ["--scenes", "8", "--val-scenes", "4", "--img-size", "32", "--out-dir", str(tmp_path / "run")])
+        DET.main(flags + ["--scenes", "8", "--val-scenes", "4", "--img-size", "32", *out_dir(tmp_path / "run")])
 
 
 @pytest.mark.slow
 def test_a_resnet_pretrained_by_train_py_becomes_detects_backbone(tmp_path):
     """train.py trains torchvision's ResNet-18 on greyscale images (a 1-channel stem), evaluates its checkpoint
     again, and detect.py's ResNet-FPN backbone starts from exactly its weights (the classifier left out)."""
-    T.main(QUICK + ["--model", "resnet18", "--epochs", "1", "--out-dir", str(tmp_path / "r")])
+    T.main(QUICK + ["--model", "resnet18", "--epochs", "1", *out_dir(tmp_path / "r")])
     log = read_log(tmp_path / "r")
-    assert T.main(["--eval-only", "--out-dir", str(tmp_path / "r")])["top1"] == pytest.approx(log[-1]["top1"])
+    assert T.main(["--eval-only", *out_dir(tmp_path / "r")])["top1"] == pytest.approx(log[-1]["top1"])
     args = DET.get_parser().parse_args(["--model", "resnet18", "--weights", str(tmp_path / "r" / "ckpt.pt")])
     body = DET.build_backbone(args, 1, print).body
     state = final_weights(tmp_path / "r")

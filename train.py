@@ -1,26 +1,19 @@
 """
-Train DeiT (Touvron et al. 2021) with the reference recipe (facebookresearch/deit main.py), on one CPU, one
-GPU, or many through torchrun.
+Train DeiT (Touvron et al. 2021) on one CPU, one GPU, or many through torchrun.
 
-    python train.py                       # a small DeiT on the bundled Fashion-MNIST subset: 81.4% top-1
-                                          # (RESULTS.md: command, machine, date)
+    python train.py                         # a small DeiT on the bundled Fashion-MNIST: 81.4% top-1 (RESULTS.md)
+    torchrun --nproc_per_node=8 train.py --distill hard   # distillation through attention (§4, distill.py)
     torchrun --nproc_per_node=8 train.py --data /imagenet --model deit_small_patch16_224 \
         --epochs 300 --batch-size 1024 --lr 5e-4 --warmup-epochs 5      # DeiT-S as in the paper (Table 9)
-    python train.py --model deit_nano_distilled_patch7_28 --distill hard --teacher out/teacher/ckpt.pt
-                                          # distillation through attention (§4, distill.py)
 
-The optimisation recipe defaults to DeiT's (paper §6 and Table 9; facebookresearch/deit main.py). Six
-defaults fit the bundled demo instead (model, epochs, batch size, lr, warm-up, no padded crop on
-Fashion-MNIST); the help text gives DeiT's value beside each. --batch-size is global, the batch of all
-processes together, so the learning rate (lr = base_lr * global_batch / 512, paper §6), the logs and the
-checkpoints mean the same for any number of processes. Every deliberate difference from the reference
-is listed in the README ("Differences from the reference").
+The recipe is DeiT's (paper §6, Table 9; facebookresearch/deit main.py) but for six defaults fit to the bundled
+demo, each with DeiT's value in its help. --batch-size is global, so the lr (base_lr * global_batch / 512, paper
+§6), logs and checkpoints mean the same for any number of processes. The README lists every deliberate difference.
 """
 
 import argparse
 import copy
 import functools
-import json
 import math
 import os
 import time
@@ -37,16 +30,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import augment as A
 from checkpoint import resume_or_start, save_checkpoint
 from data import BUNDLED_TEACHER, HERE, EpochSampler, load_data, parse_classes, train_batches, val_batches
-from distill import CONVNETS, DistillationLoss, base_loss, check_teacher, create_convnet, load_teacher, ours, rebuild
-from launch import HelpFormatter, all_sum, check_memory, cli, start
-from model import MODELS, create_model, fit_pos_embed, load_checked, param_groups, read_file, state_dict_of, variant
+from distill import (CONVNETS, DistillationLoss, base_loss, check_teacher, create_convnet, default_teacher,
+                     load_teacher, ours, rebuild)
+from launch import HelpFormatter, all_sum, check_model, cli, fmt_time, start, summary
+from model import MODELS, create_model, distilled, fit_pos_embed, load_checked, param_groups, read_file, state_dict_of
 
 DEFAULT_MODEL = "deit_nano_patch7_28"  # the default job: 0.68M parameters, 16 tokens of 28-px Fashion-MNIST
 NEVER = 2 ** 62  # Run.nonfinite_at while the loss has stayed finite: a step no run reaches
 
-
-# ----------------------------------------------------------------------------------------------------------
-# Flags
 
 def get_parser():
     p = argparse.ArgumentParser(prog="train.py", description="Train DeiT.", formatter_class=HelpFormatter)
@@ -59,16 +50,13 @@ def get_parser():
     a("--classes", default=None, help="keep only these classes, relabelled 0..k-1: '0-4' or '5,7,9'; default: all")
     a("--canvas", type=int, default=None, help="paste each image at a random scale and place on a CANVAS-px "
       "black canvas (the geometry of detect.py's scenes; data.make_canvases), once, from --seed; default input size: CANVAS")
-    a("--workers", type=int, default=None, help="DataLoader workers per process, image folders only (default: "
-      "this machine's CPUs / its processes, at most 8)")
-    a("--decode", choices=["auto", "device", "workers"], default="auto", help="ImageFolder JPEGs: decoded and "
-      "cropped on the training device in batches (TorchCodec/nvJPEG; the workers only read files), or in the "
-      "workers; auto: device on CUDA when a decoder is installed, else workers (data.py)")
+    a("--workers", type=int, default=None, help="DataLoader workers a process (default: CPUs / processes, <= 8)")
+    a("--decode", choices=["auto", "device", "workers"], default="auto", help="ImageFolder JPEGs decoded and cropped "
+      "in batches on the device (TorchCodec/nvJPEG) or in the workers; auto: device on CUDA with a decoder (data.py)")
     # model (defaults: the bundled-data demo; the paper's models are deit_{tiny,small,base}_patch16_224)
     a("--model", default=None, help="one of: " + ", ".join([*MODELS, *CONVNETS]) + " (convnet: distill.py's small "
       f"teacher for 28-64 px). Default: {DEFAULT_MODEL}, or {DEFAULT_MODEL.replace('nano_', 'nano_distilled_')} with --distill")
-    a("--img-size", type=int, default=None, help="input size (default: the model's); images are resized to it, "
-      "and a checkpoint of another size gets its pos_embed resized")
+    a("--img-size", type=int, default=None, help="input size (default: the model's); images, pos_embed resized to it")
     a("--drop-path", type=float, default=0.1, help="stochastic depth rate of the last block (DeiT: 0.1)")
     # augmentation (augment.py; DeiT's defaults, facebookresearch/deit main.py; paper Table 8: what each is worth)
     a("--crop-pad", type=int, default=None, help="padded random crop for <= 32 px inputs (default: DeiT's 4; "
@@ -87,9 +75,9 @@ def get_parser():
     # distillation (distill.py; paper §4): the student must be a *_distilled_* model
     a("--distill", default="none", choices=["none", "soft", "hard", "labels"], help="distillation through the dist "
       "token; labels: no teacher, the dist token learns the labels too (paper §4's control: two class tokens)")
-    a("--teacher", default=None, help="a torchvision model name (DeiT's: regnet_y_16gf, with torchvision's ImageNet "
-      "weights), convnet or a DeiT name with --teacher-weights, or a train.py ckpt.pt. Default: on the bundled data "
-      "the convnet trained on it (data/teachers/, made by prepare_data.py --teacher), elsewhere regnet_y_16gf")
+    a("--teacher", default=None, help="a torchvision name (DeiT's: regnet_y_16gf, torchvision's ImageNet weights), "
+      "convnet or a DeiT name with --teacher-weights, or a ckpt.pt. Default: on the bundled data its convnet "
+      "(data/teachers/, from prepare_data.py --teacher), elsewhere regnet_y_16gf")
     a("--teacher-weights", default=None, help="a weights file for --teacher NAME (default: download torchvision's)")
     a("--distill-alpha", type=float, default=0.5, help="weight of the distillation loss")
     a("--distill-tau", type=float, default=1.0, help="soft distillation temperature (paper's soft runs: 3.0)")
@@ -101,8 +89,7 @@ def get_parser():
     a("--warmup-lr", type=float, default=1e-6, help="the linear warm-up's start")
     a("--warmup-epochs", type=float, default=2, help="DeiT: 5; a default longer than the run is cut to --epochs")
     a("--sched", choices=["deit", "mae"], default="deit", help="deit: linear warm-up from --warmup-lr, then a cosine "
-      "over the whole run (timm's, as DeiT uses it); mae: warm-up from 0, then a half-cosine over the epochs after "
-      "it (MAE's util/lr_sched.py; mae.py's default)")
+      "over the whole run; mae: warm-up from 0, then a half-cosine over the epochs after it (mae.py's default; lr_at)")
     a("--weight-decay", type=float, default=0.05, help="AdamW's, none on biases, norms and tokens")
     a("--beta2", type=float, default=0.999, help="AdamW's second-moment decay (DeiT: 0.999; MAE: 0.95)")
     a("--smoothing", type=float, default=0.1, help="label smoothing")
@@ -114,42 +101,33 @@ def get_parser():
     a("--seed", type=int, default=0, help="all random draws derive from it (and the process rank)")
     a("--out-dir", default="out", help="ckpt.pt and log.jsonl; one run at a time")
     a("--resume", nargs="?", const="yes", choices=["yes", "auto"], default=None, help="continue the run in --out-dir "
-      "from its ckpt.pt, with the flags it was started with unless given again; --resume auto: continue if there "
-      "is one, else start (for torchrun --max-restarts); "
-      "default: start a new run")
+      "from its ckpt.pt, with its flags unless given again; auto: continue if there is one, else start (for torchrun "
+      "--max-restarts); default: start a new run")
     a("--ckpt-every-minutes", type=float, default=10, help="also write ckpt.pt within an epoch after this long "
       "(at the next --check-interval step), so that a killed run loses minutes, not the epoch")
-    a("--eval-only", action="store_true", help="evaluate a checkpoint (--ckpt, default out-dir/ckpt.pt) and exit; "
-      "ours brings its model, data and flags")
-    a("--ckpt", default=None, help="checkpoint for --eval-only: ours, an official DeiT .pth, or a state dict; "
-      "default: out-dir/ckpt.pt")
+    a("--eval-only", action="store_true", help="evaluate --ckpt and exit; ours brings its model, data and flags")
+    a("--ckpt", default=None, help="for --eval-only: ours, a DeiT release or a state dict (default: out-dir/ckpt.pt)")
     a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on with CUDA)")
     a("--amp", choices=["bf16", "none"], default=None, help="bf16 autocast (default: bf16 with CUDA, none on CPU)")
-    a("--eval-interval", type=int, default=1, help="epochs between evaluations on the held-out split (and the "
-      "last epoch): for many short epochs, where evaluating each would cost more than training")
+    a("--eval-interval", type=int, default=1, help="epochs between evaluations (and the last): for many short epochs")
     a("--log-seconds", type=float, default=5, help="seconds between progress lines within an epoch")
     a("--check-interval", type=int, default=100, help="steps between checks for a nan/inf loss (the one wait "
       "for the device within an epoch), which is also when a mid-epoch checkpoint may be written")
-    p.set_defaults(script=p.prog)  # for the next steps a run prints (finetune.py and mae.py set their own)
+    p.set_defaults(script=p.prog)  # for the next steps a run prints
     p.ranges, p.check = dict(RANGES), check_flags
     return p
 
 
-# Every number flag's valid values, checked before anything loads (launch.check_args): a bad value is one line
-# naming the flag, the value and the range. "[a, b)" as in mathematics; a bound may name another flag. A script
-# that adds flags adds their ranges to its parser's.
+# Every number flag's valid values, checked before anything loads (launch.check_args): "[a, b)" as in mathematics,
+# a bound may name another flag. A script that adds flags adds their ranges to its parser's.
 RANGES = {
-    # data, model, augmentation
     "train_subset": "(0, inf)", "canvas": "[8, inf)", "workers": "[0, inf)", "img_size": "[1, inf)",
     "drop_path": "[0, 1)", "crop_pad": "[0, inf)", "hflip": "[0, 1]", "rrc_scale": "(0, 1]", "reprob": "[0, 1]",
     "mixup": "[0, inf)", "cutmix": "[0, inf)", "mixup_switch_prob": "[0, 1]", "distill_alpha": "[0, 1]",
-    "distill_tau": "(0, inf)",
-    # optimisation
-    "epochs": "[1, inf)", "batch_size": "[1, inf)", "lr": "(0, inf)", "min_lr": "[0, inf)", "warmup_lr": "[0, inf)",
-    "warmup_epochs": "[0, epochs]", "weight_decay": "[0, inf)", "beta2": "[0, 1)", "smoothing": "[0, 1)",
-    "clip_grad": "(0, inf)", "model_ema_decay": "[0, 1]",
-    # running
-    "seed": "[0, 4294967296)", "ckpt_every_minutes": "[0, inf)", "log_seconds": "[0, inf)", "check_interval": "[1, inf)",
+    "distill_tau": "(0, inf)", "epochs": "[1, inf)", "batch_size": "[1, inf)", "lr": "(0, inf)", "min_lr": "[0, inf)",
+    "warmup_lr": "[0, inf)", "warmup_epochs": "[0, epochs]", "weight_decay": "[0, inf)", "beta2": "[0, 1)",
+    "smoothing": "[0, 1)", "clip_grad": "(0, inf)", "model_ema_decay": "[0, 1]", "seed": "[0, 4294967296)",
+    "ckpt_every_minutes": "[0, inf)", "log_seconds": "[0, inf)", "check_interval": "[1, inf)",
     "eval_interval": "[1, inf)",
 }
 
@@ -157,38 +135,17 @@ RANGES = {
 def check_flags(args):
     """What a range cannot say, before anything loads: the teacher, --classes' form, the RandAugment string."""
     if args.distill in ("soft", "hard"):
-        check_teacher(default_teacher(args), args.teacher_weights)
+        check_teacher(default_teacher(args.teacher, args.data, BUNDLED_TEACHER), args.teacher_weights)
     if args.classes is not None:
         parse_classes(args.classes, math.inf)  # its form; the class numbers are checked against the data's
     if args.aa != "none":
         A.parse_aa(args.aa)  # a malformed string fails now, not at the first step
 
 
-def check_model(args, ctx=None, kept=1.0):
-    """--model and --distill, checked before anything loads (model.variant names the known models), and with
-    ctx whether a training step can fit in memory. Without --model: the default job's model, its distilled
-    variant with --distill (so that `torchrun ... train.py --distill hard` runs as typed). Returns the input
-    size: --img-size, else the variant's (a convnet: None, the data's own). kept: the share of a step's
-    activations its backward keeps (launch.check_memory)."""
-    if args.model is None:
-        args.model = DEFAULT_MODEL.replace("nano_", "nano_distilled_") if args.distill != "none" else DEFAULT_MODEL
-    v = None if args.model in CONVNETS else variant(args.model)
-    if v and args.img_size and args.img_size % v.patch_size:
-        raise ValueError(f"--img-size {args.img_size} is not a multiple of {args.model}'s patch size {v.patch_size}: "
-                         f"try {max(1, round(args.img_size / v.patch_size)) * v.patch_size}")
-    if args.distill != "none" and not (v and v.distilled):
-        raise ValueError(f"--distill {args.distill} needs a student with a distillation token, and {args.model} has "
-                         f"none; distilled models: {', '.join(m for m, v in MODELS.items() if v.distilled)}")
-    size = args.img_size or getattr(args, "canvas", None) or (v.img_size if v else None)
-    if ctx is not None and size:
-        check_memory(args.model, v, size, args.batch_size // ctx.world, ctx, kept)
-    return size
-
-
 def load(args, device, img_size):
     """data.load_data with this run's flags."""
-    return load_data(args.data, device, img_size, args.data_dir, args.train_subset, args.classes, args.canvas, args.seed,
-                     args.crop_pad, args.decode, args.workers, args.rrc_scale)
+    return load_data(args.data, device, img_size, args.data_dir, args.train_subset, args.classes, args.canvas,
+                     args.seed, args.crop_pad, args.decode, args.workers, args.rrc_scale)
 
 
 def build_model(args, data, ctx, img_size, global_pool=None):
@@ -198,25 +155,13 @@ def build_model(args, data, ctx, img_size, global_pool=None):
                         drop_path_rate=args.drop_path, global_pool=global_pool).to(ctx.device)
 
 
-def default_teacher(args):
-    """--teacher, or without it DeiT's teacher, except on the bundled data, which ships its own."""
-    if args.teacher is not None:
-        return args.teacher
-    if args.data != "bundled":
-        return "regnet_y_16gf"
-    if not os.path.isfile(BUNDLED_TEACHER):
-        raise ValueError(f"the bundled data's teacher {BUNDLED_TEACHER} is missing: make it with "
-                         "python prepare_data.py --teacher (85 s on a 2-core CPU)")
-    return BUNDLED_TEACHER
-
-
 def build_teacher(args, data, img_size, log):
     """The teacher for --distill soft/hard (distill.py), checked against the data before training starts."""
     if args.distill in ("none", "labels"):
         return None
-    args.teacher = default_teacher(args)
-    size = data.train[0].shape[-1] if data.tensors else img_size
-    teacher = load_teacher(args.teacher, args.teacher_weights, data.num_classes, data.in_chans, size)
+    args.teacher = default_teacher(args.teacher, args.data, BUNDLED_TEACHER)
+    teacher = load_teacher(args.teacher, args.teacher_weights, data.num_classes, data.in_chans,
+                           data.train[0].shape[-1] if data.tensors else img_size)
     log(f"teacher {args.teacher}: {sum(p.numel() for p in teacher.parameters()) / 1e6:.2f}M params, {args.distill} "
         f"distillation, alpha {args.distill_alpha}" + (f", tau {args.distill_tau}" if args.distill == "soft" else ""))
     return teacher
@@ -233,42 +178,14 @@ def augmentation(args, data):
 
 def lr_at(epoch_float, args, peak):
     """--sched deit: a linear warm-up from warmup_lr, then a cosine to min_lr over the whole run (timm's
-    CosineLRScheduler without warmup_prefix, as DeiT uses it). Deliberate difference: the reference steps it
-    once per epoch, calling step(epoch) after the epoch, so it runs one epoch behind (epochs 0 and 1 both at
-    1e-6, the peak never reached); we evaluate it at every step, at the fractional epoch, with no lag.
-    --sched mae: MAE's adjust_learning_rate (util/lr_sched.py), which is also evaluated at every step: a
-    warm-up from 0, then a half-cosine to min_lr over the epochs after the warm-up."""
+    CosineLRScheduler without warmup_prefix, as DeiT uses it). Deliberate difference: the reference steps it after
+    each epoch, one epoch behind (epochs 0 and 1 at 1e-6, the peak never reached); we evaluate it at every step.
+    --sched mae: MAE's util/lr_sched.py, a warm-up from 0, then a half-cosine over the epochs after it."""
     e, w = epoch_float, args.warmup_epochs
-    if args.sched == "mae":
-        if e < w:
-            return peak * e / w
-        return args.min_lr + 0.5 * (peak - args.min_lr) * (1 + math.cos(math.pi * (e - w) / (args.epochs - w)))
+    lo, s = (0.0, w) if args.sched == "mae" else (args.warmup_lr, 0)  # the warm-up's start, the cosine's
     if e < w:
-        return args.warmup_lr + (peak - args.warmup_lr) * e / w
-    return args.min_lr + 0.5 * (peak - args.min_lr) * (1 + math.cos(math.pi * e / args.epochs))
-
-
-def wrap(args, ctx, model, teacher, compile_):
-    """What a training step calls: the model compiled and in DDP as asked, and the loss, whose teacher is on
-    the device, frozen, and on CUDA in channels_last and compiled like the student."""
-    unused = distilled(model) and args.distill == "none"  # head_dist then gets no gradient
-    if compile_:
-        model = torch.compile(model)
-    if ctx.ddp:
-        model = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-                    find_unused_parameters=unused)
-    if teacher is not None:
-        teacher = teacher.to(ctx.device).eval().requires_grad_(False)
-        if ctx.device.type == "cuda":
-            teacher = teacher.to(memory_format=torch.channels_last)
-        teacher = torch.compile(teacher) if compile_ else teacher
-    return model, DistillationLoss(functools.partial(base_loss, smoothing=args.smoothing), teacher, args.distill,
-                                   args.distill_alpha, args.distill_tau)
-
-
-def distilled(model):
-    """Whether model has a distillation token (a DeiT's cfg says so; other models have none)."""
-    return getattr(getattr(model, "cfg", None), "distilled", False)
+        return lo + (peak - lo) * e / w
+    return args.min_lr + 0.5 * (peak - args.min_lr) * (1 + math.cos(math.pi * (e - s) / (args.epochs - s)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -278,7 +195,7 @@ def main(argv=None):
     args, ctx, log = start(get_parser(), argv)
     if args.eval_only:
         return eval_only(args, ctx, log)
-    img_size = check_model(args, ctx)
+    img_size = check_model(args, DEFAULT_MODEL, ctx)
     data = load(args, ctx.device, img_size)
     model = build_model(args, data, ctx, img_size)
     return train(args, ctx, model, data, log, build_teacher(args, data, img_size, log))
@@ -299,8 +216,7 @@ class Task:
 
 @dataclass
 class Run:
-    """A run's state besides the model's weights and the data: made by start_run, resumed from disk by
-    resume_or_start, advanced by train_step, written by save_checkpoint."""
+    """A run's state besides the model and data: made by start_run, stepped by train_step, saved by checkpoint.py."""
     model: Any  # the model itself: what checkpoints hold
     net: Any  # what a step calls: the model, compiled and in DDP as asked
     criterion: Any  # distill.DistillationLoss: the labels' loss, and the teacher's when distilling
@@ -325,8 +241,9 @@ class Run:
 
 
 def start_run(args, ctx, model, data, teacher, log, task=None, layer_decay=1.0):
-    """Everything a run holds besides the model and the data: the sampler, AdamW, the EMA, the compiled / DDP
-    model and the loss, resumed from out_dir with --resume."""
+    """Everything a run holds besides the model and the data: the sampler, AdamW, the EMA, what a step calls (the
+    model compiled and in DDP as asked) and the loss, whose teacher is on the device, frozen, and on CUDA in
+    channels_last and compiled like the student; resumed from out_dir with --resume."""
     n_train = len(data.train[1]) if data.tensors else len(data.train)
     sampler = EpochSampler(n_train, args.batch_size, args.seed, ctx.rank, ctx.world, 3 if args.repeated_aug else 1)
     peak = args.lr * args.batch_size / 512  # DeiT's linear scaling rule (paper §6)
@@ -339,7 +256,16 @@ def start_run(args, ctx, model, data, teacher, log, task=None, layer_decay=1.0):
         both = list(zip(ema.state_dict().values(), model.state_dict().values()))
         pairs = [list(zip(*[p for p in both if p[0].is_floating_point() == avg])) or [[], []] for avg in (True, False)]
     compiled = ctx.device.type == "cuda" if args.compile is None else args.compile
-    net, criterion = wrap(args, ctx, model, teacher, compiled)
+    net = torch.compile(model) if compiled else model
+    if ctx.ddp:  # a distilled model trained without distillation: head_dist gets no gradient
+        net = DDP(net, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+                  find_unused_parameters=distilled(model) and args.distill == "none")
+    if teacher is not None:
+        teacher = teacher.to(ctx.device).eval().requires_grad_(False)
+        teacher = teacher.to(memory_format=torch.channels_last) if ctx.device.type == "cuda" else teacher
+        teacher = torch.compile(teacher) if compiled else teacher
+    criterion = DistillationLoss(functools.partial(base_loss, smoothing=args.smoothing), teacher, args.distill,
+                                 args.distill_alpha, args.distill_tau)
     augment = task.augment if task and task.augment else augmentation(args, data)
     run = Run(model, net, criterion, augment, opt, ema, pairs, sampler, task, peak, sampler.steps,
               compiled, os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "log.jsonl"),
@@ -391,9 +317,8 @@ def train(args, ctx, model, data, log=print, teacher=None, task=None, layer_deca
         run.net.train()
         t0 = t_log = time.time()
         seen = seen_log = 0  # images (all processes), at the last progress line
-        partial = run.partial if start else None
-        loss_n = partial["loss_n"] if partial else 0
-        loss_sum = torch.tensor(partial["loss_sum"] if partial else 0.0, device=ctx.device)  # summed on the device
+        partial = (run.partial if start else None) or {"loss_sum": 0.0, "loss_n": 0}  # loss summed on the device:
+        loss_n, loss_sum = partial["loss_n"], torch.tensor(partial["loss_sum"], device=ctx.device)  # no wait
         for i, (x, y) in enumerate(train_batches(data, run.sampler, epoch, ctx.device, start), start):
             loss, lr = train_step(args, ctx, run, x, y, epoch * run.spe + i)
             loss_sum += loss
@@ -411,15 +336,17 @@ def train(args, ctx, model, data, log=print, teacher=None, task=None, layer_deca
         end_of_epoch(args, ctx, run, data, epoch, dict(train_loss=loss_sum.item() / max(loss_n, 1), lr=lr,
                      img_per_s=seen / train_time, epoch_time=train_time), log)
     if ctx.master:
-        summary(args, run, log)
+        task = run.task or Task(None, None, next_steps)  # classification: top-1, higher is better
+        summary(run.log_path, run.ckpt_path, run.t_start, task.key, task.lower_is_better, task.next_steps(args), log)
     return model
 
 
 def end_of_epoch(args, ctx, run, data, epoch, stats, log):
-    """Evaluate, then write the epoch's log line, save the checkpoint and print the line. stats: this
-    process's train_loss (mean over its steps), lr, img_per_s, epoch_time."""
+    """Evaluate (every --eval-interval epochs and the last), write the epoch's log line, save the checkpoint, print
+    the line. stats: this process's train_loss (mean over its steps), lr, img_per_s, epoch_time."""
     batch = max(256, args.batch_size // ctx.world)
-    if not evaluated(args, epoch):
+    evaluated = (epoch + 1) % args.eval_interval == 0 or epoch + 1 == args.epochs
+    if not evaluated:
         metrics = {}  # --eval-interval: not this epoch
     elif run.task is not None:
         metrics = run.task.evaluate(run, data, ctx, batch)
@@ -437,21 +364,16 @@ def end_of_epoch(args, ctx, run, data, epoch, stats, log):
     save_checkpoint(args, ctx, run, data, epoch + 1, 0, None, record)
     if not ctx.master:
         return
-    if run.task and run.task.after_epoch and evaluated(args, epoch):
+    if run.task and run.task.after_epoch and evaluated:
         run.task.after_epoch(run, data, epoch)
     eta = (time.time() - run.t_start) / max(run.done_steps, 1) * (args.epochs - epoch - 1) * run.spe
     log(f"epoch {epoch + 1}/{args.epochs} | loss {record['train_loss']:.4f} | lr {stats['lr']:.2e} | "
         f"{record['img_per_s']:.0f} img/s" + ("" if not metrics else " | " + " ".join(
             f"{k} {v:.4f}" if "loss" in k else f"{k} {v:.2f}" for k, v in metrics.items()))
-        + (f" | skipped {int(n_skipped)} images" if n_skipped else "")
-        + (f" | skipped {record['skipped_val_images']} val images" if record["skipped_val_images"] else "")
+        + "".join(f" | skipped {n} {what}" for n, what in ((int(n_skipped), "images"),
+                                                             (record["skipped_val_images"], "val images")) if n)
         + f" | eta {fmt_time(eta)}"
         + (f" | compiled {record['compiled_frames']} frames, {record['graph_breaks']} graph breaks" if run.compile else ""))
-
-
-def evaluated(args, epoch):
-    """Whether epoch (0-based) ends with an evaluation: every --eval-interval epochs, and the last."""
-    return (epoch + 1) % args.eval_interval == 0 or epoch + 1 == args.epochs
 
 
 @torch.no_grad()
@@ -485,10 +407,9 @@ def evaluate(model, data, ctx, batch_size):
 
 
 def check_finite(run, ctx, want_checkpoint=False):
-    """Stop at a nan/inf loss before anything is saved: the last checkpoint stays the last good one. It reads
-    values back from the device, so it runs every --check-interval steps and at the end of an epoch only,
-    on every process at the same step; it also tells all of them whether process 0 asks for a mid-epoch
-    checkpoint (its clock alone decides, so that all agree). Returns that answer."""
+    """Stop at a nan/inf loss before anything is saved: the last checkpoint stays the last good one. It waits for
+    the device, so it runs every --check-interval steps and at the end of an epoch, on every process at the same
+    step; it also tells all whether process 0's clock asks for a mid-epoch checkpoint, and returns that answer."""
     flags = torch.stack([run.nonfinite_at, torch.full_like(run.nonfinite_at, -int(want_checkpoint))])
     if ctx.ddp:
         dist.all_reduce(flags, op=dist.ReduceOp.MIN)
@@ -500,29 +421,10 @@ def check_finite(run, ctx, want_checkpoint=False):
     return want < 0
 
 
-def summary(args, run, log):
-    """The last lines of a run: where it ended, where its files are, what to do next."""
-    records = [json.loads(l) for l in open(run.log_path)] if os.path.exists(run.log_path) else []
-    if not records:
-        return
-    task = run.task or Task(None, None, next_steps)  # classification: top-1, higher is better
-    sign = -1 if task.lower_is_better else 1
-    key = task.key
-    best = max((r for r in records if key in r), key=lambda r: sign * r[key])  # (--eval-interval: some have none)
-    steps = task.next_steps(args)
-    log(f"done: {records[-1]['epoch']} epochs in {fmt_time(time.time() - run.t_start)} (this session) | final {key} "
-        f"{records[-1][key]:.4g} | best {key} {best[key]:.4g} (epoch {best['epoch']})\n"
-        f"  checkpoint {run.ckpt_path}, log {run.log_path}" + "".join(f"\n  {s}" for s in steps))
-
-
 def next_steps(args):
     """What to run next, as commands that work as printed (test_next_steps_work_as_printed)."""
     return [f"evaluate: python train.py --eval-only --out-dir {args.out_dir}",
             f"train on: python {args.script} --resume --epochs {2 * args.epochs} --out-dir {args.out_dir}"]
-
-
-def fmt_time(s):
-    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
 def eval_only(args, ctx, log):
@@ -530,7 +432,7 @@ def eval_only(args, ctx, log):
     model (model_config) and its flags (start: data, classes, image size); another file takes --model."""
     path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
     ckpt = read_file(path, "checkpoint")
-    img_size = check_model(args)
+    img_size = check_model(args, DEFAULT_MODEL)
     data = load(args, ctx.device, img_size)
     model = rebuild(ckpt, img_size=img_size).to(ctx.device) if ours(ckpt) else build_model(args, data, ctx, img_size)
     if ours(ckpt) and ckpt["model_config"]["num_classes"] != data.num_classes:

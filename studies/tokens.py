@@ -18,7 +18,6 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]  # studies/ and the repository
 import augment as A  # noqa: E402
-import train as T  # noqa: E402
 from data import load_data  # noqa: E402
 from distill import rebuild  # noqa: E402
 from model import read_file  # noqa: E402
