@@ -20,6 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+# resized_crops pads its batch through nested tensors, whose every use warns "prototype stage". Silenced here, once,
+# at import: resized_crops runs in data.prefetch's thread, where warnings.catch_warnings is not thread-safe.
+warnings.filterwarnings("ignore", "The PyTorch API of nested tensors is in prototype stage", UserWarning)
+
 # ---------------------------------------------------------------------------------------------------------
 # Ops. Each takes uint8 images (B, C, H, W) and a per-image argument (B,) float tensor, returns uint8.
 
@@ -360,10 +364,8 @@ def resized_crops(images, boxes, sizes, size, budget=2 ** 26):
     outs = []
     for a, b in groups:
         Hm, Wm = (int(v) for v in sizes[a:b].max(0))
-        with warnings.catch_warnings():  # "nested tensors are in prototype stage"
-            warnings.simplefilter("ignore")
-            x = torch.nested.as_nested_tensor([images[i] for i in order[a:b]])
-            x = torch.nested.to_padded_tensor(x, 0, output_size=(b - a, images[0].shape[0], Hm, Wm)).float()
+        x = torch.nested.as_nested_tensor([images[i] for i in order[a:b]])
+        x = torch.nested.to_padded_tensor(x, 0, output_size=(b - a, images[0].shape[0], Hm, Wm)).float()
         bx, sz = boxes_d[a:b], sizes_d[a:b]
         wx = _resample_matrices(bx[:, 0], bx[:, 2], sz[:, 1], size, Wm).float()  # (b, size, Wm)
         wy = _resample_matrices(bx[:, 1], bx[:, 3], sz[:, 0], size, Hm).float()  # (b, size, Hm)
@@ -418,10 +420,10 @@ def _gaussian_blur(images, sigma):
     k = torch.exp(-r[None] ** 2 / (2 * sigma[:, None] ** 2))
     k = k / k.sum(1, keepdim=True)  # (B, 9)
     x = F.pad(images.float(), (4, 4, 4, 4), mode="replicate")
-    # along W: (B, C, H+8, W, 9) @ (B, 1, 1, 9, 1), then along H; the pixels are exact in TF32, the sums not
-    x = exact_matmul(x.unfold(3, 9, 1), k[:, None, None, :, None], a_exact=True)
-    x = exact_matmul(x[..., 0].unfold(2, 9, 1), k[:, None, None, :, None])
-    return x[..., 0].round().clamp(0, 255).to(torch.uint8)
+    k = k[:, None, None, None, :]  # along W, then along H: weighted sums of 9 neighbours, elementwise (no TF32)
+    x = (x.unfold(3, 9, 1) * k).sum(-1)
+    x = (x.unfold(2, 9, 1) * k).sum(-1)
+    return x.round().clamp(0, 255).to(torch.uint8)
 
 
 # ---------------------------------------------------------------------------------------------------------

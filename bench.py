@@ -12,10 +12,10 @@ with the device's defaults (CUDA: bf16 autocast and torch.compile; CPU: fp32 eag
   (d) evaluation (train.evaluate);
 on CUDA the model FLOP utilisation of (a) and how often one step (b) waits for the GPU; with timm importable
 (never required), timm's DeiT in (a)'s setting, as a ratio. Then the augmentation alone at 224, batch 256, beside
-the reference's per-image PIL pipeline (CPU time per image, one thread). Then image files (prepare_data.py --jpegs):
-the CPU time per training image in one DataLoader worker for the reference's pipeline and each --decode path; on
-CUDA also DeiT-S trained with the full recipe from 5,120 files per path, and the reference's data loading alone on
-the same workers. Results: RESULTS.md ("Speed"; studies/speed.sh).
+the reference's per-image PIL pipeline (CPU time per image, one thread); detect.py's training step (DETECT). Then
+image files (prepare_data.py --jpegs): the CPU time per training image in one DataLoader worker for the
+reference's pipeline and each --decode path; on CUDA also DeiT-S trained with the full recipe from 5,120 files per
+path, and the reference's data loading alone on the same workers. Results: RESULTS.md ("Speed"; studies/speed.sh).
 """
 
 import argparse
@@ -45,6 +45,9 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 CONFIGS = {"cuda": [("deit_tiny_patch16_224", 224, 256), ("deit_small_patch16_224", 224, 256),
                     ("deit_base_patch16_224", 224, 256)],
            "cpu": [("deit_nano_patch7_28", 28, 128), ("deit_tiny_patch16_224", 224, 16)]}
+# detect.py's step (model, image size, pyramid width, batch): the ViT backbone and the ResNet-FPN it replaces
+DETECT = {"cuda": [("deit_small_patch16_224", 224, 256, 16), ("resnet50", 224, 256, 16)],
+          "cpu": [("deit_nano_patch4_28", 64, 64, 8), ("resnet18", 64, 64, 8)]}
 
 
 def pil_op(name, im, arg, fill=FILL):
@@ -164,12 +167,31 @@ def model_row(name, size, batch, ctx, args, out_dir):
         timm = None
     if timm is not None and chans == 3 and args.compare in ("all", name):  # timm's DeiT: train.py's step, its model
         tm = timm.create_model(name, num_classes=1000).to(ctx.device)
-        tm.cfg = argparse.Namespace(distilled=False)  # what train.py's wrap() asks of a model
         targs, run = run_for(name, off, model=tm)
         row["timm (a)"] = step_rate(targs, run, plain)
         row["ours / timm (a)"] = a / row["timm (a)"]
         del run
     return row
+
+
+def detect_rows(ctx, steps):
+    """detect.py's training step (train.train_step with its task: flips, Faster R-CNN's losses) on composed scenes,
+    with the device's defaults (bf16 autocast on CUDA, backbone only: detect.Detector.forward): images/s."""
+    import detect as DET
+    rows = []
+    for model, size, width, batch in DETECT[ctx.device.type]:
+        args = DET.get_parser().parse_args(["--model", model, "--img-size", str(size), "--fpn-channels", str(width),
+                                            "--scenes", str(4 * batch), "--val-scenes", "4", "--batch-size", str(batch),
+                                            "--out-dir", tempfile.mkdtemp()])
+        data = DET.load_data(args, ctx.device)
+        det = DET.Detector(DET.build_backbone(args, data.in_chans, print), data.num_classes, size, data.mean, data.std,
+                           model=model).to(ctx.device)
+        run = T.start_run(args, ctx, det, data, None, lambda *a: None, DET.detection_task(args, data))
+        x, index = data.train[0][:batch], data.train[1][:batch]
+        rate = timed(lambda: T.train_step(args, ctx, run, x, index, 0), batch, steps, ctx.device)[0]
+        rows.append({"detector": f"Faster R-CNN, {model}, {size} px, pyramid {width}", "batch": batch,
+                     "images/s": rate})
+    return rows
 
 
 def augmentation_rows(ctx, steps):
@@ -309,6 +331,7 @@ def main():
         rows.append(model_row(name, size, batch, ctx, args, out_dir))
         print(f"  {name} at {size} px: {time.time() - t:.0f} s", flush=True)
     aug = augmentation_rows(ctx, args.steps)
+    detect = detect_rows(ctx, args.steps)
     root = jpeg_folder(160, args.photos)
     files = jpeg_worker_rows(root)
     e2e = []
@@ -327,6 +350,9 @@ def main():
     print(f"\n{'augmentation':45s} {'device':16s} {'images/s':>10s} {'CPU ms/image':>13s}")
     for r in aug:
         print(f"{r['augmentation']:45s} {r['device']:16s} {r['images/s']:10.0f} {r['CPU ms/image']:13.2f}")
+    print(f"\n{'detect.py, training':55s} {'batch':>5s} {'images/s':>10s}")
+    for r in detect:
+        print(f"{r['detector']:55s} {r['batch']:5d} {r['images/s']:10.1f}")
     print(f"\nimage files ({root}), per training image in one DataLoader worker, one thread")
     print(f"{'path':50s} {'CPU ms/image':>13s} {'vs reference':>13s}")
     for r in files:
@@ -338,7 +364,7 @@ def main():
         print(f"DeiT-S full recipe from JPEGs: {r['decode']}, {r['workers']} workers: {r['images/s']:.0f} images/s{alone}{ref}")
     with open(args.json, "w") as f:
         json.dump({"device": device_name, "torch": torch.__version__, "train": rows, "augmentation": aug,
-                   "image files": files, "train from JPEGs": e2e}, f, indent=1)
+                   "detect": detect, "image files": files, "train from JPEGs": e2e}, f, indent=1)
     print(f"\nwritten: {args.json}")
 
 

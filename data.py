@@ -245,12 +245,10 @@ def device_decoder():
     try:
         import warnings
         from torchvision.io import ImageReadMode, decode_jpeg as vision_decode
-
-        def decode(data, device):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the deprecation notice, once per batch
-                return vision_decode(data, mode=ImageReadMode.RGB, device=device)
-        return "torchvision.io", decode
+        # its deprecation notice, once per batch otherwise; set here (the main thread, cached): the batches are
+        # decoded in prefetch's thread, where warnings.catch_warnings is not thread-safe
+        warnings.filterwarnings("ignore", "The image decoding and encoding capabilities of TorchVision are deprecated")
+        return "torchvision.io", lambda data, device: vision_decode(data, mode=ImageReadMode.RGB, device=device)
     except Exception:
         return None, None
 
@@ -437,7 +435,7 @@ def load_image_folder(root, img_size, device, decode="auto", workers=0, rrc_scal
     return argparse.Namespace(train=train, val=val, num_classes=len(train.classes), in_chans=3,
                               mean=IMAGENET_MEAN, std=IMAGENET_STD, tensors=False, workers=workers,
                               decoder=decoder if decode == "device" else None, decode=where,
-                              skipped=[])  # this epoch's undecodable files, for the log line
+                              skipped=[], rescued=[])  # undecodable files (this epoch's), files PIL decoded instead
 
 
 def epoch_indices(n, batch_size, seed, epoch, rank=0, world=1, repeats=1):
@@ -547,6 +545,9 @@ def _decoded_batches(data, files, device, skipped, keep_empty, training):
                     raw = bytearray(jpegs[i].numpy().tobytes())
                     box = tuple(b["boxes"][i]) if training else None  # None: the reference's resize and centre crop
                     rescued.append((i, decode_crop(Image.open(io.BytesIO(raw)), size, box, raw)))
+                    data.rescued.append(b["paths"][i])
+                    print(f"warning: the device decoder rejected {b['paths'][i]} ({why}): decoded by PIL instead "
+                          f"({len(data.rescued)} so far)", flush=True)
                 except Exception as e:
                     bad.append(f"{b['paths'][i]} ({why}; PIL: {type(e).__name__}: {e})")
             if rescued:
@@ -564,6 +565,13 @@ def _decoded_batches(data, files, device, skipped, keep_empty, training):
             yield None, torch.zeros(0, dtype=torch.long)
 
 
+@functools.lru_cache(None)
+def decode_stream(device):
+    """prefetch's CUDA stream: one per device, made once. The caching allocator reuses a block only on the stream
+    that allocated it: a stream per epoch would keep every earlier epoch's decode buffers reserved."""
+    return torch.cuda.Stream(device)
+
+
 def prefetch(batches, device, ahead=1):
     """The generator batches runs in a thread and on a CUDA stream of its own, up to `ahead` batches before the step
     that takes them. TorchCodec's CUDA decoder synchronises its stream twice per batch: on the training stream,
@@ -572,7 +580,7 @@ def prefetch(batches, device, ahead=1):
     and marks the batch's tensors as used there (record_stream: not reused while the step reads them). Order,
     content and errors are those of batches; on the CPU there are no streams, only the thread."""
     cuda = device.type == "cuda"
-    stream = torch.cuda.Stream(device) if cuda else None
+    stream = decode_stream(device) if cuda else None
     handover, stop, end = queue.Queue(maxsize=ahead), threading.Event(), object()
 
     def put(item):
@@ -619,27 +627,27 @@ def prefetch(batches, device, ahead=1):
 
 def _decode(decoder, jpegs, device):
     """The batch in one call, or if that fails (a file the header check let through) file by file: (decoded images,
-    indices kept, [(index, reason)]). An error of the device itself (out of memory, CUDA, nvJPEG setup) is raised:
-    it is no fault of a file, and the files would be dropped in silence."""
+    indices kept, [(index, reason)]); the caller gives the rejected files to PIL. The failure is told apart by
+    behaviour, not by message (TorchCodec reports nvJPEG's and CUDA's errors as bare status numbers, "Failed to
+    decode batch: 5"): when every file of a batch of several fails alone too, the decoder or the device is at
+    fault, and that is one line, not a silent fall back to PIL on one thread. Out of memory is raised as it is."""
     try:
         return decoder(jpegs, device), np.arange(len(jpegs)), []
+    except (torch.OutOfMemoryError, MemoryError):
+        raise
     except Exception as e:
-        raise_if_device_error(e)
+        batch_error = e
     out, ok, bad = [], [], []
     for i, j in enumerate(jpegs):  # the error path only
         try:
             out.append(decoder([j], device)[0])
             ok.append(i)
+        except (torch.OutOfMemoryError, MemoryError):
+            raise
         except Exception as e:
-            raise_if_device_error(e)
             bad.append((i, f"{type(e).__name__}: {e}"))
+    if not ok and len(jpegs) > 1:
+        raise ValueError(f"the device JPEG decoder failed on a batch of {len(jpegs)} files and on each alone "
+                         f"({type(batch_error).__name__}: {batch_error}): the decoder or the device is at fault, "
+                         "not the files; try --decode workers")
     return out, np.array(ok, dtype=np.int64), bad
-
-
-DEVICE_ERRORS = ("CUDA error", "out of memory", "CUDA driver", "NVJPEG_STATUS_NOT_INITIALIZED", "NVJPEG_STATUS_ALLOCATOR_FAILURE",
-                 "NVJPEG_STATUS_EXECUTION_FAILED", "NVJPEG_STATUS_INTERNAL_ERROR", "NVJPEG_STATUS_ARCH_MISMATCH")
-
-
-def raise_if_device_error(e):
-    if isinstance(e, (torch.OutOfMemoryError, MemoryError)) or any(s in str(e) for s in DEVICE_ERRORS):
-        raise e

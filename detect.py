@@ -15,7 +15,9 @@ COCO's box AP (IoU .50:.05:.95) and AP50 (average_precision), with --masks also 
 
 import argparse
 import json
+import math
 import os
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -70,7 +72,11 @@ def make_scenes(images, labels, n, size, seed, objects=(2, 5), sides=(16, 48)):
 
 
 def load_coco_folder(root, split, size):
-    """root/split/annotations.json (COCO's: bbox [x, y, w, h]) and images, scaled to size on the longer side, padded."""
+    """root/split/annotations.json (COCO's: bbox [x, y, w, h]) and images, scaled to size on the longer side, padded.
+    Checked as they load, each problem one line naming the file, the image and the annotation: an unknown image or
+    category, a box that is not 4 finite numbers of positive width and height. A box reaching outside its image is
+    clipped to it (as COCO's tools do), with a count in a warning. An image that cannot be read is refused, not
+    skipped: its annotations say objects are there."""
     from PIL import Image
     path = os.path.join(root, split, "annotations.json")
     check_file(path, "annotations")
@@ -78,21 +84,45 @@ def load_coco_folder(root, split, size):
         coco = json.load(open(path))
         cats = sorted(c["id"] for c in coco["categories"])
         per_image = {im["id"]: [] for im in coco["images"]}
-        for a in coco["annotations"]:
-            per_image[a["image_id"]].append(a)
         files = [(im["id"], os.path.join(root, split, im["file_name"])) for im in coco["images"]]
-    except (ValueError, KeyError, TypeError) as e:
+        for a in coco["annotations"]:
+            where = f"{path}: annotation {a.get('id')} (image {a['image_id']})"
+            if a["image_id"] not in per_image:
+                raise ValueError(f"{where}: no such image among its images")
+            if a["category_id"] not in cats:
+                raise ValueError(f"{where}: category_id {a['category_id']} is not among its categories {cats}")
+            box = a["bbox"]
+            if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
+                    and all(math.isfinite(v) for v in box) and box[2] > 0 and box[3] > 0):
+                raise ValueError(f"{where}: bbox {box} is not [x, y, width, height] with a positive width and height")
+            per_image[a["image_id"]].append(a)
+    except (KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{path} is not COCO-style annotations ({type(e).__name__}: {e})") from None
-    x, boxes, classes = torch.zeros(len(files), 3, size, size, dtype=torch.uint8), [], []
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not JSON ({e})") from None
+    x, boxes, classes, clipped = torch.zeros(len(files), 3, size, size, dtype=torch.uint8), [], [], 0
     for i, (image_id, file) in enumerate(files):
         check_file(file, "image")
-        im = Image.open(file).convert("RGB")
+        try:
+            im = Image.open(file).convert("RGB")
+        except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+            raise ValueError(f"{path}: image {image_id} ({file}) cannot be read ({type(e).__name__}: {e})") from None
         scale = size / max(im.size)
         w, h = max(1, round(im.width * scale)), max(1, round(im.height * scale))
         x[i, :, :h, :w] = torch.from_numpy(np.array(im.resize((w, h), Image.BICUBIC))).permute(2, 0, 1)
-        b = torch.tensor([a["bbox"] for a in per_image[image_id]], dtype=torch.float32).reshape(-1, 4) * scale
-        boxes.append(torch.cat([b[:, :2], b[:, :2] + b[:, 2:]], 1))
+        b = torch.tensor([a["bbox"] for a in per_image[image_id]], dtype=torch.float64).reshape(-1, 4)
+        b = torch.cat([b[:, :2], b[:, :2] + b[:, 2:]], 1)
+        inside = torch.stack([b[:, 0::2].clamp(0, im.width), b[:, 1::2].clamp(0, im.height)], 2).flatten(1)
+        clipped += int((inside != b).any(1).sum())
+        empty = ((inside[:, 2:] - inside[:, :2]) <= 0).any(1)
+        if empty.any():
+            a = per_image[image_id][int(empty.nonzero()[0])]
+            raise ValueError(f"{path}: annotation {a.get('id')} (image {image_id}): bbox {a['bbox']} lies outside "
+                             f"its {im.width}x{im.height} image")
+        boxes.append((inside * scale).float())
         classes.append(torch.tensor([cats.index(a["category_id"]) + 1 for a in per_image[image_id]], dtype=torch.int64))
+    if clipped:
+        print(f"warning: {path}: {clipped} box(es) reach outside their image: clipped to it", flush=True)
     return x, None, boxes, classes, [c["name"] for c in sorted(coco["categories"], key=lambda c: c["id"])]
 
 
@@ -189,7 +219,21 @@ class Detector(nn.Module):
         return self
 
     def forward(self, images, targets=None):
-        return self.det(list(images), targets)
+        """torchvision's GeneralizedRCNN.forward, but only the backbone runs under the autocast in force: the transform,
+        the RPN, the ROI heads (box decoding, NMS) and the anchors run in fp32, for every backbone alike. Under bf16
+        the proposals would take the heads' dtype, and batched NMS offsets each class's boxes by label x (max + 1):
+        ~970 px for 96-px scenes, where bf16's spacing is 4 px (256 px for an 800-px COCO image), so boxes of
+        different classes would merge. Targets are checked when they load (load_data), so no step waits for that."""
+        det, sizes, device = self.det, [tuple(x.shape[-2:]) for x in images], images.device.type
+        fp32 = lambda: torch.autocast(device, enabled=False)  # noqa: E731
+        with fp32():
+            images, targets = det.transform(list(images), targets)
+        features = OrderedDict((k, v.float()) for k, v in det.backbone(images.tensors).items())
+        with fp32():
+            proposals, rpn_losses = det.rpn(images, features, targets)
+            detections, roi_losses = det.roi_heads(features, proposals, images.image_sizes, targets)
+            return {**roi_losses, **rpn_losses} if self.training else \
+                det.transform.postprocess(detections, images.image_sizes, sizes)
 
     @property
     def blocks(self):
@@ -292,25 +336,35 @@ def average_precision(dets, gts, iou=box_iou, thresholds=np.arange(10) * 0.05 + 
 
 @torch.no_grad()
 def evaluate(model, data, ctx, batch_size=16):
-    """Box AP (and mask AP) on the held-out split: each process detects in its shard, all gather the detections."""
+    """Box AP (and mask AP) on the held-out split: each process detects in its shard and sends its detections to
+    process 0 (masks as booleans, thresholded at 0.5 where they are made: 1/32 of the floats), which computes AP;
+    every process returns its result."""
     model.eval()
     found = []
     for x, idx in val_batches(data, batch_size, ctx.device, ctx.rank, ctx.world):
         with ctx.autocast:
             out = model(x.float() / 255)
-        found += [(i, {k: v.float().cpu() for k, v in o.items()}) for i, o in zip(idx.tolist(), out)]
-    if ctx.ddp:
-        everyone = [None] * ctx.world
-        torch.distributed.all_gather_object(everyone, found)
-        found = [f for part in everyone for f in part]
+        found += [(i, {k: (v[:, 0] > 0.5 if k == "masks" else v.float()).cpu() for k, v in o.items()})
+                  for i, o in zip(idx.tolist(), out)]
     model.train()
+    if ctx.ddp:
+        everyone = [None] * ctx.world if ctx.master else None
+        torch.distributed.gather_object(found, everyone, dst=0)
+        metrics = [detection_ap(model.cfg.masks, data, [f for part in everyone for f in part]) if ctx.master else None]
+        torch.distributed.broadcast_object_list(metrics, src=0)
+        return metrics[0]
+    return detection_ap(model.cfg.masks, data, found)
+
+
+def detection_ap(masks, data, found):
+    """evaluate's metrics from every held-out image's detections [(index, {boxes, scores, labels, masks})]."""
     found.sort(key=lambda f: f[0])
     ids, boxes, labels = data.annotations["val"]
     ap, per_t = average_precision([(o["scores"], o["labels"], o["boxes"]) for _, o in found],
                                   [(labels[i], boxes[i]) for i, _ in found])
     metrics = {"map": ap, "ap50": per_t[0], "ap75": per_t[5]}
-    if model.cfg.masks:
-        dets = [(o["scores"], o["labels"], o["masks"][:, 0] > 0.5) for _, o in found]
+    if masks:
+        dets = [(o["scores"], o["labels"], o["masks"]) for _, o in found]
         gts = [(labels[i], ids[i] == torch.arange(1, len(labels[i]) + 1)[:, None, None]) for i, _ in found]
         metrics["mask_map"], per_t = average_precision(dets, gts, mask_iou)
         metrics["mask_ap50"] = per_t[0]
@@ -380,7 +434,9 @@ def get_parser():
     p.set_defaults(script=p.prog, model="deit_nano_patch4_28", img_size=96, epochs=12, batch_size=16, lr=4.8e-2,
                    min_lr=1e-6, weight_decay=0.1, warmup_epochs=1, drop_path=0.1, model_ema=False, compile=False,
                    aa="none", reprob=0.0, mixup=0.0, cutmix=0.0, smoothing=0.0, repeated_aug=False)
-    p.ranges.update(scenes="[1, inf)", val_scenes="[1, inf)", fpn_channels="[1, inf)", layer_decay="(0, 1]")
+    # img_size: a scene's garments are 8 px or more (data.object_sides), and the anchors 4 px or more
+    p.ranges.update(scenes="[1, inf)", val_scenes="[1, inf)", fpn_channels="[1, inf)", layer_decay="(0, 1]",
+                    img_size="[16, inf)")
     return p
 
 
@@ -408,6 +464,8 @@ def main(argv=None):
         raise ValueError("--freeze-trunk keeps the trunk's weights as they are: give them with --weights")
     model = Detector(backbone, data.num_classes, args.img_size, data.mean, data.std, args.masks, args.model,
                      args.freeze_trunk and not args.eval_only).to(ctx.device)
+    if ctx.ddp and ctx.device.type == "cuda":  # BatchNorm over the global batch, as torchvision's detection
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # references: a few images a GPU is too few
     if args.eval_only:
         load_checked(model, ckpt["model"], path)
         metrics = evaluate(model, data, ctx)

@@ -749,6 +749,19 @@ def test_three_augment_runs_per_image():
     assert torch.equal(out, A.three_augment(x, np.random.default_rng(0)))
 
 
+def test_three_augment_blur_is_a_gaussian_per_image():
+    """3-Augment's blur: each image's separable Gaussian (radius 4, its own sigma, edges replicated), elementwise in
+    float32, within 1 level of the same filter in float64 (a 2-D convolution with the outer product)."""
+    x = torch.randint(0, 256, (6, 3, 20, 17), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    sigma = torch.tensor([0.1, 0.3, 0.9, 1.2, 1.5, 2.0])
+    r = torch.arange(-4, 5, dtype=torch.float64)
+    k = torch.exp(-r[None] ** 2 / (2 * sigma.double()[:, None] ** 2))
+    k = k / k.sum(1, keepdim=True)
+    ref = torch.stack([F.conv2d(F.pad(im[:, None].double(), (4, 4, 4, 4), mode="replicate"), (a[:, None] * a)[None, None])[:, 0]
+                       for im, a in zip(x, k)]).round()
+    assert (A._gaussian_blur(x, sigma).double() - ref).abs().max() <= 1
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_augment_cpu_and_cuda_agree(rgb_batch):
     for name in A.OP_NAMES:
@@ -1122,9 +1135,10 @@ def test_device_decode_with_prefetch_is_deterministic_and_sends_labels_from_the_
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and torch.equal(a[0], c[0]) and torch.equal(a[1], c[1])
 
 
-def test_a_file_the_device_decoder_rejects_goes_to_pil_and_device_errors_are_raised(tmp_path, monkeypatch):
-    """nvJPEG may reject a JPEG that PIL reads: it is decoded on the CPU, not dropped. An error of the device
-    itself (out of memory, CUDA, nvJPEG's setup) is raised, not taken for a bad file."""
+def test_a_file_the_device_decoder_rejects_goes_to_pil_and_a_failing_decoder_is_one_line(tmp_path, monkeypatch, capsys):
+    """nvJPEG may reject a JPEG that PIL reads: it is decoded on the CPU, not dropped, and named in a warning. A
+    decoder that fails every call (TorchCodec's real message: a bare status number) is one line after the first
+    batch, not a silent fall back to PIL; out of memory is raised as it is."""
     data = jpeg_data(tmp_path)
     real = data.decoder
     rejected = data.val.samples[1][0]
@@ -1132,7 +1146,7 @@ def test_a_file_the_device_decoder_rejects_goes_to_pil_and_device_errors_are_rai
 
     def picky(jpegs, device):
         if any(bytes(j.numpy().tobytes()) == raw for j in jpegs):
-            raise RuntimeError("nvjpegDecode: NVJPEG_STATUS_BAD_JPEG")
+            raise RuntimeError("Failed to decode batch: 5")
         return real(jpegs, device)
     data.decoder = picky
     x, y = next(DT.val_batches(data, 4, torch.device("cpu")))
@@ -1141,15 +1155,34 @@ def test_a_file_the_device_decoder_rejects_goes_to_pil_and_device_errors_are_rai
     assert len(y) == 4 and sorted(y.tolist()) == sorted(y0.tolist())  # nothing dropped; the rescued file last
     from PIL import Image
     assert y[3] == data.val.samples[1][1] and close(x[3], pil_eval(Image.open(rejected).convert("RGB"), 32))
-    for error in (RuntimeError("CUDA error: an illegal memory access was encountered"),
-                  torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
-                  RuntimeError("nvjpegCreate failed: NVJPEG_STATUS_NOT_INITIALIZED")):
+    assert f"the device decoder rejected {rejected} (RuntimeError: Failed to decode batch: 5): decoded by PIL" \
+        in capsys.readouterr().out and data.rescued == [rejected]
+    for error in (RuntimeError("Failed to decode batch: 5"), RuntimeError("Failed to synchronize CUDA stream: 700"),
+                  RuntimeError("CUDA error: an illegal memory access was encountered")):
+        calls = []
+
         def broken(jpegs, device, error=error):
+            calls.append(len(jpegs))
             raise error
         data.decoder = broken
-        with pytest.raises(type(error), match=re.escape(str(error)[:20])):
+        with pytest.raises(ValueError, match=re.escape(f"failed on a batch of 4 files and on each alone "
+                                                       f"(RuntimeError: {error}): the decoder or the device is at fault")):
             list(DT.val_batches(data, 4, torch.device("cpu")))
-        data.decoder = real
+        assert calls == [4, 1, 1, 1, 1]  # the first batch, then its files one by one: no second batch
+    data.decoder = lambda jpegs, device: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA out of memory"))
+    with pytest.raises(torch.OutOfMemoryError):
+        list(DT.val_batches(data, 4, torch.device("cpu")))
+
+
+def test_the_decode_stream_is_made_once_per_device(monkeypatch):
+    """prefetch's CUDA stream is made once for a device, not once per epoch (the caching allocator would keep each
+    epoch's decode buffers on a stream of their own)."""
+    made = []
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: made.append(device) or object())
+    DT.decode_stream.cache_clear()
+    streams = [DT.decode_stream(torch.device("cuda", i)) for i in (0, 0, 1, 0)]  # epochs on two devices
+    assert made == [torch.device("cuda", 0), torch.device("cuda", 1)] and streams[0] is streams[1] is streams[3]
+    DT.decode_stream.cache_clear()
 
 
 def test_a_batch_of_only_bad_files_still_makes_a_step(monkeypatch):
@@ -2470,6 +2503,36 @@ def test_a_frozen_trunk_keeps_its_weights_and_gets_no_gradient(tmp_path):
         DET.main(base + [*out_dir(tmp_path / "none")])
 
 
+def test_detector_heads_run_in_fp32_under_bf16_autocast(monkeypatch):
+    """Under bf16 autocast only the backbone is bf16: the anchors, the RPN's proposals, every NMS input and the final
+    boxes are fp32, for the ViT's pyramid and the ResNet-FPN alike, in training and in evaluation (in bf16, batched
+    NMS's class offsets would dwarf its spacing)."""
+    import torchvision.ops.boxes as box_ops
+    seen = []
+    nms = box_ops.batched_nms
+    monkeypatch.setattr(box_ops, "batched_nms", lambda boxes, *a: seen.append(("nms", boxes.dtype)) or nms(boxes, *a))
+    mask = torch.zeros(1, 64, 64, dtype=torch.uint8)
+    mask[:, 4:30, 4:30] = 1
+    targets = [{"boxes": torch.tensor([[4.0, 4.0, 30.0, 30.0]]), "labels": torch.tensor([1]), "masks": mask}] * 2
+    for model in ("deit_nano_patch4_28", "resnet18"):
+        args = DET.get_parser().parse_args(["--model", model, "--img-size", "64", "--fpn-channels", "16"])
+        torch.manual_seed(0)
+        det = DET.Detector(DET.build_backbone(args, 1, print), 11, 64, (0.3,), (0.3,), masks=True)
+        det.det.rpn.anchor_generator.register_forward_hook(lambda m, i, out: seen.append(("anchors", out[0].dtype)))
+        det.det.rpn.register_forward_hook(lambda m, i, out: seen.append(("proposals", out[0][0].dtype)))
+        features = []
+        det.det.backbone.register_forward_hook(lambda m, i, out: features.append(next(iter(out.values())).dtype))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses = det.train()(torch.rand(2, 1, 64, 64), targets)
+            out = det.eval()(torch.rand(2, 1, 64, 64))
+        assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values()), model
+        assert {k for k, _ in seen} == {"nms", "anchors", "proposals"}, model
+        assert all(dtype == torch.float32 for _, dtype in seen), (model, seen)
+        assert all(o[k].dtype == torch.float32 for o in out for k in ("boxes", "scores", "masks")), model
+        assert torch.bfloat16 in features or model.startswith("deit"), model  # the ResNet's pyramid did run in bf16
+        seen.clear()
+
+
 def coco_folder(root):
     """A COCO-style folder: 6 images per split of 40x30 px, a bright rectangle in each, its box annotated."""
     from PIL import Image
@@ -2486,6 +2549,40 @@ def coco_folder(root):
         json.dump({"images": images, "annotations": anns,
                    "categories": [{"id": 3, "name": "box"}, {"id": 7, "name": "crate"}]}, open(root / split / "annotations.json", "w"))
     return root
+
+
+def test_detect_refuses_bad_inputs_in_one_line_before_training(tmp_path, capsys):
+    """Each input a new user might give wrongly is one line before the first step, naming the file, the image and
+    the annotation: a size too small for the scenes (both backbone families), a box of negative width, an unknown
+    category, an image that cannot be read. A box reaching outside its image is clipped, with a warning."""
+    base = ["--epochs", "1", "--scenes", "16", "--val-scenes", "8", "--img-size", "32", "--log-seconds", "1000"]
+    for model in ("deit_nano_patch4_28", "resnet18"):
+        with pytest.raises(ValueError, match=re.escape("--img-size must be at least 16, not 12")):
+            DET.main(base + ["--model", model, "--img-size", "12", *out_dir(tmp_path / "small")])
+
+    def broken(name, change):
+        root = coco_folder(tmp_path / name)
+        ann = json.load(open(root / "train" / "annotations.json"))
+        change(ann, root / "train")
+        json.dump(ann, open(root / "train" / "annotations.json", "w"))
+        return str(root)
+    cases = [("negative", lambda a, d: a["annotations"][2].update(bbox=[8, 6, -16, 12]),
+              "annotations.json: annotation 2 (image 12): bbox [8, 6, -16, 12] is not [x, y, width, height] with a"),
+             ("category", lambda a, d: a["annotations"][4].update(category_id=5),
+              "annotation 4 (image 14): category_id 5 is not among its categories [3, 7]"),
+             ("corrupt", lambda a, d: (d / "3.png").write_bytes(b"not a png"),
+              "annotations.json: image 13 (" + str(tmp_path / "corrupt" / "train" / "3.png") + ") cannot be read"),
+             ("outside", lambda a, d: a["annotations"][1].update(bbox=[50, 2, 10, 10]),
+              "annotation 1 (image 11): bbox [50, 2, 10, 10] lies outside its 40x30 image")]
+    for name, change, match in cases:
+        with pytest.raises(ValueError, match=re.escape(match)):
+            DET.main(base + ["--data", broken(name, change), "--model", "resnet18", *out_dir(tmp_path / name / "run")])
+        assert not (tmp_path / name / "run" / "ckpt.pt").exists()
+    capsys.readouterr()
+    root = broken("clip", lambda a, d: a["annotations"][0].update(bbox=[-4, 20, 16, 20]))
+    data = DET.load_data(DET.get_parser().parse_args(["--data", root, "--img-size", "80"]), torch.device("cpu"))
+    assert data.annotations["train"][1][0].tolist() == [[0.0, 40.0, 24.0, 60.0]]  # x2: [0, 20, 12, 30] in 40x30
+    assert "1 box(es) reach outside their image: clipped to it" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -2519,6 +2616,22 @@ def test_detect_trains_resumes_exactly_and_reads_a_coco_folder(tmp_path, capsys)
                  "--fpn-channels", "16", *out_dir(tmp_path / "coco-run")], cmd=(*TORCHRUN2, "detect.py"))
     assert r.returncode == 0, r.stdout[-1500:] + r.stderr
     assert "map" in read_log(tmp_path / "coco-run")[0] and "2 process(es)" in r.stdout
+
+
+@pytest.mark.slow
+def test_detect_evaluation_on_two_processes_equals_one_with_masks(tmp_path):
+    """Mask R-CNN's evaluation by 2 gloo processes (each detects its shard, process 0 computes AP from the gathered
+    boolean masks) prints what 1 process prints: box and mask AP."""
+    r = run_cli(["--masks", "--scenes", "48", "--val-scenes", "12", "--img-size", "64", "--batch-size", "8", "--epochs",
+                 "3", "--lr", "2e-2", "--fpn-channels", "16", "--log-seconds", "1000", *out_dir(tmp_path / "run")],
+                cmd=(sys.executable, "detect.py"))
+    assert r.returncode == 0, r.stdout[-1500:] + r.stderr
+    one = run_cli(["--eval-only", *out_dir(tmp_path / "run")], cmd=(sys.executable, "detect.py"))
+    two = run_cli(["--eval-only", *out_dir(tmp_path / "run")], cmd=(*TORCHRUN2, "detect.py"))
+    assert one.returncode == 0 and two.returncode == 0, two.stdout[-1500:] + two.stderr
+    line = [l for l in one.stdout.splitlines() if l.startswith("map ")]
+    assert line and "mask_map" in line[0] and line == [l for l in two.stdout.splitlines() if l.startswith("map ")]
+    assert any(float(v) > 0 for v in re.findall(r"ap50 ([0-9.]+)", line[0])), line  # a detector that finds something
 
 
 @pytest.mark.parametrize("flags, match", [
