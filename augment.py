@@ -1,13 +1,12 @@
 """
 DeiT's data augmentation, from scratch, on batched uint8 tensors (B, C, H, W) on any device.
 
-Paper §6 and Table 8: without Mixup and CutMix DeiT-B falls from 81.8 to 75.8% top-1, without RandAugment
-to 79.6, and without random erasing training diverges. The reference runs RandAugment image by image in PIL
-on the CPU; here every op works on a whole batch on the device, every image drawing its own ops, magnitudes,
-boxes and rectangles. Semantics: the reference's (timm's auto_augment.py, mixup.py, random_erasing.py and
-transforms.py as facebookresearch/deit datasets.py and main.py set them up); the ops follow PIL's ImageOps,
-ImageEnhance and Image.transform, and the tests compare them with PIL. This file needs only torch and numpy:
-copy it into your project. Each op is usable alone, on a uint8 batch:
+Paper §6 and Table 8: without Mixup and CutMix DeiT-B falls from 81.8 to 75.8% top-1, without RandAugment to 79.6,
+and without random erasing training diverges. The reference runs RandAugment image by image in PIL on the CPU; here
+every op works on a whole batch on the device, every image drawing its own ops, magnitudes, boxes and rectangles.
+Semantics: the reference's (timm's auto_augment.py, mixup.py, random_erasing.py, transforms.py as facebookresearch/deit
+datasets.py and main.py set them up); the ops follow PIL's ImageOps, ImageEnhance and Image.transform, as the tests
+check. This file needs only torch and numpy: copy it into your project. Each op is usable alone, on a uint8 batch:
 
     apply_op(images, "Rotate", level=0.9, sign=-1)   # level in [0, 1] (= magnitude / 10), scalar or (B,)
 """
@@ -20,13 +19,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# resized_crops pads its batch through nested tensors, whose every use warns "prototype stage". Silenced here, once,
-# at import: resized_crops runs in data.prefetch's thread, where warnings.catch_warnings is not thread-safe.
+# resized_crops' nested tensors warn "prototype stage" at every use: silenced once, here (it runs in a thread)
 warnings.filterwarnings("ignore", "The PyTorch API of nested tensors is in prototype stage", UserWarning)
 
 # ---------------------------------------------------------------------------------------------------------
 # Ops. Each takes uint8 images (B, C, H, W) and a per-image argument (B,) float tensor, returns uint8.
-
 
 def _col(v):
     return v.view(-1, 1, 1, 1)
@@ -59,8 +56,7 @@ def auto_contrast(img, _=None):
 
 
 def equalize(img, _=None):
-    """ImageOps.equalize per image and channel: lut[i] = (step // 2 + #pixels below i) // step with
-    step = (#pixels - #pixels of the largest value) // 255; identity when step is 0."""
+    """ImageOps.equalize per image and channel, by PIL's integer lut; identity when step is 0."""
     B, C, H, W = img.shape
     flat = img.reshape(B * C, H * W).long()
     hist = torch.zeros(B * C, 256, dtype=torch.long, device=img.device).scatter_add_(1, flat, torch.ones_like(flat))
@@ -115,12 +111,10 @@ def sharpness(img, factor):
 
 def affine(img, matrix, fill):
     """PIL's Image.transform(size, AFFINE, matrix, BICUBIC, fillcolor=fill), batched: output pixel centre
-    (x + 0.5, y + 0.5) samples the input at (a x' + b y' + c, d x' + e y' + f): outside the image the fill
-    colour (PIL's rule), inside a bicubic with edge pixels repeated, truncated to uint8. matrix: (B, 6) in
-    pixels; fill: C values in 0..255 (a uint8 tensor on the device costs no copy). Deliberate difference:
-    grid_sample's a = -0.75 cubic, not PIL's a = -1: one fused kernel instead of gathering 16 taps (README,
-    "Differences from the reference"); on the bundled 28-px images about 1 grey level apart on average, up
-    to ~20 on sharp edges (test_ops_match_pil), equal at integer shifts and quarter turns."""
+    (x + 0.5, y + 0.5) samples the input at (a x' + b y' + c, d x' + e y' + f): the fill colour outside the image
+    (PIL's rule), inside a bicubic with edge pixels repeated, truncated to uint8. matrix: (B, 6) in pixels; fill: C
+    values in 0..255 (a uint8 tensor on the device costs no copy). Deliberately grid_sample's a = -0.75 cubic, not
+    PIL's a = -1: one fused kernel, no 16-tap gather (test_ops_match_pil; README, "Differences from the reference")."""
     B, C, H, W = img.shape
     dev = img.device
     ys, xs = torch.meshgrid(torch.arange(H, device=dev) + 0.5, torch.arange(W, device=dev) + 0.5, indexing="ij")
@@ -170,10 +164,9 @@ def translate_y(img, pixels, fill=128):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The host decides, the device computes. Every random choice (which op, applied or not, magnitude, box, flip,
-# lam) is drawn on the host from a numpy Generator, so the sizes of the per-op subsets are known without asking
-# the device: a GPU never has to finish its queue so that the CPU can read a value back (as .item(), .tolist(),
-# nonzero() or a boolean mask would make it). Only per-pixel noise is drawn on the device.
+# The host decides, the device computes: every random choice (op, applied or not, magnitude, box, flip, lam) is drawn
+# on the host from a numpy Generator, so per-op subset sizes are known without asking the device, and the CPU never
+# waits for the GPU to read a value back (.item(), nonzero(), a boolean mask). Only per-pixel noise is drawn there.
 
 def to_device(device, *arrays):
     """Small host arrays -> float32 tensors on device, through one buffer and one copy that does not wait:
@@ -233,9 +226,8 @@ def apply_op(images, name, level, sign=1.0, fill=128):
 
 
 def rand_augment(images, rng, num_ops=2, magnitude=9.0, magnitude_std=0.5, prob=0.5, fill=128):
-    """DeiT's RandAugment (rand-m9-mstd0.5-inc1): per image, num_ops ops drawn uniformly with replacement,
-    each applied with probability prob, with magnitude ~ N(magnitude, magnitude_std) clipped to [0, 10].
-    The loop is over op slots and op kinds, never over images: each op runs once on the images that drew it."""
+    """DeiT's RandAugment: per image num_ops ops drawn uniformly with replacement, each applied with probability prob
+    at magnitude ~ N(magnitude, magnitude_std) clipped to [0, 10]; each op runs once, on the images that drew it."""
     B, C, H, W = images.shape
     plan = []  # (op name, indices of the images that drew it, their arguments), in the order they apply
     for _ in range(num_ops):
@@ -273,8 +265,7 @@ def _box_sizes(rng, B, H, W, area, ratio, attempts, fits):
 def sample_boxes(rng, B, H, W, scale, ratio, attempts=10):
     """RandomResizedCrop's box per image (torchvision/timm): _box_sizes's, or if none fits, the whole image
     centre-cropped to the nearest allowed aspect ratio. Returns top, left, height, width as (B,) float arrays."""
-    h, w, found = _box_sizes(rng, B, H, W, scale, ratio, attempts,
-                             lambda h, w: (w > 0) & (h > 0) & (w <= W) & (h <= H))
+    h, w, found = _box_sizes(rng, B, H, W, scale, ratio, attempts, lambda h, w: (w > 0) & (h > 0) & (w <= W) & (h <= H))
     r = W / H
     fw, fh = (W, round(W / ratio[0])) if r < ratio[0] else (round(H * ratio[1]), H) if r > ratio[1] else (W, H)
     h, w = np.where(found, h, fh), np.where(found, w, fw)
@@ -284,9 +275,8 @@ def sample_boxes(rng, B, H, W, scale, ratio, attempts=10):
 
 
 def random_resized_crop(images, rng, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5):
-    """RandomResizedCrop(size, scale, ratio, bicubic) + horizontal flip p hflip, batched: each image gets its
-    own box, resampled to size x size with grid_sample's a = -0.75 bicubic, not PIL's a = -0.5 (as affine), and
-    no antialias: the images this path serves are small and mostly upsampled (files: resized_crops, data.py)."""
+    """RandomResizedCrop(size, scale, ratio, bicubic) + flip (p hflip), a box per image, with grid_sample's a = -0.75
+    bicubic, not PIL's a = -0.5, unantialiased: these images are small, mostly upsampled (files: resized_crops)."""
     B, C, H, W = images.shape
     top, left, h, w, flip = to_device(images.device, *sample_boxes(rng, B, H, W, scale, ratio), rng.random(B) < hflip)
     # output pixel centre u in (0, 1) maps to x = left + u * w in pixels, then to grid_sample's [-1, 1]
@@ -326,11 +316,10 @@ def tf32(t):
 
 
 def exact_matmul(a, b, a_exact=False, b_exact=False):
-    """a @ b in float32 precision, also where CUDA runs float32 matmuls in TF32 (train.py allows it for the
-    model; the flag is global): each operand is split into its TF32 part and the rest, and the three products
-    that matter are summed ("3xTF32"; the rest's own rounding is 2^-11 of 2^-11). An operand that TF32 holds
-    exactly (a_exact, b_exact: pixel values, integers up to 255) is not split, which leaves two products. With
-    one TF32 product 6.7% of the crops' pixels move, by up to 2 levels (test_crops_and_blur_stay_exact_under_tf32)."""
+    """a @ b in float32 precision, also where CUDA matmuls run in TF32 (train.py allows it for the model, globally):
+    each operand split into its TF32 part and the rest, the three products that matter summed ("3xTF32"; the rest's own
+    rounding is 2^-11 of 2^-11); an operand TF32 holds exactly (a_exact, b_exact: pixels) is not split: two products.
+    One TF32 product moves 6.7% of the crops' pixels, by up to 2 levels (test_crops_and_blur_stay_exact_under_tf32)."""
     if not torch.backends.cuda.matmul.allow_tf32:
         return a @ b
     if a_exact:
@@ -344,13 +333,12 @@ def exact_matmul(a, b, a_exact=False, b_exact=False):
 
 
 def resized_crops(images, boxes, sizes, size, budget=2 ** 26):
-    """Decoded files of different sizes -> (B, C, size, size) uint8: each image's box (x0, y0, x1, y1 in its
-    pixels, floats) resized as PIL's img.resize((size, size), BICUBIC, box=box) does, for a whole batch at once.
-
-    An antialiased resize is linear, separable and a function of the box alone: out = Wy @ X @ Wx^T, with the
-    crop in the matrices. So the images are zero-padded to a common size (nested tensors: no Python loop) and
-    resized by two batched matmuls; like PIL, the first (horizontal) pass is rounded to uint8. sizes: (B, 2)
-    host (H, W). Groups by area of at most budget padded pixels: one huge photo does not pad the whole batch."""
+    """Decoded files of different sizes -> (B, C, size, size) uint8: each image's box (x0, y0, x1, y1 in its pixels,
+    floats) resized as PIL's img.resize((size, size), BICUBIC, box=box) does, for a whole batch at once. An
+    antialiased resize is linear, separable and a function of the box alone: out = Wy @ X @ Wx^T, with the crop in
+    the matrices. So the images are zero-padded to a common size (nested tensors: no Python loop) and resized by two
+    batched matmuls; like PIL, the first (horizontal) pass is rounded to uint8. sizes: (B, 2) host (H, W). Groups by
+    area of at most budget padded pixels: one huge photo does not pad the whole batch."""
     dev, B = images[0].device, len(images)
     sizes = np.asarray(sizes, dtype=np.int64).reshape(B, 2)
     order = np.argsort(sizes[:, 0] * sizes[:, 1], kind="stable")
@@ -375,8 +363,7 @@ def resized_crops(images, boxes, sizes, size, budget=2 ** 26):
 
 
 def pad_crop_flip(images, rng, pad=4, hflip=0.5):
-    """RandomCrop(size, padding=pad) + horizontal flip, DeiT's crop for inputs of 32 px or less: zero
-    padding, every image its own offset and flip."""
+    """RandomCrop(size, padding=pad) + hflip, DeiT's crop at 32 px or less: zero padding, per-image offset and flip."""
     B, C, H, W = images.shape
     dev = images.device
     top, left, flip = to_device(dev, rng.integers(0, 2 * pad + 1, B), rng.integers(0, 2 * pad + 1, B),
@@ -392,10 +379,9 @@ def pad_crop_flip(images, rng, pad=4, hflip=0.5):
 
 
 def three_augment(images, rng, jitter=0.3):
-    """DeiT III's 3-Augment (Touvron et al. 2022, §2.3): per image one of grayscale, solarize (threshold 128),
-    gaussian blur (sigma U(0.1, 2)), then colour jitter 0.3 (brightness, contrast, saturation factors
-    ~ U(0.7, 1.3)). Simplifications, deliberate: the jitter always runs in that order (torchvision shuffles
-    it per image) and the blur kernel is cut at radius 4 (PIL approximates the gaussian with box blurs)."""
+    """DeiT III's 3-Augment (Touvron et al. 2022, §2.3): per image one of grayscale, solarize (threshold 128), gaussian
+    blur (sigma U(0.1, 2)), then colour jitter (brightness, contrast, saturation ~ U(1 -+ jitter)). Deliberately
+    simpler: a fixed jitter order (torchvision shuffles it per image), the blur cut at radius 4 (PIL: box blurs)."""
     B, C, H, W = images.shape
     which = rng.integers(0, 3, B)
     idx = [np.flatnonzero(which == k) for k in range(3)]
@@ -455,10 +441,9 @@ def random_erasing(x, rng, p=0.25, area=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), att
 
 
 def mixup_cutmix(x, y, num_classes, rng, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, smoothing=0.1):
-    """Mixup (Zhang et al. 2018) or CutMix (Yun et al. 2019), one per batch, as DeiT: the partner of image i is image
-    B-1-i (the flipped batch, any batch size); CutMix (probability switch_prob) pastes a box whose area is 1 - lam,
-    clipped to the image, and lam is recomputed from the pasted area. Targets: the label-smoothed one-hots of the pair,
-    weighted lam and 1 - lam. Returns (images, targets (B, classes)); the images are mixed in place (as timm)."""
+    """Mixup (Zhang et al. 2018) or CutMix (Yun et al. 2019), one per batch, as DeiT: image i's partner is B-1-i (any
+    batch size); CutMix (probability switch_prob) pastes a box of area 1 - lam, clipped, lam recomputed from it. Returns
+    (x, mixed in place as timm; targets (B, classes): the pair's label-smoothed one-hots weighted lam and 1 - lam)."""
     B, C, H, W = x.shape
     lam = 1.0
     if cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < switch_prob):
@@ -479,8 +464,7 @@ def mixup_cutmix(x, y, num_classes, rng, mixup_alpha=0.8, cutmix_alpha=1.0, swit
 
 
 # ---------------------------------------------------------------------------------------------------------
-# DeiT's recipe: the ops above composed as facebookresearch/deit datasets.py (build_transform) and main.py
-# (Mixup) compose them. What a training loop of its own needs from this file: deit_augment, once a step.
+# DeiT's recipe, as facebookresearch/deit datasets.py (build_transform) and main.py (Mixup) compose it: deit_augment.
 
 def parse_aa(spec):
     """timm's RandAugment string, DeiT's --aa, e.g. rand-m9-mstd0.5-inc1 (DeiT's): magnitude 9, its std 0.5,

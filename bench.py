@@ -175,8 +175,7 @@ def model_row(name, size, batch, ctx, args, out_dir):
 
 
 def detect_rows(ctx, steps):
-    """detect.py's training step (train.train_step with its task: flips, Faster R-CNN's losses) on composed scenes,
-    with the device's defaults (bf16 autocast on CUDA, backbone only: detect.Detector.forward): images/s."""
+    """detect.py's training step (train.train_step with its task) on composed scenes, device defaults: images/s."""
     import detect as DET
     rows = []
     for model, size, width, batch in DETECT[ctx.device.type]:
@@ -268,8 +267,7 @@ def jpeg_train_rows(ctx, root, model, steps, workers, batch=256):
     sync = torch.cuda.synchronize if ctx.device.type == "cuda" else (lambda: None)
     rows, prefetch = [], DT.prefetch
     for decode, ahead in (("device", True), ("device", False), ("workers", True)):
-        # ahead False: the device decode on the training stream, between steps (data.prefetch off), to show
-        # what decoding one batch ahead on a stream of its own buys
+        # ahead False: the device decode between steps, on the training stream: what prefetch's stream buys
         DT.prefetch = prefetch if ahead else (lambda batches, device: batches)
         targs = T.get_parser().parse_args(["--model", model, "--data", root, "--decode", decode, "--workers", str(workers),
                                            "--batch-size", str(batch), "--out-dir", tempfile.mkdtemp()])

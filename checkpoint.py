@@ -1,8 +1,7 @@
 """
 A run on disk: out_dir/ckpt.pt (plain types and tensors only, so torch.load(weights_only=True) reads it) and
-out_dir/log.jsonl, one JSON line per epoch; one run per out_dir, held by a lock. Every write is atomic, and a
-full disk is one line saying what is kept. resume_or_start and save_checkpoint take train.py's Run (the model,
-optimizer, EMA, paths and steps per epoch), so that a resumed run draws what the uninterrupted one would.
+out_dir/log.jsonl, one JSON line per epoch; one run per out_dir, held by a lock. Every write is atomic, and a full
+disk is one line saying what is kept. A resumed run (resume_or_start) draws what the uninterrupted one would.
 """
 
 import errno
@@ -19,15 +18,13 @@ from model import load_checked, read_file
 
 
 def lock_out_dir(out_dir):
-    """One out-dir, one run: process 0 holds an exclusive lock on out_dir/lock for its whole life. The OS
-    releases it when the process ends in any way, kill -9 included, so a dead run never blocks a new one.
-    It is a POSIX record lock (lockf), which belongs to this process alone: DataLoader workers forked from
-    it do not hold it too (flock's would pass to them, and outlive a killed run in them). Also where an
-    out-dir that cannot be written is found, before any training. Returns the open file."""
-    path = os.path.join(out_dir, "lock")
+    """One out-dir, one run: process 0 holds an exclusive lock on out_dir/lock for its whole life, which the OS
+    releases however the process ends (kill -9 too), so a dead run never blocks a new one. A POSIX record lock
+    (lockf) belongs to this process alone: DataLoader workers forked from it do not hold it too (flock's would pass
+    to them, and outlive a killed run in them). Also finds, before training, an out-dir that cannot be written."""
     try:
         os.makedirs(out_dir, exist_ok=True)
-        f = open(path, "a+")
+        f = open(os.path.join(out_dir, "lock"), "a+")
     except OSError as e:
         raise ValueError(f"cannot write to --out-dir {out_dir}: {e.strerror or e}")
     try:
@@ -53,9 +50,8 @@ def lock_out_dir(out_dir):
 
 
 def write_atomic(path, save, what="the previous file is kept"):
-    """save(tmp) writes to a temp file of this process, then it replaces path in one step: a kill or a full
-    disk mid-write leaves the previous file intact and no temp file behind, and a disk problem is one line.
-    (torch.save reports a full disk as RuntimeError "unexpected pos", not OSError: the free space tells.)"""
+    """save(tmp) writes to a temp file of this process, then it replaces path in one step: a kill or a full disk
+    mid-write leaves the previous file intact and no temp file behind, and a disk problem is one line."""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         save(tmp)
@@ -79,8 +75,8 @@ def append_line(path, line):
 
 
 def write_error(path, e, what):
-    """The one line for a write that failed (OSError, or torch.save's RuntimeError on a full disk), saying
-    what is kept; a RuntimeError with disk space to spare is a fault of ours, raised as it is."""
+    """The one line for a failed write: OSError, or torch.save's RuntimeError "unexpected pos" on a full disk (the free
+    space tells), saying what is kept; a RuntimeError with space to spare is a fault of ours, raised as it is."""
     full = getattr(e, "errno", None) == errno.ENOSPC or disk_full(path)
     if not (full or isinstance(e, OSError)):
         raise e
@@ -94,7 +90,6 @@ def write_lines(path, lines):
 
 
 def disk_full(path, least=1 << 20):
-    """Whether the filesystem of path has less than least bytes free (1 MiB)."""
     try:
         return shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < least
     except OSError:
@@ -102,10 +97,9 @@ def disk_full(path, least=1 << 20):
 
 
 def resume_or_start(args, ctx, run, log):
-    """With --resume: the weights, optimizer, EMA and every process's RNG state and partial epoch sums of
-    out_dir/ckpt.pt, and the log lines of the epochs it holds (--resume auto: only if there is one). Without:
-    refuse to overwrite a run. Returns (epochs done, steps done in the next epoch, this process's partial
-    sums of that epoch or None)."""
+    """With --resume: the weights, optimizer, EMA and every process's RNG state and partial epoch sums of ckpt.pt,
+    and the log lines of the epochs it holds (--resume auto: only if there is one). Without: refuse to overwrite a
+    run. Returns (epochs done, steps done in the next epoch, this process's partial sums of that epoch or None)."""
     exists = os.path.exists(run.ckpt_path)
     if args.resume is None or (args.resume == "auto" and not exists):
         if exists:
@@ -147,9 +141,8 @@ def save_checkpoint(args, ctx, run, data, epoch, epoch_step, partial, record=Non
     state = {"cpu": torch.get_rng_state(), "partial": partial}
     if ctx.device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(ctx.device)
-    states = [state]
-    if ctx.ddp:  # every process's RNG state, so a resumed run draws what the uninterrupted one would
-        states = [None] * ctx.world
+    states = [None] * ctx.world if ctx.ddp else [state]
+    if ctx.ddp:  # every process's RNG state
         dist.all_gather_object(states, state)
     if not ctx.master:
         return

@@ -149,9 +149,17 @@ def make_canvases(x, size, seed, sides=None):
     return out, torch.stack([x0, y0, x0 + side, y0 + side], 1)
 
 
+def find_folder(name):
+    """The folder of --data bundled, fashion-mnist (Debian's package) or a path, checked to exist."""
+    folder = {"bundled": BUNDLED, "fashion-mnist": DEBIAN_FMNIST}.get(name, name)
+    if not os.path.isdir(folder):
+        hint = " (apt-get install -y dataset-fashion-mnist)" if name == "fashion-mnist" else ""
+        raise ValueError(f"dataset path {folder} does not exist{hint}")
+    return folder
+
+
 def free_memory(device):
-    """Bytes of memory free for new tensors on device: the GPU's, or on the CPU what the OS can give
-    (/proc/meminfo's MemAvailable, within a cgroup's limit); None where that cannot be read."""
+    """Bytes free for new tensors on device: the GPU's, or the OS's MemAvailable within a cgroup's limit, or None."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
@@ -185,10 +193,7 @@ def load_data(name="bundled", device="cpu", img_size=None, data_dir=os.path.join
                        torch.randint(0, 1000, (n,), generator=g)) for n in (2560, 512)]
         C, stats, pad = 1000, (IMAGENET_MEAN, IMAGENET_STD), 4
     else:
-        folder = {"bundled": BUNDLED, "fashion-mnist": DEBIAN_FMNIST}.get(name, name)
-        if not os.path.isdir(folder):
-            hint = " (apt-get install -y dataset-fashion-mnist)" if name == "fashion-mnist" else ""
-            raise ValueError(f"dataset path {folder} does not exist{hint}")
+        folder = find_folder(name)
         if os.path.isdir(os.path.join(folder, "train")) or os.path.isdir(os.path.join(folder, "val")):
             if classes is not None or canvas:
                 raise ValueError(f"--{'classes' if classes is not None else 'canvas'} works with idx and CIFAR "
@@ -516,10 +521,9 @@ def val_batches(data, batch_size, device, rank=0, world=1, skipped=None):
 
 
 def _folder_batches(data, dataset, batch_size, device, skipped, keep_empty=False, **kw):
-    # A DataLoader per epoch, as the reference's: workers read (and on the workers path decode and crop) the files;
-    # the JPEGs left to the device are decoded as one batch, one batch ahead, on a stream of their own (prefetch).
-    # The loader's iterator is made here, in the caller's thread: it draws its workers' seeds from the global
-    # generator, at the same point of the run every time.
+    # A DataLoader per epoch, as the reference's: workers read (on the workers path also decode and crop) the files;
+    # the device's JPEGs are decoded a batch at a time, one ahead, on a stream of their own (prefetch). Made here, in
+    # the caller's thread, the iterator draws its workers' seeds from the global generator at the same point of a run.
     files = iter(torch.utils.data.DataLoader(dataset, batch_size, num_workers=data.workers, collate_fn=collate_files,
                                              pin_memory=device.type == "cuda", **kw))
     batches = _decoded_batches(data, files, device, skipped, keep_empty, training=dataset is data.train)
@@ -626,17 +630,16 @@ def prefetch(batches, device, ahead=1):
 
 
 def _decode(decoder, jpegs, device):
-    """The batch in one call, or if that fails (a file the header check let through) file by file: (decoded images,
-    indices kept, [(index, reason)]); the caller gives the rejected files to PIL. The failure is told apart by
-    behaviour, not by message (TorchCodec reports nvJPEG's and CUDA's errors as bare status numbers, "Failed to
-    decode batch: 5"): when every file of a batch of several fails alone too, the decoder or the device is at
-    fault, and that is one line, not a silent fall back to PIL on one thread. Out of memory is raised as it is."""
+    """The batch in one call, or if that fails file by file: (decoded images, indices kept, [(index, reason)]); the
+    caller gives the rejected files to PIL. When every file of a failed batch of several fails alone too, the decoder
+    or the device is at fault: one line, not a silent fall back to PIL on one thread. Told by behaviour: TorchCodec
+    reports nvJPEG's and CUDA's errors as bare numbers ("Failed to decode batch: 5"). Out of memory is raised."""
     try:
         return decoder(jpegs, device), np.arange(len(jpegs)), []
-    except (torch.OutOfMemoryError, MemoryError):
-        raise
     except Exception as e:
         batch_error = e
+        if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+            raise
     out, ok, bad = [], [], []
     for i, j in enumerate(jpegs):  # the error path only
         try:

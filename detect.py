@@ -27,8 +27,8 @@ import torch.nn.functional as F
 import train as T
 from checkpoint import write_atomic
 from launch import cli, start
-from data import (BUNDLED, DEBIAN_FMNIST, FMNIST_MEAN, FMNIST_STD, IMAGENET_MEAN, IMAGENET_STD, load_idx_folder,
-                  object_sides, val_batches)
+from data import (FMNIST_MEAN, FMNIST_STD, IMAGENET_MEAN, IMAGENET_STD, find_folder, load_idx_folder, object_sides,
+                  val_batches)
 from distill import create_convnet, ours
 from model import (MODELS, Backbone, DeiT, DeiTConfig, check_file, create_model, fit_in_chans, load_checked, read_file,
                    state_dict_of)
@@ -43,9 +43,9 @@ MIN_PIXELS = 16  # an object left with fewer visible pixels (hidden by later one
 # (1..classes; 0: torchvision's background) and, for scenes, an (S, S) map of which object each pixel shows.
 
 def make_scenes(images, labels, n, size, seed, objects=(2, 5), sides=(16, 48)):
-    """n size x size canvases, each with objects[0]..objects[1] garments of images (uint8 (N, 1, 28, 28)),
-    each resized to a random side in sides and pasted at a random place over the ones before (its pixels
-    brighter than 32 of 255). Deterministic from seed. Returns (canvases, ids, boxes, labels)."""
+    """n size x size canvases, each with objects[0]..objects[1] garments of images (uint8 (N, 1, 28, 28)), each resized
+    to a side in sides and pasted at a random place over the ones before (its pixels brighter than 32 of 255).
+    Deterministic from seed. Returns (canvases, ids, boxes, labels)."""
     rng = np.random.default_rng(seed)
     canvas = torch.zeros(n, 1, size, size, dtype=torch.uint8)
     ids, boxes, classes = torch.zeros(n, size, size, dtype=torch.uint8), [], []
@@ -73,35 +73,31 @@ def make_scenes(images, labels, n, size, seed, objects=(2, 5), sides=(16, 48)):
 
 def load_coco_folder(root, split, size):
     """root/split/annotations.json (COCO's: bbox [x, y, w, h]) and images, scaled to size on the longer side, padded.
-    Checked as they load, each problem one line naming the file, the image and the annotation: an unknown image or
-    category, a box that is not 4 finite numbers of positive width and height. A box reaching outside its image is
-    clipped to it (as COCO's tools do), with a count in a warning. An image that cannot be read is refused, not
-    skipped: its annotations say objects are there."""
+    Each problem is one line naming the file, the image and the annotation: an unknown image or category, a bbox
+    not of 4 finite numbers with a positive size, or wholly outside its image. A box reaching outside is clipped (as
+    COCO's tools do), counted in a warning. An unreadable image is refused, not skipped: objects are annotated there."""
     from PIL import Image
     path = os.path.join(root, split, "annotations.json")
     check_file(path, "annotations")
     try:
         coco = json.load(open(path))
         cats = sorted(c["id"] for c in coco["categories"])
-        per_image = {im["id"]: [] for im in coco["images"]}
-        files = [(im["id"], os.path.join(root, split, im["file_name"])) for im in coco["images"]]
-        for a in coco["annotations"]:
-            where = f"{path}: annotation {a.get('id')} (image {a['image_id']})"
-            if a["image_id"] not in per_image:
-                raise ValueError(f"{where}: no such image among its images")
-            if a["category_id"] not in cats:
-                raise ValueError(f"{where}: category_id {a['category_id']} is not among its categories {cats}")
-            box = a["bbox"]
-            if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
-                    and all(math.isfinite(v) for v in box) and box[2] > 0 and box[3] > 0):
-                raise ValueError(f"{where}: bbox {box} is not [x, y, width, height] with a positive width and height")
-            per_image[a["image_id"]].append(a)
-    except (KeyError, TypeError, AttributeError) as e:
+        files = {im["id"]: os.path.join(root, split, im["file_name"]) for im in coco["images"]}
+        anns = [(a.get("id"), a["image_id"], a["category_id"], a["bbox"]) for a in coco["annotations"]]
+    except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path} is not COCO-style annotations ({type(e).__name__}: {e})") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not JSON ({e})") from None
+    per_image = {image_id: [] for image_id in files}
+    for ann, image_id, cat, box in anns:
+        where = f"{path}: annotation {ann} (image {image_id})"
+        if image_id not in files or cat not in cats:
+            raise ValueError(f"{where}: " + ("no such image among its images" if image_id not in files else
+                                             f"category_id {cat} is not among its categories {cats}"))
+        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) and math.isfinite(v)
+                                                                for v in box) and box[2] > 0 and box[3] > 0):
+            raise ValueError(f"{where}: bbox {box} is not [x, y, width, height] with a positive width and height")
+        per_image[image_id].append((where, cats.index(cat) + 1, box))
     x, boxes, classes, clipped = torch.zeros(len(files), 3, size, size, dtype=torch.uint8), [], [], 0
-    for i, (image_id, file) in enumerate(files):
+    for i, (image_id, file) in enumerate(files.items()):
         check_file(file, "image")
         try:
             im = Image.open(file).convert("RGB")
@@ -110,17 +106,14 @@ def load_coco_folder(root, split, size):
         scale = size / max(im.size)
         w, h = max(1, round(im.width * scale)), max(1, round(im.height * scale))
         x[i, :, :h, :w] = torch.from_numpy(np.array(im.resize((w, h), Image.BICUBIC))).permute(2, 0, 1)
-        b = torch.tensor([a["bbox"] for a in per_image[image_id]], dtype=torch.float64).reshape(-1, 4)
-        b = torch.cat([b[:, :2], b[:, :2] + b[:, 2:]], 1)
-        inside = torch.stack([b[:, 0::2].clamp(0, im.width), b[:, 1::2].clamp(0, im.height)], 2).flatten(1)
-        clipped += int((inside != b).any(1).sum())
-        empty = ((inside[:, 2:] - inside[:, :2]) <= 0).any(1)
-        if empty.any():
-            a = per_image[image_id][int(empty.nonzero()[0])]
-            raise ValueError(f"{path}: annotation {a.get('id')} (image {image_id}): bbox {a['bbox']} lies outside "
-                             f"its {im.width}x{im.height} image")
-        boxes.append((inside * scale).float())
-        classes.append(torch.tensor([cats.index(a["category_id"]) + 1 for a in per_image[image_id]], dtype=torch.int64))
+        inside = []
+        for where, _, (x0, y0, bw, bh) in per_image[image_id]:
+            inside.append([max(x0, 0), max(y0, 0), min(x0 + bw, im.width), min(y0 + bh, im.height)])
+            if inside[-1][2] <= inside[-1][0] or inside[-1][3] <= inside[-1][1]:
+                raise ValueError(f"{where}: bbox {[x0, y0, bw, bh]} lies outside its {im.width}x{im.height} image")
+            clipped += inside[-1] != [x0, y0, x0 + bw, y0 + bh]
+        boxes.append((torch.tensor(inside, dtype=torch.float64).reshape(-1, 4) * scale).float())
+        classes.append(torch.tensor([c for _, c, _ in per_image[image_id]], dtype=torch.int64))
     if clipped:
         print(f"warning: {path}: {clipped} box(es) reach outside their image: clipped to it", flush=True)
     return x, None, boxes, classes, [c["name"] for c in sorted(coco["categories"], key=lambda c: c["id"])]
@@ -134,10 +127,7 @@ def load_data(args, device):
         raise ValueError(f"--objects {args.objects!r}: give a range such as 2-5") from None
     if not 1 <= lo <= hi:
         raise ValueError(f"--objects {args.objects!r}: the range must be 1 or more, the smaller first")
-    folder = {"bundled": BUNDLED, "fashion-mnist": DEBIAN_FMNIST}.get(args.data, args.data)
-    if not os.path.isdir(folder):
-        hint = " (apt-get install -y dataset-fashion-mnist)" if args.data == "fashion-mnist" else ""
-        raise ValueError(f"dataset path {folder} does not exist{hint}")
+    folder = find_folder(args.data)
     if os.path.isfile(os.path.join(folder, "train", "annotations.json")):
         if args.masks:
             raise ValueError("--masks needs instance masks: the composed scenes have them, COCO folders here do not")
@@ -187,10 +177,9 @@ class Detector(nn.Module):
         from torchvision.models.detection.anchor_utils import AnchorGenerator
         from torchvision.models.detection.faster_rcnn import FasterRCNN, FastRCNNPredictor, TwoMLPHead
         from torchvision.models.detection.mask_rcnn import MaskRCNN, MaskRCNNHeads, MaskRCNNPredictor
-        # Sized for small images on a CPU, where torchvision's defaults are for 800-px COCO images: anchors
-        # for objects of size/12 to 16x that (torchvision's: 32-512 px), three shapes each; 300 proposals kept
-        # per image in training (2000), 150 in evaluation (1000); 128 of them sampled for the box head (512);
-        # its two layers 256 wide (1024); the mask head's convs as wide as the pyramid (256).
+        # Sized for small images on a CPU (torchvision's 800-px COCO defaults in brackets): anchors of size/12 to 16x
+        # that (32-512 px), three shapes each; proposals kept per image: 300 in training (2000), 150 in evaluation
+        # (1000); 128 sampled for the box head (512), 256 wide (1024); the mask head's convs as wide as the pyramid.
         base, C = max(4, size // 12), backbone.out_channels
         heads = dict(rpn_anchor_generator=AnchorGenerator(tuple((base * 2 ** i,) for i in range(5)), ((0.5, 1.0, 2.0),) * 5),
                      rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300, rpn_pre_nms_top_n_test=300,
@@ -219,11 +208,10 @@ class Detector(nn.Module):
         return self
 
     def forward(self, images, targets=None):
-        """torchvision's GeneralizedRCNN.forward, but only the backbone runs under the autocast in force: the transform,
-        the RPN, the ROI heads (box decoding, NMS) and the anchors run in fp32, for every backbone alike. Under bf16
-        the proposals would take the heads' dtype, and batched NMS offsets each class's boxes by label x (max + 1):
-        ~970 px for 96-px scenes, where bf16's spacing is 4 px (256 px for an 800-px COCO image), so boxes of
-        different classes would merge. Targets are checked when they load (load_data), so no step waits for that."""
+        """torchvision's GeneralizedRCNN.forward with only the backbone under the autocast in force: anchors, RPN, ROI
+        heads, box decoding and NMS run in fp32 for every backbone. In bf16, batched NMS's class offsets (label x
+        (max + 1): ~970 px for 96-px scenes) meet a 4-px spacing (256 px at 800 px), merging classes' boxes. Targets
+        are checked when they load, so no step waits for that."""
         det, sizes, device = self.det, [tuple(x.shape[-2:]) for x in images], images.device.type
         fp32 = lambda: torch.autocast(device, enabled=False)  # noqa: E731
         with fp32():
@@ -336,9 +324,8 @@ def average_precision(dets, gts, iou=box_iou, thresholds=np.arange(10) * 0.05 + 
 
 @torch.no_grad()
 def evaluate(model, data, ctx, batch_size=16):
-    """Box AP (and mask AP) on the held-out split: each process detects in its shard and sends its detections to
-    process 0 (masks as booleans, thresholded at 0.5 where they are made: 1/32 of the floats), which computes AP;
-    every process returns its result."""
+    """Box AP (and mask AP) on the held-out split: each process detects in its shard and sends the detections (masks
+    as booleans, thresholded at 0.5 where made) to process 0, which computes AP; every process returns its result."""
     model.eval()
     found = []
     for x, idx in val_batches(data, batch_size, ctx.device, ctx.rank, ctx.world):
@@ -350,25 +337,22 @@ def evaluate(model, data, ctx, batch_size=16):
     if ctx.ddp:
         everyone = [None] * ctx.world if ctx.master else None
         torch.distributed.gather_object(found, everyone, dst=0)
-        metrics = [detection_ap(model.cfg.masks, data, [f for part in everyone for f in part]) if ctx.master else None]
+        found = [f for part in everyone for f in part] if ctx.master else []
+    metrics = [None]
+    if ctx.master:
+        found.sort(key=lambda f: f[0])
+        ids, boxes, labels = data.annotations["val"]
+        ap, per_t = average_precision([(o["scores"], o["labels"], o["boxes"]) for _, o in found],
+                                      [(labels[i], boxes[i]) for i, _ in found])
+        metrics = [{"map": ap, "ap50": per_t[0], "ap75": per_t[5]}]
+        if model.cfg.masks:
+            dets = [(o["scores"], o["labels"], o["masks"]) for _, o in found]
+            gts = [(labels[i], ids[i] == torch.arange(1, len(labels[i]) + 1)[:, None, None]) for i, _ in found]
+            metrics[0]["mask_map"], per_t = average_precision(dets, gts, mask_iou)
+            metrics[0]["mask_ap50"] = per_t[0]
+    if ctx.ddp:
         torch.distributed.broadcast_object_list(metrics, src=0)
-        return metrics[0]
-    return detection_ap(model.cfg.masks, data, found)
-
-
-def detection_ap(masks, data, found):
-    """evaluate's metrics from every held-out image's detections [(index, {boxes, scores, labels, masks})]."""
-    found.sort(key=lambda f: f[0])
-    ids, boxes, labels = data.annotations["val"]
-    ap, per_t = average_precision([(o["scores"], o["labels"], o["boxes"]) for _, o in found],
-                                  [(labels[i], boxes[i]) for i, _ in found])
-    metrics = {"map": ap, "ap50": per_t[0], "ap75": per_t[5]}
-    if masks:
-        dets = [(o["scores"], o["labels"], o["masks"]) for _, o in found]
-        gts = [(labels[i], ids[i] == torch.arange(1, len(labels[i]) + 1)[:, None, None]) for i, _ in found]
-        metrics["mask_map"], per_t = average_precision(dets, gts, mask_iou)
-        metrics["mask_ap50"] = per_t[0]
-    return metrics
+    return metrics[0]
 
 
 @torch.no_grad()
@@ -429,8 +413,8 @@ def get_parser():
     a("--fpn-channels", type=int, default=64, help="the pyramid's width (torchvision's and ViTDet's: 256)")
     a("--layer-decay", type=float, default=1.0, help="layer-wise lr decay of a ViT backbone (ViTDet: 0.7 for "
       "ViT-B over 184k steps); 1: none, every backbone trained alike")
-    # lr: ViTDet's (1e-4 at batch 64, 8e-4 per 512) is for 184k steps; over a CPU run's few hundred it leaves the
-    # detector near zero, and 60x it is what RESULTS.md "Detection" trains at (studies/detection.sh's probes)
+    # lr: ViTDet's (8e-4 per 512) is for 184k steps, and leaves a CPU run's few hundred near zero: 60x it is what
+    # RESULTS.md "Detection" trains at (studies/detection.sh's probes)
     p.set_defaults(script=p.prog, model="deit_nano_patch4_28", img_size=96, epochs=12, batch_size=16, lr=4.8e-2,
                    min_lr=1e-6, weight_decay=0.1, warmup_epochs=1, drop_path=0.1, model_ema=False, compile=False,
                    aa="none", reprob=0.0, mixup=0.0, cutmix=0.0, smoothing=0.0, repeated_aug=False)

@@ -1,22 +1,17 @@
 """
 Distillation through attention (Touvron et al. 2021, §4): a convnet teacher trains the distillation token.
 
-The distilled DeiT has two heads: the class token's head learns from the labels, the distillation token's
-head learns from the teacher. DistillationLoss combines them:
+A distilled DeiT's class token head learns from the labels, its distillation token's from the teacher; DistillationLoss:
 
     loss = (1 - alpha) * base(class_logits, targets) + alpha * distill(dist_logits, teacher_logits)
 
     soft:  KL(softmax(teacher / tau) || softmax(dist / tau)) * tau^2, summed and divided by B*C (see below)
     hard:  cross_entropy(dist_logits, argmax(teacher_logits)), no label smoothing (paper §4, Eq. 3)
 
-Paper Table 3: hard beats soft, and the student (class + dist heads) can beat its teacher. The teacher
-sees the same mixed, augmented batch as the student (as in the reference, facebookresearch/deit losses.py
-and main.py), runs in eval mode and without gradients. Teachers (load_teacher): a torchvision
-classification model by name (DeiT's teacher is RegNetY-16GF, torchvision's `regnet_y_16gf`), a checkpoint
-written by train.py, or ConvNet below, a small convnet for 28-64 px inputs that train.py can train
-(`--model convnet`).
-This file needs torch, model.py (for DeiT teachers and weights files), and torchvision for torchvision
-teachers only.
+Paper Table 3: hard beats soft, and the student (class + dist heads) can beat its teacher. The teacher sees the
+same mixed, augmented batch as the student, as in the reference (facebookresearch/deit losses.py and main.py).
+DeiT's teacher is RegNetY-16GF (torchvision's `regnet_y_16gf`); load_teacher lists the teachers it takes.
+Needs torch and model.py (DeiT teachers, weights files); torchvision for torchvision's teachers only.
 """
 
 import os
@@ -39,11 +34,9 @@ def base_loss(logits, targets, smoothing=0.1):
 
 
 class DistillationLoss(nn.Module):
-    """kind none | soft | hard, as DistillationLoss in facebookresearch/deit losses.py.
-    base_criterion(logits, targets) is the usual loss (default: base_loss, DeiT's smoothing 0.1); with
-    kind "none" only the class head is trained and head_dist gets no gradient, as in the reference.
-    kind "labels" (not in the reference): no teacher, the dist token learns the labels as the class token
-    does, (1 - alpha) base(class head) + alpha base(dist head): the paper's control of §4, a second class
+    """kind none | soft | hard, as DistillationLoss in facebookresearch/deit losses.py: with "none" only the class
+    head is trained and head_dist gets no gradient, as in the reference. kind "labels" (not in the reference): no
+    teacher, the dist token learns the labels as the class token does: the paper's control of §4, a second class
     token, which it reports ends up the same as the first (cosine 0.999)."""
 
     def __init__(self, base_criterion=base_loss, teacher=None, kind="none", alpha=0.5, tau=1.0):
@@ -68,9 +61,8 @@ class DistillationLoss(nn.Module):
         dist_logits = dist_logits.float()
         if self.kind == "soft":
             T = self.tau
-            # The reference divides the summed KL by the number of elements, B*C: 1/C of the usual
-            # "batchmean". We keep it, so alpha and tau mean what they mean in the reference (its
-            # maintainers report batchmean as similar or slightly worse). Scaled by tau^2 as in Hinton et al.
+            # The reference divides the summed KL by B*C (1/C of "batchmean"), kept so that alpha and tau mean what they
+            # mean there (its maintainers find batchmean similar or slightly worse); times tau^2 as in Hinton et al.
             distill = F.kl_div(F.log_softmax(dist_logits / T, dim=1), F.log_softmax(teacher_logits / T, dim=1),
                                reduction="sum", log_target=True) * (T * T) / dist_logits.numel()
         else:  # hard: the teacher's decision is a label, taken as it is (no smoothing)
@@ -79,13 +71,11 @@ class DistillationLoss(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# A small convnet teacher for 28-64 px images. ImageNet convnets start with a stride-4 stem (or more), which
-# leaves a 28-px image with a 7x7 map before any real work; this one keeps full resolution for its first
-# stage and halves it twice: 28 -> 14 -> 7. A VGG-style stack of 3x3 conv + BatchNorm + ReLU, global
-# average pool, linear head: the convolutional inductive bias the paper's teacher hands on (§5.2).
+# A small convnet teacher for 28-64 px images. ImageNet convnets' stride-4 stem (or more) leaves a 28-px image a 7x7 map
+# before any real work: fine for a backbone, weak for a teacher. This VGG-style one keeps full resolution for its first
+# stage and halves it twice, 28 -> 14 -> 7: the convolutional inductive bias the paper's teacher hands on (§5.2).
 
-# name -> widths of the three stages; torchvision's ResNets too, so that train.py pretrains the backbones
-# detect.py compares (the stride-4 stem leaves a 28-px image 7x7: fine for a backbone, weak for a teacher)
+# --model NAME -> widths of the three stages; torchvision's ResNets too, so train.py pretrains detect.py's backbones
 CONVNETS = {"convnet": (32, 64, 128), "resnet18": "torchvision", "resnet34": "torchvision", "resnet50": "torchvision"}
 
 
@@ -129,14 +119,12 @@ def create_convnet(name, num_classes, in_chans):
 # Teachers
 
 def ours(ckpt):
-    """Whether what read_file returned is a checkpoint of train.py (finetune.py, mae.py): its flags ("config")
-    and its model's ("model_config") come with the weights."""
+    """Whether read_file's result is a checkpoint of train.py (finetune.py, mae.py): weights, flags, model config."""
     return isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) and isinstance(ckpt.get("model_config"), dict)
 
 
 def rebuild(ckpt, **overrides):
-    """The model of a checkpoint written by train.py (finetune.py, mae.py), as its "model_config" describes it
-    (DeiT or ConvNet, global pool and all), weights not loaded; overrides that are not None replace fields."""
+    """The model of one of our checkpoints, weights not loaded; overrides that are not None replace config fields."""
     cfg = {**ckpt["model_config"], **{k: v for k, v in overrides.items() if v is not None}}
     name = ckpt["config"]["model"]
     return create_convnet(name, cfg["num_classes"], cfg["in_chans"]) if name in CONVNETS else DeiT(DeiTConfig(**cfg))
@@ -179,8 +167,7 @@ def default_teacher(name, data, bundled):
 
 
 def check_teacher(name, weights=None):
-    """What load_teacher would refuse in its arguments, found without loading anything (train.py checks it
-    with the flags, before the data loads)."""
+    """What load_teacher would refuse in its arguments, found without loading anything (train.py: before the data)."""
     if is_file_name(name):
         check_file(name, "teacher checkpoint")
     elif name in MODELS or CONVNETS.get(name, "torchvision") != "torchvision":  # ours (resnet18 here: torchvision's)
@@ -196,12 +183,10 @@ def check_teacher(name, weights=None):
 
 
 def load_teacher(name, weights=None, num_classes=None, in_chans=None, img_size=None):
-    """Build a teacher, in eval mode with requires_grad off, from
-    - a checkpoint written by train.py (its model is rebuilt from the checkpoint's config; weights: "model"),
-    - "convnet" or a DeiT name from model.py, with weights=FILE (theirs, ours or the official format),
-    - a torchvision classification model name: torchvision's ImageNet weights, or weights=FILE.
-    With num_classes, in_chans and img_size given, a dry run checks that the teacher takes such images
-    and predicts that many classes, so a mismatch is one clear error before training starts."""
+    """A teacher, in eval mode with requires_grad off, from a checkpoint of train.py (its model rebuilt from its
+    config), from "convnet" or a DeiT name of model.py with weights=FILE (theirs, ours or the official format), or from
+    a torchvision classification model's name (torchvision's ImageNet weights, or weights=FILE). With num_classes,
+    in_chans and img_size, a dry run makes a mismatch with the data one clear error up front."""
     check_teacher(name, weights)
     if is_file_name(name):
         ckpt = read_file(name, "teacher checkpoint")

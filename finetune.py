@@ -6,12 +6,10 @@ Fine-tune pretrained DeiT weights on a new task: keep the backbone, give it a ne
         --data /imagenet --batch-size 256            # the paper's 224 -> 384 fine-tune (paper §3, Table 7)
     python finetune.py --weights out/ckpt.pt --freeze ...                         # linear probe
 
-Pretraining on classification teaches the backbone to map each class to its own cluster of features, which a
-new head reuses (paper §5.3, transfer, Tables 6-7). Weights come from this project's checkpoints (the model's or,
-with --use-ema, the EMA's), the official DeiT release files (a dict with key "model"), or a plain state dict with
-the same key names (timm's ViT/DeiT), always read with torch.load(weights_only=True). The architecture is --model
-(default: the checkpoint's own); a new input size resizes the position embeddings bicubically (paper §3). All else
-is train.py's, with the reference's 384 fine-tune recipe as defaults (MAE_FINETUNE for a checkpoint of mae.py).
+Classification pretraining teaches the backbone to map each class to its own cluster of features, which a new head
+reuses (paper §5.3, transfer, Tables 6-7). Weights: our checkpoints (--use-ema: the EMA's), DeiT's release files or
+a state dict with the same key names (timm's), read with torch.load(weights_only=True). All else is train.py's, with
+the reference's 384 fine-tune recipe as defaults (MAE_FINETUNE for mae.py's checkpoints).
 """
 
 import argparse
@@ -56,8 +54,7 @@ MAE_FINETUNE = dict(lr=1e-3, layer_decay=0.65, weight_decay=0.05, drop_path=0.1,
 
 
 def weights_defaults(args):
-    """Defaults that the weights bring (launch.start): one of our checkpoints its architecture (model, global
-    pool), one of mae.py's also MAE's fine-tune recipe."""
+    """Defaults from the weights (launch.start): a checkpoint's model and global pool, and for mae.py's MAE_FINETUNE."""
     ckpt = read_file(args.weights) if args.weights else None
     if not ours(ckpt):
         return {}

@@ -1,8 +1,7 @@
 """
-What train.py, finetune.py, mae.py and detect.py do before and around their loop (as nanoGPT's configurator and
-DeiT's utils.py): the flags checked, the processes (torchrun's RANK/WORLD_SIZE/LOCAL_RANK, else one), a bad flag
-or a step that cannot fit in memory one line before anything loads, `with cli(): main()` turning a ValueError
-into "error: ..." and exit code 2, and a run's closing lines.
+What the scripts do before and around their loop (as nanoGPT's configurator and DeiT's utils.py): the flags
+checked, the processes (torchrun's RANK/WORLD_SIZE/LOCAL_RANK, else one), a bad flag or a step that cannot fit in
+memory one line before anything loads, `with cli(): main()` turning a ValueError into "error: ...", exit code 2.
 """
 
 import argparse
@@ -76,12 +75,11 @@ def check_args(parser, args, ctx, given=()):
 
 
 def start(parser, argv=None, defaults=None):
-    """What every script does first: the flags, checked; the processes; the out-dir's lock (process 0, before
-    anything slow: a run started a moment later must not win the out-dir while this one loads); the seed and
-    process 0's printer. Flags the command line leaves out come from the checkpoint that --resume continues or
-    --eval-only evaluates (`--resume --epochs 72` trains on as the run began), then from defaults(args) if given
-    (finetune.py: from its weights), then from the parser. Returns (args, ctx, log); ctx.lock: the held lock
-    file (None: not process 0, or --eval-only, which writes nothing)."""
+    """What every script does first: the flags, checked; the processes; the out-dir's lock (process 0, before anything
+    slow: a run started a moment later must not win the out-dir while this one loads); the seed and process 0's
+    printer. Flags the command line leaves out come from the checkpoint --resume continues or --eval-only evaluates
+    (`--resume --epochs 72` trains on as the run began), then from defaults(args) (finetune.py: its weights'), then
+    the parser. Returns (args, ctx, log); ctx.lock: the held lock (None: not process 0, or --eval-only)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     unset = object()  # parsed into a namespace that holds it everywhere, a flag the command line gives replaces it
@@ -123,9 +121,8 @@ def setup_distributed(amp=None):
         rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
         if cuda:
             torch.cuda.set_device(local_rank)
-        # under torchrun --max-restarts, each restart meets in the same store as the processes it replaces:
-        # a key prefix of its own keeps the new processes from finding the dead ones' addresses (gloo then
-        # fails with "connection refused", or waits out its 30-minute timeout)
+        # under torchrun --max-restarts each restart meets in the store of the processes it replaces: a key prefix
+        # of its own keeps it from the dead ones' addresses (gloo: "connection refused", or a 30-minute wait)
         store, _, _ = next(dist.rendezvous("env://"))
         store = dist.PrefixStore(f"restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
         dist.init_process_group(backend="nccl" if cuda else "gloo", store=store, rank=rank, world_size=world)
@@ -143,10 +140,9 @@ def setup_distributed(amp=None):
 
 
 def stop_with_parent(rank):
-    """A worker of torchrun stops when its agent dies. The agent stops its workers when it ends normally, but a
-    kill -9 gives it no chance: they would live on as orphans, keep the out-dir's lock and wait for peers that
-    are gone, and the same command could not run again. A thread watches for the parent to change (the
-    orphan is adopted by init or a subreaper) and ends the process; the lock goes with it."""
+    """A worker of torchrun stops when its agent dies. After a kill -9 of the agent its workers would live on as
+    orphans, keep the out-dir's lock and wait for peers that are gone, so the same command could not run again. A
+    thread watches for the parent to change (init or a subreaper adopts the orphan) and ends the process."""
     parent = os.getppid()
 
     def watch():
@@ -247,8 +243,7 @@ def cli():
         sys.exit(130)
     finally:
         if dist.is_initialized():
-            # The process group is taken down while Python is whole: destroyed, then what still refers to it
-            # (DDP's reducer, in reference cycles) collected now, not in the interpreter's teardown, whose order
-            # of destruction is arbitrary and can end a worker in "terminate called without an active exception".
+            # Taken down while Python is whole: destroyed, then what refers to it (DDP's reducer, in cycles) collected
+            # now, not in the teardown, whose order can end a worker in "terminate called without an active exception"
             dist.destroy_process_group()
             gc.collect()

@@ -2,20 +2,18 @@
 MAE: masked-autoencoder pretraining of model.py's ViT (He et al. 2021, "Masked Autoencoders Are Scalable
 Vision Learners", arXiv 2111.06377; reference code: facebookresearch/mae, models_mae.py and main_pretrain.py).
 
-Classification pretraining teaches a backbone what the images of a class share; MAE teaches it what each
-image has of its own. Each image loses a random 75% of its patches; the encoder sees only the rest and the
-class token; a light decoder gets the encoded patches back in place, with a shared learned mask token at every
-hidden one, and predicts the hidden patches' pixels. The loss is the mean squared error on the hidden patches
-only, against pixels normalised per patch (norm_pix_loss, MAE §4: sharper features). No labels are used.
+Classification pretraining teaches a backbone what the images of a class share; MAE, what each image has of its own.
+Each image loses a random 75% of its patches; the encoder sees the rest and the class token; a light decoder gets the
+encoded patches back in place, a shared learned mask token at each hidden one, and predicts the hidden pixels. Loss:
+mean squared error on the hidden patches, against pixels normalised per patch (norm_pix_loss, MAE §4: sharper).
 
     python mae.py                                   # the bundled data, CPU-sized defaults
     torchrun --nproc_per_node=8 mae.py --data /imagenet --model deit_base_patch16_224 --epochs 800 \\
         --batch-size 4096 --decoder-dim 512 --decoder-depth 8 --decoder-heads 16 --warmup-epochs 40 --resume auto
     python finetune.py --weights out-mae/ckpt.pt   # the encoder, with MAE's fine-tune recipe
 
-It runs on train.py's loop (DDP, compile and bf16 on CUDA, checkpoints, exact --resume, the JSON log, the nan
-stop); only the task differs (reconstruction_task). After every evaluated epoch (--eval-interval) a picture,
-out_dir/reconstructions/epoch_NNN.png, of held-out images, masked and reconstructed.
+It runs on train.py's loop (DDP, compile and bf16 on CUDA, checkpoints, exact --resume, the JSON log, the nan stop);
+only the task differs (reconstruction_task). Each evaluated epoch adds out_dir/reconstructions/epoch_NNN.png.
 """
 
 import argparse
@@ -43,9 +41,8 @@ MAE_DEFAULTS = dict(
 
 
 def sincos_2d(dim, grid, cls_token=True):
-    """MAE's fixed 2-D sine-cosine position embeddings (models_mae.py, util/pos_embed.py): half the channels
-    encode the column, half the row, each as [sin(pos w_k), cos(pos w_k)] with w_k = 10000^(-k / (dim/4)); an
-    all-zero row for the class token. (MAE's code names the column half "emb_h": numpy's meshgrid order.)"""
+    """MAE's fixed 2-D sine-cosine position embeddings (models_mae.py, util/pos_embed.py): half the channels encode
+    the column ("emb_h" in MAE's code: numpy's meshgrid order), half the row; an all-zero row for the class token."""
     if dim % 4:
         raise ValueError(f"sine-cosine position embeddings need a width divisible by 4, not {dim}")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
@@ -57,9 +54,8 @@ def sincos_2d(dim, grid, cls_token=True):
 
 
 def random_masking(x, ratio, noise):
-    """Per image, keep the (1 - ratio) share of the N tokens of x (B, N, D) with the smallest noise (B, N) (MAE's
-    "shuffle by sorting random noise"). Returns the kept tokens (B, keep, D) in noise order, mask (B, N): 1 where
-    hidden, in the original order, and ids_restore, which puts the shuffled sequence back in order."""
+    """Per image, keep the (1 - ratio) share of x's tokens (B, N, D) with the smallest noise (B, N), MAE's "shuffle by
+    sorting random noise". Returns them (B, keep, D) in noise order, mask (B, N; 1: hidden) unshuffled, ids_restore."""
     B, N, D = x.shape
     keep = int(N * (1 - ratio))
     ids_shuffle = noise.argsort(dim=1)
@@ -95,9 +91,8 @@ class MAE(nn.Module):
         self.decoder_blocks = nn.ModuleList([Block(dcfg, 0.0) for _ in range(decoder_depth)])
         self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_dim, cfg.patch_size ** 2 * cfg.in_chans)
-        # MAE's init (models_mae.py initialize_weights), the encoder's too (DeiT's: truncated normal 0.02): tokens
-        # N(0, 0.02); the patch embedding's weight as a (width, C*p*p) matrix and every Linear xavier-uniform, the
-        # Linears' biases 0 (the patch embedding's keeps PyTorch's default); LayerNorms 1 and 0 (as they are)
+        # MAE's init (models_mae.py initialize_weights), the encoder's too (not DeiT's truncated normal 0.02); as there,
+        # the patch embedding's bias keeps PyTorch's default, the LayerNorms their 1 and 0
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
         nn.init.xavier_uniform_(self.patch_embed.proj.weight.data.view(cfg.embed_dim, -1))
@@ -253,9 +248,8 @@ def main(argv=None):
     img_size = check_model(args, T.DEFAULT_MODEL, ctx, kept=1 - args.mask_ratio)  # the encoder sees the unmasked share
     if args.model in CONVNETS:
         raise ValueError(f"mae.py pretrains a ViT, not {args.model}")
-    if args.probe:
-        args.mask_ratio, args.norm_pix_loss = 0.0, bool(args.norm_pix_loss)
-    args.norm_pix_loss = True if args.norm_pix_loss is None else args.norm_pix_loss
+    args.mask_ratio = 0.0 if args.probe else args.mask_ratio
+    args.norm_pix_loss = not args.probe if args.norm_pix_loss is None else args.norm_pix_loss
     data = T.load(args, ctx.device, img_size)
     model = MAE(T.build_model(args, data, ctx, img_size), args.decoder_dim, args.decoder_depth, args.decoder_heads,
                 args.mask_ratio, args.norm_pix_loss).to(ctx.device)

@@ -1,9 +1,8 @@
 """
 DeiT (Touvron et al. 2021, "Training data-efficient image transformers & distillation through attention", arXiv
-2012.12877): a Vision Transformer, ViT-B/16 and smaller (paper §3, Table 1), with a class token and, in the
-distilled variants, a distillation token (paper §4, Fig. 2): a second learned token with its own position embedding
-and its own linear head. "The reference" below is facebookresearch/deit models.py, built on timm's
-vision_transformer.py. The state_dict has exactly the key names and shapes of the official release files, so
+2012.12877): ViT-B/16 and smaller (paper §3, Table 1) with a class token and, if distilled, a distillation token
+(paper §4, Fig. 2) with its own position embedding and head. "The reference" below is facebookresearch/deit
+models.py, built on timm's vision_transformer.py. The state_dict has the official files' key names and shapes, so
 
     model = create_model("deit_small_distilled_patch16_224")
     load_weights(model, "deit_small_distilled_patch16_224-649709d9.pth")
@@ -12,6 +11,7 @@ loads a released checkpoint (or a plain state dict, or one of train.py's checkpo
 one clear ValueError. This file needs only torch: copy it into your project.
 """
 
+import functools
 import math
 import os
 from collections import OrderedDict, namedtuple
@@ -54,7 +54,6 @@ for _name, _size, _patch, _img in [
 
 
 def variant(name):
-    """The Variant of a model name; an unknown name is a ValueError that lists the known ones."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
     return MODELS[name]
@@ -66,8 +65,7 @@ def distilled(model):
 
 
 def create_model(name, **overrides):
-    """Build a variant by name; keyword arguments override any DeiTConfig field (num_classes, img_size,
-    drop_path_rate, in_chans, or explicit sizes such as embed_dim=64, depth=2, num_heads=2)."""
+    """A variant by name; keyword arguments override any DeiTConfig field (num_classes, img_size, depth=2, ...)."""
     v = variant(name)
     width, depth, heads = SIZES[v.size]
     cfg = dict(embed_dim=width, depth=depth, num_heads=heads, patch_size=v.patch_size, img_size=v.img_size,
@@ -105,8 +103,7 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).flatten(2))
 
     def weights(self, x):
-        """The attention weights softmax(q k^T / sqrt(hs)) that forward applies, (B, heads, T, T), written
-        out from the same q and k (forward never materialises them): for looking, not for training."""
+        """The attention weights forward applies, (B, heads, T, T), which it never materialises: for looking."""
         q, k, _ = self.split_qkv(x)
         return (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(-1)
 
@@ -177,8 +174,7 @@ class DeiT(nn.Module):
         self._init_weights()
 
     def _init_weights(self):
-        # As the reference: tokens, position embeddings and Linear weights ~ N(0, 0.02) truncated at +-2 (absolute,
-        # so practically untruncated), biases 0; LayerNorms (1/0) and the patch conv keep PyTorch's default init.
+        # As the reference (a, b absolute: practically untruncated); LayerNorms and the patch conv keep PyTorch's init
         for p in [self.cls_token, self.pos_embed] + ([self.dist_token] if self.cfg.distilled else []):
             nn.init.trunc_normal_(p, std=0.02, a=-2.0, b=2.0)
         for m in self.modules():
@@ -187,13 +183,11 @@ class DeiT(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def no_weight_decay(self):
-        """What AdamW does not decay besides the 1-D parameters (biases, norms): as the reference (its timm
-        0.3.2), pos_embed and cls_token. A quirk kept: the reference decays dist_token, and so do we."""
+        """Exempt from weight decay besides 1-D parameters, as the reference (timm 0.3.2): it too decays dist_token."""
         return {"pos_embed", "cls_token"}
 
     def layer_id(self, name):
-        """A parameter's depth for layer-wise lr decay, as MAE's util/lr_decay.py: 0 for the tokens, the
-        position embeddings and the patch embedding, i + 1 for block i, depth + 1 for the rest (norms, heads)."""
+        """A parameter's depth for layer-wise lr decay (param_groups), as MAE's util/lr_decay.py."""
         if name in ("cls_token", "dist_token", "pos_embed") or name.startswith("patch_embed"):
             return 0
         if name.startswith("blocks."):
@@ -201,8 +195,7 @@ class DeiT(nn.Module):
         return self.cfg.depth + 1
 
     def embed(self, x):
-        """Images -> the first block's input: [cls, (dist), patches] + pos_embed, (B, prefix + N, D). Any
-        height and width the patch size divides: another grid than the model's gets pos_embed_at's."""
+        """Images -> [cls, (dist), patches] + pos_embed (B, prefix + N, D), at any size the patch divides."""
         (H, W), p = x.shape[-2:], self.cfg.patch_size
         if H % p or W % p:
             raise ValueError(f"a {H}x{W} input is not a multiple of the patch size {p}: pad or resize it to "
@@ -262,9 +255,8 @@ class DeiT(nn.Module):
 
 
 def param_groups(model, weight_decay, layer_decay=1.0):
-    """AdamW's parameter groups for any model: no weight decay on the 1-D parameters and on no_weight_decay(), as
-    the reference. layer_decay < 1 (MAE's fine-tuning, BEiT's idea): the parameters of model.layer_id l train at
-    lr x layer_decay ** (depth + 1 - l), the head at the full lr; each group's "lr_scale" says by how much."""
+    """AdamW's parameter groups for any model: no decay on 1-D parameters and no_weight_decay(), as the reference.
+    layer_decay < 1 (MAE's fine-tuning, BEiT's idea): a group's "lr_scale" is layer_decay ** (depth + 1 - layer_id)."""
     exempt = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
     groups = {}
     for name, p in model.named_parameters():
@@ -291,23 +283,17 @@ def resize_pos_embed(pos_embed, new_grid, num_prefix_tokens):
     return torch.cat([prefix, grid], dim=1)
 
 
-_RESIZE = {}
-
-
+@functools.cache
 def resize_matrix(old, new, device):
     """The (new rows * columns, old rows * columns) matrix of bicubic resizing from grid old to grid new:
     interpolation is linear, so resizing every channel is one matmul. Made once per grids and device."""
-    key = (tuple(old), tuple(new), str(device))
-    if key not in _RESIZE:
-        eye = torch.eye(old[0] * old[1], dtype=torch.float64).reshape(-1, 1, *old)
-        M = F.interpolate(eye, size=tuple(new), mode="bicubic", align_corners=False).flatten(1).T
-        _RESIZE[key] = M.float().to(device)
-    return _RESIZE[key]
+    eye = torch.eye(old[0] * old[1], dtype=torch.float64).reshape(-1, 1, *old)
+    M = F.interpolate(eye, size=tuple(new), mode="bicubic", align_corners=False).flatten(1).T
+    return M.float().to(device)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Weights files: the official release ({"model": state_dict}), train.py's checkpoints (also "ema", "config", ...)
-# or a plain state dict with the same key names (timm's ViT/DeiT).
+# Weights files: official releases, train.py's checkpoints or plain state dicts with these key names (timm's ViT/DeiT).
 
 def load_weights(model, path, ema=False):
     """Load a weights file into model (its EMA weights with ema, for a train.py checkpoint); returns model."""
@@ -317,7 +303,6 @@ def load_weights(model, path, ema=False):
 
 
 def check_file(path, what):
-    """A file that is not there, or a folder where a file is expected, as one line."""
     if not os.path.isfile(path):
         raise ValueError(f"{what} {path} " + ("is a directory, not a file" if os.path.isdir(path) else "does not exist"))
 
@@ -348,8 +333,7 @@ def state_dict_of(obj, path, ema=False):
 
 
 def fit_pos_embed(state, model):
-    """Weights trained at another resolution: their position embeddings resized to the model's patch grid
-    (resize_pos_embed). Any other mismatch is left for load_checked to name."""
+    """Weights of another resolution: pos_embed resized to the model's grid; other mismatches are load_checked's."""
     pe, own = state.get("pos_embed"), getattr(model, "pos_embed", None)  # (a convnet teacher has none)
     if pe is None or own is None or pe.ndim != 3 or pe.shape[1] == own.shape[1] or pe.shape[2] != own.shape[2]:
         return state
@@ -370,8 +354,7 @@ def fit_in_chans(state, key, in_chans, what):
 
 
 def load_checked(model, state, what):
-    """model.load_state_dict(state), strict, but a mismatch is one line naming the keys and shapes, not a
-    page of traceback. Works for any nn.Module (torchvision teachers too)."""
+    """Strict load_state_dict for any nn.Module, but a mismatch is one line naming keys and shapes, not a traceback."""
     own = model.state_dict()
     missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
@@ -385,10 +368,9 @@ def load_checked(model, state, what):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# A DeiT as a detector's backbone, in place of a ResNet-50-FPN: ViTDet's recipe (Li et al. 2022, "Exploring
-# Plain Vision Transformer Backbones for Object Detection", arXiv 2203.16527, §3): the plain ViT's last map,
-# made into a pyramid by a few (de)convolutions, no FPN top-down path. We keep global attention in every
-# block (ViTDet uses windows in most blocks and relative positions: a cost cut at 1024 px, not needed here).
+# A DeiT as a detector's backbone instead of a ResNet-50-FPN: ViTDet's recipe (Li et al. 2022, "Exploring Plain Vision
+# Transformer Backbones for Object Detection", arXiv 2203.16527, §3), a pyramid from the ViT's last map, no FPN
+# top-down path. Global attention in every block: ViTDet's windows and relative positions are a cost cut at 1024 px.
 
 class LayerNorm2d(nn.LayerNorm):  # over the channels of (B, C, H, W) maps (ViTDet's norm in the pyramid)
     def forward(self, x):
@@ -396,10 +378,9 @@ class LayerNorm2d(nn.LayerNorm):  # over the channels of (B, C, H, W) maps (ViTD
 
 
 class SimpleFeaturePyramid(nn.Module):
-    """ViTDet's simple feature pyramid (§3, Fig. 2c) from one (B, dim, H/p, W/p) map: strides 4, 8, 16, 32, each by 2x2
-    transposed convs (LayerNorm and GELU between two) or a max-pool from the patch size p (for p = 16, ViTDet's: two
-    deconvs, one, identity, a 2x2 max-pool), then a 1x1 and a 3x3 conv to out_channels, each with a LayerNorm; plus
-    "pool", the stride-64 level that torchvision's FPN backbones add (LastLevelMaxPool): keys "0"-"3" and "pool"."""
+    """ViTDet's simple feature pyramid (§3, Fig. 2c) from one (B, dim, H/p, W/p) map: strides 4, 8, 16, 32 from p by
+    2x2 deconvs (LayerNorm and GELU between two) or a max-pool, then 1x1 and 3x3 convs to out_channels, each with a
+    LayerNorm; plus "pool", torchvision FPN backbones' stride-64 level (LastLevelMaxPool): keys "0"-"3" and "pool"."""
 
     def __init__(self, dim, patch_size, out_channels=256, strides=(4, 8, 16, 32)):
         super().__init__()
@@ -462,11 +443,10 @@ class Backbone(nn.Module):
 
     @classmethod
     def from_file(cls, path, model=None, out_channels=256, ema=False, **overrides):
-        """A backbone from any weights file of this project: an official DeiT release or a plain state dict (model names
-        the architecture), or a checkpoint of train.py, finetune.py or mae.py (which names its own). Only the ViT's
-        trunk is loaded; .left_out names the rest (heads, final norm, MAE decoder). overrides: DeiTConfig fields;
-        img_size builds the ViT for that size, position embeddings resized once at load (paper §3, as deit's main.py
-        does to fine-tune at another resolution); distilled=False drops a distilled file's distillation token."""
+        """A backbone from an official DeiT release or a plain state dict (model names the architecture) or a train.py,
+        finetune.py or mae.py checkpoint (which names its own). Only the ViT's trunk is loaded; .left_out names the rest
+        (heads, final norm, MAE decoder). overrides: DeiTConfig fields, e.g. img_size (position embeddings resized at
+        load, paper §3, as deit's main.py does) or distilled=False (dist_token dropped)."""
         obj = read_file(path)
         state = state_dict_of(obj, path, ema)
         if "patch_embed.proj.weight" not in state:
@@ -482,16 +462,14 @@ class Backbone(nn.Module):
         backbone = cls(vit, out_channels)
         trunk = fit_in_chans({k: v for k, v in state.items() if k.startswith(TRUNK)}, "patch_embed.proj.weight",
                              vit.cfg.in_chans, path)
-        if not vit.cfg.distilled:
-            trunk = drop_dist_token(trunk)
+        trunk = trunk if vit.cfg.distilled else drop_dist_token(trunk)
         load_checked(backbone.vit, fit_pos_embed(trunk, vit), path)
         backbone.left_out = sorted({k.split(".")[0] for k in state if k not in backbone.vit.state_dict()})
         return backbone
 
 
 def drop_dist_token(state):
-    """A distilled DeiT's weights for the same DeiT without a distillation token: the token and its position
-    embedding (the second prefix row) dropped, so that a distilled and a plain backbone are the same network."""
+    """Distilled weights for a plain DeiT, the same network: dist_token and its pos_embed row (the second) dropped."""
     if "dist_token" not in state:
         return state
     pe = state["pos_embed"]

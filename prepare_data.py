@@ -1,6 +1,5 @@
 """
-Make the bundled Fashion-MNIST subset (data/fashion-mnist-subset/) from the full set; or (--jpegs) an ImageNet-like
-JPEG folder of photographs for the image-file benchmark and tests; or (--teacher) the bundled data's teacher.
+Make the bundled data (a Fashion-MNIST subset and its teacher) or a JPEG folder for the image-file benchmark and tests.
 
 Fashion-MNIST (Xiao, Rasul, Vollgraf 2017; MIT licence): apt-get install -y dataset-fashion-mnist puts its four idx
 files in /usr/share/datasets/fashion-mnist/. The stratified subset is written in the same gzipped idx format, so
@@ -38,9 +37,8 @@ def stratified(labels, per_class, rng):
 
 
 PHOTOS = os.path.join(HERE, "data", "photos")
-# data.BUNDLED_TEACHER, the teacher of `train.py --distill hard` on the bundled data: distill.py's convnet with flips
-# only (no RandAugment, erasing or Mixup/CutMix: a convnet needs no help to learn 28-px garments; 85 s on a 2-core
-# CPU). The same command on the same torch gives the same weights; RESULTS.md states its accuracy.
+# The bundled data's teacher (`train.py --distill hard`): distill.py's convnet with flips only (no RandAugment, erasing
+# or Mixup/CutMix: a convnet needs no help to learn 28-px garments). Same torch, same weights; RESULTS.md: its accuracy.
 TEACHER_ARGS = ["--data", "bundled", "--model", "convnet", "--epochs", "8", "--aa", "none", "--reprob", "0",
                 "--mixup", "0", "--cutmix", "0", "--seed", "0"]
 

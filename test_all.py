@@ -1991,7 +1991,7 @@ import glob, os, subprocess, sys, torch
 disk, quick = sys.argv[1], sys.argv[2:]
 run = os.path.join(disk, "run")
 def train(*extra):
-    r = subprocess.run([sys.executable, "train.py", *quick, *out_dir(run), *extra], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "train.py", *quick, "--out-dir", run, *extra], capture_output=True, text=True)
     print("rc", r.returncode, "|", r.stderr.strip().replace(chr(10), " / "))
     print("files", sorted(os.listdir(run)), "| epoch", torch.load(os.path.join(run, "ckpt.pt"), weights_only=True)["epoch"])
 train("--epochs", "3")                # the second checkpoint does not fit beside the first
@@ -2005,7 +2005,7 @@ train("--epochs", "3", "--resume")
 import mae, data
 try:
     mae.save_picture(mae.MAE(__import__("model").create_model("deit_nano_patch7_28", in_chans=1)),
-                     T.load(mae.get_parser().parse_args([]), torch.device("cpu"), 28), os.path.join(disk, "p.png"))
+                     data.load_data("bundled", "cpu", 28), os.path.join(disk, "p.png"))
 except ValueError as e:
     print("picture |", e, "|", glob.glob(os.path.join(disk, "*.tmp")))
 """

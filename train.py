@@ -203,8 +203,7 @@ def main(argv=None):
 
 @dataclass
 class Task:
-    """What train() asks of a task that is not classification (task=None: classification, DeiT's augmentation,
-    DistillationLoss, top-1). mae.py's reconstruction and detect.py's detection are tasks."""
+    """What train() asks of a task other than classification (None: DeiT's augmentation, DistillationLoss, top-1)."""
     loss: Callable  # (run, inputs, targets, gen) -> the step's loss, a device scalar
     evaluate: Callable  # (run, data, ctx, batch_size) -> {metric: number}, summed over the processes
     next_steps: Callable  # (args) -> the lines a finished run prints: commands that work as printed
@@ -407,9 +406,8 @@ def evaluate(model, data, ctx, batch_size):
 
 
 def check_finite(run, ctx, want_checkpoint=False):
-    """Stop at a nan/inf loss before anything is saved: the last checkpoint stays the last good one. It waits for
-    the device, so it runs every --check-interval steps and at the end of an epoch, on every process at the same
-    step; it also tells all whether process 0's clock asks for a mid-epoch checkpoint, and returns that answer."""
+    """Stop at a nan/inf loss before anything is saved. It waits for the device: every --check-interval steps and at an
+    epoch's end, on every process; returns whether process 0's clock asks for a mid-epoch checkpoint (all agree)."""
     flags = torch.stack([run.nonfinite_at, torch.full_like(run.nonfinite_at, -int(want_checkpoint))])
     if ctx.ddp:
         dist.all_reduce(flags, op=dist.ReduceOp.MIN)
@@ -428,8 +426,7 @@ def next_steps(args):
 
 
 def eval_only(args, ctx, log):
-    """--eval-only: evaluate --ckpt (ours, an official release file or a state dict). One of ours brings its
-    model (model_config) and its flags (start: data, classes, image size); another file takes --model."""
+    """--eval-only: evaluate --ckpt. Ours brings its model and flags (data, classes, size); others take --model."""
     path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
     ckpt = read_file(path, "checkpoint")
     img_size = check_model(args, DEFAULT_MODEL)

@@ -21,7 +21,6 @@ import augment as A  # noqa: E402
 from data import load_data  # noqa: E402
 from distill import rebuild  # noqa: E402
 from model import read_file  # noqa: E402
-from plot import lines  # noqa: E402
 
 CLASSES = ["T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
 
@@ -99,6 +98,7 @@ def measure(logs):
 
 def report(logs, runs):
     """The table, and RUNS/token-cosine.png, from LOGS/tokens/log.jsonl."""
+    from plot import lines  # matplotlib: the studies' requirement (the tests import this file without it)
     rows = [json.loads(l) for l in open(os.path.join(logs, "tokens", "log.jsonl"))]
     print("| cosine of class and distillation token (mean over the 10,000 test images) | hard distillation | "
           "second class token (labels) |\n|---|---|---|")
