@@ -101,6 +101,15 @@ def timed(fn, n_images, steps, device, warmup=2):
     return n_images * steps / (time.perf_counter() - t), (time.process_time() - c) / (n_images * steps)
 
 
+def waits(fn):  # how often fn makes the host wait for the GPU (CUDA's sync debug mode)
+    torch.cuda.set_sync_debug_mode("warn")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fn()
+    torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def synthetic(n, size, chans, device, crop_pad=4):
     """A uint8 image batch and labels on the device, as train.py's data namespace (1000 classes)."""
     g = torch.Generator().manual_seed(0)
@@ -143,13 +152,8 @@ def model_row(name, size, batch, ctx, args, out_dir):
         row["MFU (a)"] = fc.get_total_flops() * a / batch / peak if peak else None
     full_args = parse(name)
     row["(b) + augmentation"] = step_rate(full_args, run)
-    if ctx.device.type == "cuda":  # how often one full step waits for the GPU
-        torch.cuda.set_sync_debug_mode("warn")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            T.train_step(full_args, ctx, run, x, y, 1)
-        torch.cuda.set_sync_debug_mode("default")
-        row["waits per step (b)"] = sum("synchroniz" in str(w.message) for w in caught)
+    if ctx.device.type == "cuda":
+        row["waits per step (b)"] = waits(lambda: T.train_step(full_args, ctx, run, x, y, 1))
     row["(d) evaluation"] = timed(lambda: T.evaluate(run.net, data, ctx, batch), batch, args.steps, ctx.device)[0]
     del run
     if args.compare in ("all", name):  # (c): the distilled variant of the model, taught by DeiT's teacher
@@ -187,9 +191,10 @@ def detect_rows(ctx, steps):
                            model=model).to(ctx.device)
         run = T.start_run(args, ctx, det, data, None, lambda *a: None, DET.detection_task(args, data))
         x, index = data.train[0][:batch], data.train[1][:batch]
-        rate = timed(lambda: T.train_step(args, ctx, run, x, index, 0), batch, steps, ctx.device)[0]
+        step = lambda i: T.train_step(args, ctx, run, x, index, i)  # noqa: E731
         rows.append({"detector": f"Faster R-CNN, {model}, {size} px, pyramid {width}", "batch": batch,
-                     "images/s": rate})
+                     "images/s": timed(lambda: step(0), batch, steps, ctx.device)[0],
+                     "waits": waits(lambda: step(1)) if ctx.device.type == "cuda" else "-"})
     return rows
 
 
@@ -348,9 +353,9 @@ def main():
     print(f"\n{'augmentation':45s} {'device':16s} {'images/s':>10s} {'CPU ms/image':>13s}")
     for r in aug:
         print(f"{r['augmentation']:45s} {r['device']:16s} {r['images/s']:10.0f} {r['CPU ms/image']:13.2f}")
-    print(f"\n{'detect.py, training':55s} {'batch':>5s} {'images/s':>10s}")
+    print(f"\n{'detect.py, training (waits: per step, torchvision included)':60s} {'batch':>5s} {'images/s':>9s} waits")
     for r in detect:
-        print(f"{r['detector']:55s} {r['batch']:5d} {r['images/s']:10.1f}")
+        print(f"{r['detector']:60s} {r['batch']:5d} {r['images/s']:9.1f} {r['waits']}")
     print(f"\nimage files ({root}), per training image in one DataLoader worker, one thread")
     print(f"{'path':50s} {'CPU ms/image':>13s} {'vs reference':>13s}")
     for r in files:

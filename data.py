@@ -1,9 +1,8 @@
 """
-Data for train.py, and the order in which each process sees it. Small datasets (Fashion-MNIST idx files, CIFAR,
-synthetic) live on the device as uint8 (N, C, H, W) tensors and are batched there, as in airbench: no DataLoader.
-Image folders (ImageNet's layout) are read by DataLoader workers, each file one crop, decoded on the device or in
-the workers (below). Augmentation happens later, on the batch (augment.py). The reference: facebookresearch/deit
-datasets.py (transforms) and samplers.py (repeated augmentation).
+Data, and the order in which each process sees it. Small datasets (Fashion-MNIST idx files, CIFAR, synthetic) live
+on the device as uint8 (N, C, H, W) tensors, batched there as in airbench. Image folders (ImageNet's layout) are
+read by DataLoader workers, each file one crop, decoded on the device or in the workers (below); augmentation comes
+later, on the batch (augment.py). The reference: facebookresearch/deit datasets.py and samplers.py.
 """
 
 import argparse
@@ -291,10 +290,9 @@ def decode_crop(im, size, box=None, raw=None, decoder=None):
     """A PIL image, opened but not decoded -> (3, size, size) uint8 tensor: the box (x0, y0, x1, y1) resized to
     size x size, or with box None the reference's evaluation crop (eval_box). Two ways, by what saves most:
     - A JPEG that needs every pixel (the common case at ImageNet's sizes) is decoded whole, by decoder if given
-      (libjpeg-turbo as PIL, without PIL's copy into numpy), then resized by torch's antialiased bicubic on uint8
-      (PIL's a = -0.5 kernel, ~2.5x faster than PIL's resize on one core). It crops first, as torchvision's tensor
-      RandomResizedCrop does, so the 2 outer output pixels differ from PIL's resize(box=), which reads a few pixels
-      beyond the box. In evaluation it resizes the whole image, then crops the centre: the reference's two steps.
+      (libjpeg-turbo, as PIL), then resized by torch's antialiased bicubic on uint8 (PIL's kernel, ~2.5x faster).
+      It crops first, as torchvision's tensor RandomResizedCrop, so the 2 outer output pixels differ from PIL's
+      resize(box=), which reads beyond the box. In evaluation: the whole image resized, then the centre cropped.
     - Otherwise PIL, as the reference, but a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8: PIL's draft)
       that keeps at least size pixels across the box: libjpeg's scaled IDCT averages each s x s block before the
       bicubic filter instead of inside it (test_all.py bounds it against a full decode)."""
@@ -410,10 +408,9 @@ def collate_files(batch):
             "pixel_labels": torch.tensor([y for _, y in px], dtype=torch.long),
             # the files' bytes in one buffer (one pinned copy on CUDA, not one per file), split again on arrival
             "jpegs": torch.cat([it[1] for it, _ in jp]) if jp else None, "lengths": [len(it[1]) for it, _ in jp],
-            "paths": [it[4] for it, _ in jp],
+            "paths": [it[4] for it, _ in jp], "jpeg_labels": torch.tensor([y for _, y in jp], dtype=torch.long),
             "boxes": np.array([it[2] for it, _ in jp], dtype=np.float64).reshape(-1, 4),
             "sizes": np.array([it[3] for it, _ in jp], dtype=np.int64).reshape(-1, 2),
-            "jpeg_labels": torch.tensor([y for _, y in jp], dtype=torch.long),
             "bad": [item[1] for item, _ in batch if item[0] == "bad"]}
 
 
@@ -487,14 +484,13 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 def train_batches(data, sampler, epoch, device, start=0):
-    """This process's batches of one epoch, from batch start on (a run resumed mid-epoch): (uint8 images,
-    labels) on the device. From an image folder, a file that cannot be decoded is left out, named in a
-    warning and counted in data.skipped; a batch with no good file is replaced by the previous batch."""
+    """This process's batches of one epoch from batch start on (resumed mid-epoch): (uint8 images, labels). From an
+    image folder a file that cannot be decoded is left out, named and counted; a batch of none, the previous one."""
     sampler.set_epoch(epoch, start)
     if data.tensors:
-        x, y = data.train
-        for b in sampler.indices().to(device).split(sampler.local)[:sampler.steps - start]:
-            yield x[b], y[b]
+        (x, y), idx = data.train, sampler.indices()
+        for b, h in list(zip(idx.to(device).split(sampler.local), idx.split(sampler.local)))[:sampler.steps - start]:
+            yield x[b], y[b if y.device == b.device else h]  # labels kept on the host are picked there: no wait
     else:
         data.skipped.clear()
         last = None
@@ -571,8 +567,7 @@ def _decoded_batches(data, files, device, skipped, keep_empty, training):
 
 @functools.lru_cache(None)
 def decode_stream(device):
-    """prefetch's CUDA stream: one per device, made once. The caching allocator reuses a block only on the stream
-    that allocated it: a stream per epoch would keep every earlier epoch's decode buffers reserved."""
+    """prefetch's CUDA stream, one per device: the allocator reuses a block only on the stream that allocated it."""
     return torch.cuda.Stream(device)
 
 

@@ -8,22 +8,21 @@ checkpoints and exact resume, progress, log.jsonl, the out-dir lock, one-line er
     python detect.py --model resnet50                 # torchvision's ResNet-50-FPN, the backbone being replaced
     python detect.py --masks                          # Mask R-CNN: boxes and instance masks
 
-The data: scenes composed from Fashion-MNIST's garments (make_scenes; the test split's for evaluation), or your own
-COCO-style folder (--data DIR with train/ and val/, each images plus annotations.json; boxes only). The metric:
-COCO's box AP (IoU .50:.05:.95) and AP50 (average_precision), with --masks also the masks'.
+The data: scenes of Fashion-MNIST's garments (make_scenes; the test split's for evaluation), or a COCO-style folder
+(--data DIR: train/ and val/, images and annotations.json; boxes only). The metric: COCO's box AP and AP50, and mask's.
 """
 
 import argparse
 import json
 import math
 import os
-from collections import OrderedDict
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import augment as A
 import train as T
 from checkpoint import write_atomic
 from launch import cli, start
@@ -143,25 +142,29 @@ def load_data(args, device):
         names, mean, std = CLASSES, FMNIST_MEAN, FMNIST_STD  # what train.py's backbones saw
     data = argparse.Namespace(num_classes=len(names) + 1, class_names=names, mean=mean, std=std, tensors=True,
                               skipped=[], annotations={}, in_chans=splits["train"][0].shape[1])
-    for split, (x, ids, boxes, labels, *_) in splits.items():
-        setattr(data, split, (x.to(device), torch.arange(len(x), device=device)))
+    for split, (x, ids, boxes, labels, *_) in splits.items():  # the training indices stay on the host (targets_of)
+        setattr(data, split, (x.to(device), torch.arange(len(x), device=None if split == "train" else device)))
         data.annotations[split] = (ids, boxes, labels)
+    data.targets = make_targets(*data.annotations["train"], args.masks, device)
     return data
 
 
-def targets_of(data, split, index, flip, masks, device):
-    """torchvision's targets for the images index of split, mirrored where flip (a horizontal flip)."""
-    ids, boxes, labels = data.annotations[split]
-    W = getattr(data, split)[0].shape[-1]
-    out = []
-    for i, f in zip(index, flip):
-        b = boxes[i].clone()
+def make_targets(ids, boxes, labels, masks, device):
+    """torchvision's targets of every training image, on the device once (masks: uint8 (k, S, S), from ids)."""
+    return [{"boxes": b.to(device), "labels": c.to(device),
+             **({"masks": (ids[i] == torch.arange(1, len(b) + 1)[:, None, None]).to(torch.uint8).to(device)}
+                if masks else {})} for i, (b, c) in enumerate(zip(boxes, labels))]
+
+
+def targets_of(data, index, flip):
+    """The targets of the training images index (host ints), mirrored where flip (host bools): picked, no wait."""
+    out, W = [], data.train[0].shape[-1]
+    for i, f in zip(index.tolist(), flip.tolist()):
+        t = dict(data.targets[i])
         if f:
-            b[:, [0, 2]] = W - b[:, [2, 0]]
-        t = {"boxes": b.to(device), "labels": labels[i].to(device)}
-        if masks:
-            m = ids[i] == torch.arange(1, len(b) + 1)[:, None, None]
-            t["masks"] = (m.flip(-1) if f else m).to(torch.uint8).to(device)
+            t["boxes"] = t["boxes"].clone()
+            t["boxes"][:, [0, 2]] = W - data.targets[i]["boxes"][:, [2, 0]]
+            t.update({"masks": t["masks"].flip(-1)} if "masks" in t else {})
         out.append(t)
     return out
 
@@ -213,11 +216,10 @@ class Detector(nn.Module):
         (max + 1): ~970 px for 96-px scenes) meet a 4-px spacing (256 px at 800 px), merging classes' boxes. Targets
         are checked when they load, so no step waits for that."""
         det, sizes, device = self.det, [tuple(x.shape[-2:]) for x in images], images.device.type
-        fp32 = lambda: torch.autocast(device, enabled=False)  # noqa: E731
-        with fp32():
+        with torch.autocast(device, enabled=False):
             images, targets = det.transform(list(images), targets)
-        features = OrderedDict((k, v.float()) for k, v in det.backbone(images.tensors).items())
-        with fp32():
+        features = {k: v.float() for k, v in det.backbone(images.tensors).items()}
+        with torch.autocast(device, enabled=False):
             proposals, rpn_losses = det.rpn(images, features, targets)
             detections, roi_losses = det.roi_heads(features, proposals, images.image_sizes, targets)
             return {**roi_losses, **rpn_losses} if self.training else \
@@ -379,13 +381,13 @@ def save_picture(model, data, path, n=8, min_score=0.3):
 def detection_task(args, data):
     """What train.train asks of a task: the batches' flips, the loss, the evaluation, the picture."""
 
-    def augment(x, index, rng, gen):  # torchvision's detection recipe: a horizontal flip, per image
-        flip = torch.from_numpy(rng.random(len(index)) < args.hflip).to(x.device)
-        return torch.where(flip[:, None, None, None], x.flip(-1), x).float() / 255, (index, flip)
+    def augment(x, index, rng, gen):  # torchvision's detection recipe: a horizontal flip, per image, drawn on the host
+        flip = rng.random(len(index)) < args.hflip
+        on = A.to_device(x.device, flip)[0] > 0.5  # a copy that does not wait
+        return torch.where(on[:, None, None, None], x.flip(-1), x).float() / 255, (index, flip)
 
     def loss(run, x, targets, gen):
-        index, flip = targets
-        return sum(run.net(x, targets_of(data, "train", index.tolist(), flip.tolist(), args.masks, x.device)).values())
+        return sum(run.net(x, targets_of(data, *targets)).values())
 
     def next_steps(args):
         return [f"picture: {os.path.join(args.out_dir, 'detections.png')}",
@@ -433,8 +435,7 @@ def main(argv=None):
         raise ValueError("detect.py trains a detector without a teacher: drop --distill")
     patch = MODELS[args.model].patch_size if args.model in MODELS else 4
     if patch & (patch - 1):
-        raise ValueError(f"the pyramid needs a power-of-2 patch size, and {args.model} has {patch}: choose a patch4/"
-                         "patch16 model")
+        raise ValueError(f"the pyramid needs a power-of-2 patch size, and {args.model} has {patch}: choose 4 or 16")
     data = load_data(args, ctx.device)
     if args.eval_only:
         path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")

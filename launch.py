@@ -98,8 +98,7 @@ def start(parser, argv=None, defaults=None):
 
 
 def saved_flags(args):
-    """The flags of our checkpoint that --eval-only evaluates or --resume continues, but not those of this
-    machine or invocation (NOT_INHERITED)."""
+    """The flags of the checkpoint --eval-only evaluates or --resume continues, but this machine's (NOT_INHERITED)."""
     path = args.ckpt if args.eval_only and args.ckpt else os.path.join(args.out_dir, "ckpt.pt")
     if not (args.eval_only or args.resume) or not os.path.isfile(path):
         return {}

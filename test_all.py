@@ -1,5 +1,5 @@
 """
-Tests for nanoDeiT, on the CPU: python -m pytest -q -rfE test_all.py (about 12 minutes on 2 cores), or
+Tests for nanoDeiT, on the CPU: python -m pytest -q -rfE test_all.py (about 16 minutes on 2 cores), or
 python -m pytest -q -m "not slow" test_all.py while editing (the tests marked slow launch processes or train
 for epochs).
 
@@ -2408,9 +2408,9 @@ def test_scenes_are_deterministic_and_annotate_what_is_visible():
             assert boxes[i][j].tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
     assert not torch.equal(DET.make_scenes(x, y, 20, 64, seed=4)[0], canvas)
     # a training batch's flip mirrors the boxes and masks with the image: each box still bounds its mask
-    data = argparse.Namespace(train=(canvas, torch.arange(20)), annotations={"train": (ids, boxes, labels)})
+    data = argparse.Namespace(train=(canvas, torch.arange(20)), targets=DET.make_targets(ids, boxes, labels, True, "cpu"))
     for flip in (False, True):
-        for t, i in zip(DET.targets_of(data, "train", [0, 7], [flip, flip], True, "cpu"), [0, 7]):
+        for t, i in zip(DET.targets_of(data, torch.tensor([0, 7]), np.array([flip, flip])), [0, 7]):
             want = ids[i].flip(-1) if flip else ids[i]
             assert torch.equal(t["masks"].bool(), want == torch.arange(1, len(boxes[i]) + 1)[:, None, None])
             for m, b in zip(t["masks"], t["boxes"]):
