@@ -155,7 +155,8 @@ def save_checkpoint(args, ctx, run, data, epoch, epoch_step, partial, record=Non
             "epoch": epoch, "epoch_step": epoch_step, "step": epoch * run.spe + epoch_step, "rng": states,
             "config": vars(args), "model_config": model_config(run.model, data),
             "num_classes": data.num_classes, "mean": list(data.mean), "std": list(data.std)}
-    write_atomic(run.ckpt_path, lambda tmp: torch.save(ckpt, tmp), "the previous checkpoint is kept")
+    write_atomic(run.ckpt_path, lambda tmp: torch.save(ckpt, tmp), "the previous checkpoint is kept"
+                 if os.path.exists(run.ckpt_path) else "this run has no checkpoint yet")
     run.t_ckpt = time.time()
 
 

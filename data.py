@@ -115,9 +115,12 @@ def select_classes(x, y, keep):
 
 
 def stratified_subset(y, amount, seed):
-    """Indices of a class-balanced part of the labels y: a fraction (<= 1) or a count of images."""
+    """Indices of a class-balanced part of the labels y: a fraction (in (0, 1)) or a count of images (1: one image,
+    fewer than the classes, refused; never "all", which is leaving the flag out)."""
     classes = y.unique()
-    per_class = round(amount * len(y) / len(classes)) if amount <= 1 else int(amount) // len(classes)
+    if amount >= 1 and amount != int(amount):
+        raise ValueError(f"--train-subset {amount:g}: a fraction below 1 (0.1) or a whole count of images (600)")
+    per_class = round(amount * len(y) / len(classes)) if amount < 1 else int(amount) // len(classes)
     if per_class < 1:
         raise ValueError(f"--train-subset {amount} leaves no image per class")
     g = torch.Generator().manual_seed(seed)
@@ -224,7 +227,7 @@ def load_data(name="bundled", device="cpu", img_size=None, data_dir=os.path.join
             x = x.round().clamp(0, 255).to(torch.uint8)
         return x.to(device), y.to(device)
     return argparse.Namespace(train=to_device(*train), val=to_device(*val), num_classes=C, in_chans=train[0].shape[1],
-                              mean=stats[0], std=stats[1], tensors=True, skipped=[],
+                              mean=stats[0], std=stats[1], tensors=True, skipped=[], source_size=train[0].shape[-1],
                               crop_pad=pad if crop_pad is None else crop_pad)
 
 
@@ -429,6 +432,8 @@ def load_image_folder(root, img_size, device, decode="auto", workers=0, rrc_scal
     val = ImageFiles(os.path.join(root, "val"), img_size, False, decode)
     if train.classes != val.classes:
         raise ValueError(f"train/ and val/ of {root} have different class folders")
+    if len(train.classes) < 2:  # it trains (loss 0, top-1 100) and learns nothing
+        print(f"warning: image folder {root} has one class ({train.classes[0]}): nothing to tell apart", flush=True)
     if train_subset is not None:
         keep = stratified_subset(torch.tensor([y for _, y in train.samples]), train_subset, seed)
         train.samples = [train.samples[i] for i in keep.tolist()]

@@ -29,8 +29,8 @@ from launch import cli, start
 from data import (FMNIST_MEAN, FMNIST_STD, IMAGENET_MEAN, IMAGENET_STD, find_folder, load_idx_folder, object_sides,
                   val_batches)
 from distill import create_convnet, ours
-from model import (MODELS, Backbone, DeiT, DeiTConfig, check_file, create_model, fit_in_chans, load_checked, read_file,
-                   state_dict_of)
+from model import (MODELS, RELEASES, Backbone, DeiT, DeiTConfig, check_file, create_model, fit_in_chans, load_checked,
+                   read_file, release_model, state_dict_of)
 
 RESNETS = ("resnet18", "resnet34", "resnet50")  # torchvision's, with its FPN (as resnet_fpn_backbone)
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -426,8 +426,12 @@ def get_parser():
     return p
 
 
+def release(args):  # --weights NAME: the release's architecture, unless --model says otherwise
+    return {"model": release_model(args.weights)} if args.weights in RELEASES and release_model(args.weights) else {}
+
+
 def main(argv=None):
-    args, ctx, log = start(get_parser(), argv)
+    args, ctx, log = start(get_parser(), argv, release)
     if args.model not in MODELS and args.model not in RESNETS:
         raise ValueError(f"--model {args.model}: one of ours ({', '.join(m for m in MODELS if 'distilled' not in m)}, "
                          f"...) or torchvision's {', '.join(RESNETS)}")

@@ -10,18 +10,21 @@ A distilled DeiT's class token head learns from the labels, its distillation tok
 
 Paper Table 3: hard beats soft, and the student (class + dist heads) can beat its teacher. The teacher sees the
 same mixed, augmented batch as the student, as in the reference (facebookresearch/deit losses.py and main.py).
-DeiT's teacher is RegNetY-16GF (torchvision's `regnet_y_16gf`); load_teacher lists the teachers it takes.
+DeiT's teacher is RegNetY-16GF: `regnety_160` is DeiT's own released file (timm's key names, mapped here onto
+torchvision's `regnet_y_16gf`, the same network), `regnet_y_16gf` torchvision's weights; load_teacher lists the rest.
 Needs torch and model.py (DeiT teachers, weights files); torchvision for torchvision's teachers only.
 """
 
 import os
+import re
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import MODELS, DeiT, DeiTConfig, check_file, create_model, load_checked, read_file, state_dict_of
+from model import (MODELS, RELEASES, DeiT, DeiTConfig, check_file, create_model, load_checked, read_file,
+                   state_dict_of)
 
 
 def base_loss(logits, targets, smoothing=0.1):
@@ -131,7 +134,10 @@ def rebuild(ckpt, **overrides):
 
 
 def _num_classes(state):
-    """The row count of the last 2-D weight: the classifier, in every torchvision and DeiT state dict."""
+    """The classifier's rows: DeiT's head or a ResNet's or RegNet's fc, else the last 2-D weight in the file's order
+    (every torchvision state dict's classifier; a .safetensors file keeps its keys sorted, not in that order)."""
+    if "head.weight" in state or "fc.weight" in state:
+        return state.get("head.weight", state.get("fc.weight")).shape[0]
     return next((v.shape[0] for v in reversed(state.values()) if v.ndim == 2), 1000)
 
 
@@ -150,16 +156,36 @@ def _torchvision(name, weights):
                          "--teacher-weights FILE") from None
 
 
+# DeiT's teacher as released (facebookresearch/deit main.py loads regnety_160-a5fe301d.pth into timm's regnety_160): the
+# same network as torchvision's regnet_y_16gf (widths, groups of 112, SE on a quarter of the block's input, BN eps
+# 1e-5), every timm key mapped to torchvision's below. Any key either side that the map leaves unmatched refuses
+# the file (load_checked) rather than load it loosely; test_all.py checks the logits against timm's own model.
+TIMM_TEACHERS = {"regnety_160": "regnet_y_16gf"}
+TIMM_PARTS = {"conv1.conv": "f.a.0", "conv1.bn": "f.a.1", "conv2.conv": "f.b.0", "conv2.bn": "f.b.1", "se.fc1": "f.se.fc1",
+              "se.fc2": "f.se.fc2", "conv3.conv": "f.c.0", "conv3.bn": "f.c.1", "downsample.conv": "proj.0",
+              "downsample.bn": "proj.1", "stem.conv": "stem.0", "stem.bn": "stem.1", "head.fc": "fc"}
+
+
+def timm_regnet_key(key):
+    """timm's RegNet key -> torchvision's: s2.b3.conv1.conv.weight -> trunk_output.block2.block2-2.f.a.0.weight."""
+    m = re.fullmatch(r"s(\d+)\.b(\d+)\.(\w+\.\w+)\.(\w+)", key)
+    if m:
+        s, b, part, leaf = m.groups()
+        return f"trunk_output.block{s}.block{s}-{int(b) - 1}.{TIMM_PARTS.get(part, part)}.{leaf}"
+    m = re.fullmatch(r"(\w+\.\w+)\.(\w+)", key)
+    return f"{TIMM_PARTS.get(m.group(1), m.group(1))}.{m.group(2)}" if m else key
+
+
 def is_file_name(name):
     return os.path.isfile(name) or os.sep in name or name.endswith((".pt", ".pth"))
 
 
 def default_teacher(name, data, bundled):
-    """name (--teacher) if given, else DeiT's regnet_y_16gf, but the bundled data ships its own (bundled: its path)."""
+    """name (--teacher) if given, else DeiT's own regnety_160, but the bundled data ships its own (bundled: its path)."""
     if name is not None:
         return name
     if data != "bundled":
-        return "regnet_y_16gf"
+        return "regnety_160"
     if not os.path.isfile(bundled):
         raise ValueError(f"the bundled data's teacher {bundled} is missing: make it with "
                          "python prepare_data.py --teacher (85 s on a 2-core CPU)")
@@ -168,8 +194,12 @@ def default_teacher(name, data, bundled):
 
 def check_teacher(name, weights=None):
     """What load_teacher would refuse in its arguments, found without loading anything (train.py: before the data)."""
+    weights = weights or (name if name in RELEASES and name in MODELS else None)  # a DeiT release: its own weights
     if is_file_name(name):
         check_file(name, "teacher checkpoint")
+    elif name in TIMM_TEACHERS:
+        if weights is not None:
+            check_file(weights, "--teacher-weights")
     elif name in MODELS or CONVNETS.get(name, "torchvision") != "torchvision":  # ours (resnet18 here: torchvision's)
         if weights is None:
             raise ValueError(f"teacher {name} needs trained weights: train it with train.py --model {name} and "
@@ -185,9 +215,11 @@ def check_teacher(name, weights=None):
 def load_teacher(name, weights=None, num_classes=None, in_chans=None, img_size=None):
     """A teacher, in eval mode with requires_grad off, from a checkpoint of train.py (its model rebuilt from its
     config), from "convnet" or a DeiT name of model.py with weights=FILE (theirs, ours or the official format), or from
-    a torchvision classification model's name (torchvision's ImageNet weights, or weights=FILE). With num_classes,
+    a torchvision classification model's name (torchvision's ImageNet weights, or weights=FILE), or regnety_160
+    (DeiT's released teacher, or weights=FILE in its format). With num_classes,
     in_chans and img_size, a dry run makes a mismatch with the data one clear error up front."""
     check_teacher(name, weights)
+    weights = weights or (name if name in RELEASES and name in MODELS else None)
     if is_file_name(name):
         ckpt = read_file(name, "teacher checkpoint")
         if not ours(ckpt):
@@ -202,6 +234,11 @@ def load_teacher(name, weights=None, num_classes=None, in_chans=None, img_size=N
         teacher = (create_convnet(name, classes, chans) if name in CONVNETS
                    else create_model(name, num_classes=classes, in_chans=chans))
         load_checked(teacher, state, f"teacher weights {weights}")
+    elif name in TIMM_TEACHERS:  # DeiT's file (downloaded by name, or --teacher-weights), its keys made torchvision's
+        import torchvision
+        state = {timm_regnet_key(k): v for k, v in state_dict_of(read_file(weights or name), weights or name).items()}
+        teacher = torchvision.models.get_model(TIMM_TEACHERS[name], weights=None, num_classes=_num_classes(state))
+        load_checked(teacher, state, f"teacher {name} ({weights or RELEASES[name]}, keys mapped from timm's)")
     else:
         teacher = _torchvision(name, weights)
     teacher.eval().requires_grad_(False)

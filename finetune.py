@@ -1,15 +1,16 @@
 """
 Fine-tune pretrained DeiT weights on a new task: keep the backbone, give it a new head, train.
 
-    python finetune.py --weights out/ckpt.pt --data cifar10 --img-size 32         # our checkpoint
-    python finetune.py --weights deit_base_patch16_224-b5f2ef4d.pth --model deit_base_patch16_384 \
+    python finetune.py --weights deit_tiny_patch16_224 --data cifar10             # a release by name: downloaded
+    python finetune.py --weights out/ckpt.pt --data cifar10 --img-size 28 --out-dir out-ft   # our checkpoint
+    python finetune.py --weights deit_base_patch16_224 --model deit_base_patch16_384 --recipe 384 \
         --data /imagenet --batch-size 256            # the paper's 224 -> 384 fine-tune (paper §3, Table 7)
     python finetune.py --weights out/ckpt.pt --freeze ...                         # linear probe
 
 Classification pretraining teaches the backbone to map each class to its own cluster of features, which a new head
-reuses (paper §5.3, transfer, Tables 6-7). Weights: our checkpoints (--use-ema: the EMA's), DeiT's release files or
-a state dict with the same key names (timm's), read with torch.load(weights_only=True). All else is train.py's, with
-the reference's 384 fine-tune recipe as defaults (MAE_FINETUNE for mae.py's checkpoints).
+reuses (paper §5.3, transfer, Tables 6-7). Weights: a release by name (model.RELEASES), our checkpoints (--use-ema:
+the EMA's), DeiT's or timm's files (.pth, .safetensors) or a state dict with the same key names. All else is
+train.py's, with a recipe (RECIPES) as defaults: transfer to a new task, the reference's 384 fine-tune, or MAE's.
 """
 
 import argparse
@@ -19,7 +20,8 @@ import torch
 import train as T
 from launch import check_model, cli, start
 from distill import CONVNETS, ours
-from model import MODELS, drop_dist_token, fit_in_chans, fit_pos_embed, load_checked, read_file, state_dict_of
+from model import (MODELS, RELEASES, drop_dist_token, fit_in_chans, fit_pos_embed, load_checked, read_file,
+                   release_model, state_dict_of)
 
 
 def get_parser():
@@ -27,7 +29,11 @@ def get_parser():
     p.prog = "finetune.py"
     p.description = "Fine-tune pretrained DeiT weights on a new task (every train.py flag works here too)."
     a = p.add_argument
-    a("--weights", help="pretrained weights (required): our ckpt.pt, an official DeiT .pth, or a state dict")
+    a("--weights", help="pretrained weights (required): a release name (deit_small_patch16_224, mae_pretrain_vit_base, "
+      "...), our ckpt.pt, a DeiT or timm file (.pth, .safetensors), or a state dict")
+    a("--recipe", choices=["transfer", "384", "mae"], default=None, help="defaults for the rest (RECIPES): transfer "
+      "(a new task), 384 (the reference's fine-tune to 384 px on ImageNet's classes) or mae (MAE's); default: mae "
+      "for MAE's encoders, else transfer")
     a("--use-ema", action="store_true", help="take the EMA weights of our checkpoint instead of the model's")
     a("--freeze", action="store_true", help="linear probe: freeze the backbone, train only the head(s)")
     a("--plain", action="store_true", help="make a distilled checkpoint a plain model (drop dist_token, head_dist)")
@@ -38,35 +44,46 @@ def get_parser():
       "with this std (MAE's fine-tuning: 2e-5), biases 0; default: the model's own init (DeiT's: std 0.02)")
     a("--global-pool", action=argparse.BooleanOptionalAction, default=None, help="classify the mean of the patch "
       "tokens (MAE's fine-tuning) instead of the class token; default: as the checkpoint's model, on for MAE's")
-    # The reference's fine-tune at 384 (its README). A quirk we keep: at any global batch up to 512 (it used 32
-    # per GPU) the scaled peak lr is at most the min lr, so the "cosine decay" is flat or climbs to 5e-6.
-    p.set_defaults(lr=5e-6, weight_decay=1e-8, epochs=30, min_lr=5e-6, model=None, out_dir="out-finetune",
-                   script=p.prog)
+    p.set_defaults(model=None, out_dir="out-finetune", script=p.prog)
     p.ranges.update(layer_decay="(0, 1]", head_init_std="(0, inf)")
     return p
 
 
-# MAE's fine-tune recipe, the default for a checkpoint of mae.py (DeiT's 384 recipe, 5e-6, leaves an MAE encoder where
-# it was): facebookresearch/mae main_finetune.py with FINETUNE.md's ViT-B command (MAE §A.1); DeiT's augmentation.
+# MAE's fine-tune recipe, the default for MAE's encoders (DeiT's 384 recipe, 5e-6, leaves an MAE encoder where it
+# was): facebookresearch/mae main_finetune.py with FINETUNE.md's ViT-B command (MAE §A.1); DeiT's augmentation.
 MAE_FINETUNE = dict(lr=1e-3, layer_decay=0.65, weight_decay=0.05, drop_path=0.1, epochs=100, warmup_epochs=5,
                     warmup_lr=0.0, min_lr=1e-6, sched="mae", head_init_std=2e-5, global_pool=True, model_ema=False,
                     repeated_aug=False)  # lr per 512 images: MAE's base lr 5e-4 per 256
+RECIPES = {  # lr: per 512 images, scaled to the global batch as in train.py
+    # A new task (paper §5.3, Tables 6-7): a new head, the images resized to the model's size, DeiT's training recipe
+    # with MAE's fine-tuning lr (1e-3 per 512; DeiT's 5e-4 is for 300 epochs from scratch, and at the batches of 64-128
+    # used here it scales to a crawl: test_all.py measures both) and one epoch of warm-up.
+    "transfer": dict(lr=1e-3, epochs=30, warmup_epochs=1),
+    # The reference's fine-tune to 384 px on ImageNet's own classes (its README). A quirk we keep: at any global batch
+    # up to 512 (it used 32 per GPU) the scaled peak lr is at most the min lr, so the "cosine decay" is flat or climbs
+    # to 5e-6; on a new task it learns almost nothing (test_all.py measures it).
+    "384": dict(lr=5e-6, weight_decay=1e-8, epochs=30, min_lr=5e-6),
+    "mae": MAE_FINETUNE}
 
 
 def weights_defaults(args):
-    """Defaults from the weights (launch.start): a checkpoint's model and global pool, and for mae.py's MAE_FINETUNE."""
-    ckpt = read_file(args.weights) if args.weights else None
-    if not ours(ckpt):
-        return {}
-    config, pool = ckpt["config"], ckpt["model_config"].get("global_pool")
-    mae = "mask_ratio" in config and not config.get("probe")
-    return {"model": config.get("model"), **({"global_pool": True} if pool else {}), **(MAE_FINETUNE if mae else {})}
+    """Defaults from the weights (launch.start): their model (a checkpoint of ours: its own, with its global pool; a
+    release: its architecture) and --recipe's, by default mae for MAE's encoders (mae.py's, MAE's releases)."""
+    ckpt = read_file(args.weights) if args.weights and args.weights not in RELEASES else None
+    mae, out = (args.weights or "").startswith("mae_"), {}
+    if args.weights in RELEASES:
+        out = {"model": release_model(args.weights), **({"global_pool": True} if mae else {})}
+    elif ours(ckpt):
+        config, pool = ckpt["config"], ckpt["model_config"].get("global_pool")
+        mae = "mask_ratio" in config and not config.get("probe")
+        out = {"model": config.get("model"), **({"global_pool": True} if pool else {})}
+    return {**out, **RECIPES[args.recipe or ("mae" if mae else "transfer")]}
 
 
 def read_weights(args):
     """The state dict to start from (EMA with --use-ema)."""
     if args.weights is None:
-        raise ValueError("finetune.py needs --weights: our ckpt.pt, an official DeiT .pth, or a state dict")
+        raise ValueError("finetune.py needs --weights: a release name, our ckpt.pt, a DeiT or timm file, or a state dict")
     state = state_dict_of(read_file(args.weights), args.weights, ema=args.use_ema)
     if "patch_embed.proj.weight" not in state or "pos_embed" not in state:
         raise ValueError(f"{args.weights} is not a ViT/DeiT state dict (no patch_embed.proj.weight / pos_embed); "
@@ -128,6 +145,9 @@ def main(argv=None):
     if args.freeze:
         args.drop_path = 0.0  # a frozen backbone computes features; stochastic depth would only add noise
     data = T.load(args, ctx.device, img_size)
+    if data.tensors and data.source_size != img_size:  # the paper's transfer resizes too (CIFAR's 32 px to 224)
+        log(f"images resized {data.source_size} -> {img_size} px, the model's size: {(img_size / data.source_size) ** 2:.0f}x "
+            f"the pixels, {(img_size // MODELS[args.model].patch_size) ** 2} tokens an image (--img-size: another size)")
     model = T.build_model(args, data, ctx, img_size, args.global_pool)
 
     state, new, notes = adapt(state, model, args)

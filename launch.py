@@ -216,7 +216,8 @@ def summary(log_path, ckpt_path, t_start, key, lower_is_better, steps, log):
     if not records:
         return
     best = max((r for r in records if key in r), key=lambda r: (-1 if lower_is_better else 1) * r[key])
-    log(f"done: {records[-1]['epoch']} epochs in {fmt_time(time.time() - t_start)} (this session) | final {key} "
+    n = records[-1]["epoch"]
+    log(f"done: {n} epoch{'s' * (n != 1)} in {fmt_time(time.time() - t_start)} (this session) | final {key} "
         f"{records[-1][key]:.4g} | best {key} {best[key]:.4g} (epoch {best['epoch']})\n"
         f"  checkpoint {ckpt_path}, log {log_path}" + "".join(f"\n  {s}" for s in steps))
 

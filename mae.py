@@ -18,6 +18,7 @@ only the task differs (reconstruction_task). Each evaluated epoch adds out_dir/r
 
 import argparse
 import os
+import sys
 
 import torch
 import torch.nn as nn
@@ -171,9 +172,9 @@ def reconstruction_task(args, model):
 
     def next_steps(args):  # commands that work as printed (test_next_steps_work_as_printed)
         data = "" if args.data == "bundled" else f" --data {args.data}"
-        return [f"pictures: {os.path.join(args.out_dir, 'reconstructions')}",
+        return [f"pictures: {os.path.join(args.out_dir, 'reconstructions')}"] + ([] if args.probe else [
                 f"fine-tune (MAE's recipe): python finetune.py --weights {os.path.join(args.out_dir, 'ckpt.pt')}{data} "
-                f"--out-dir {args.out_dir}-finetune",
+                f"--out-dir {args.out_dir}-finetune"]) + [
                 f"train on: python mae.py --resume --epochs {2 * args.epochs} --out-dir {args.out_dir}"]
 
     return T.Task(loss, evaluate, next_steps, key="val_loss", lower_is_better=True, after_epoch=after_epoch)
@@ -242,7 +243,10 @@ def get_parser():
 
 
 def main(argv=None):
-    args, ctx, log = start(get_parser(), argv)
+    argv, parser = sys.argv[1:] if argv is None else list(argv), get_parser()
+    if any(a.split("=")[0] == "--probe" for a in argv):  # a probe is a run of its own, beside the one it probes
+        parser.set_defaults(out_dir="out-mae-probe")
+    args, ctx, log = start(parser, argv)
     if args.distill != "none":
         raise ValueError("mae.py pretrains without labels or a teacher: drop --distill")
     img_size = check_model(args, T.DEFAULT_MODEL, ctx, kept=1 - args.mask_ratio)  # the encoder sees the unmasked share

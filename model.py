@@ -4,11 +4,11 @@ DeiT (Touvron et al. 2021, "Training data-efficient image transformers & distill
 (paper §4, Fig. 2) with its own position embedding and head. "The reference" below is facebookresearch/deit
 models.py, built on timm's vision_transformer.py. The state_dict has the official files' key names and shapes, so
 
-    model = create_model("deit_small_distilled_patch16_224")
-    load_weights(model, "deit_small_distilled_patch16_224-649709d9.pth")
+    model = create_model("deit_small_distilled_patch16_224", pretrained=True)  # DeiT's release, downloaded once
+    load_weights(model, "deit_small_distilled_patch16_224-649709d9.pth")  # or a file: a release, ours, a state dict
 
-loads a released checkpoint (or a plain state dict, or one of train.py's checkpoints), and a wrong file is
-one clear ValueError. This file needs only torch: copy it into your project.
+and a wrong file is one clear ValueError. This file needs only torch (safetensors for .safetensors files): copy it
+into your project.
 """
 
 import functools
@@ -38,7 +38,8 @@ class DeiTConfig:
 
 
 # width, depth, heads (paper Table 1); "nano", this project's size for CPU runs on 28-64 px images, is not in it
-SIZES = {"nano": (96, 6, 3), "tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12)}
+SIZES = {"nano": (96, 6, 3), "tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12),
+         "large": (1024, 24, 16), "huge": (1280, 32, 16)}  # ViT-L/16, ViT-H/14: MAE's releases (RELEASES below)
 
 Variant = namedtuple("Variant", "size patch_size img_size distilled")  # size: a key of SIZES
 # The official variants, then ones for 28-64 px images (a 16-px patch would leave a 28-px image one token): patch 4
@@ -51,6 +52,26 @@ for _name, _size, _patch, _img in [
         ("deit_tiny_patch4_32", "tiny", 4, 32), ("deit_small_patch4_32", "small", 4, 32)]:
     MODELS[_name] = Variant(_size, _patch, _img, False)
     MODELS[_name.replace(f"_{_size}_", f"_{_size}_distilled_")] = Variant(_size, _patch, _img, True)
+MODELS.update(vit_large_patch16_224=Variant("large", 16, 224, False), vit_huge_patch14_224=Variant("huge", 14, 224, False))
+
+# Released weights by name -> URL: DeiT's eight (the hash in each file name is the start of its sha256; README of
+# facebookresearch/deit), DeiT's RegNetY-16GF teacher (timm's key names: distill.py maps them) and MAE's encoders
+# (facebookresearch/mae README: pretrained, and fine-tuned on ImageNet with global pool). fetch() downloads them.
+DEIT_URL, MAE_URL = "https://dl.fbaipublicfiles.com/deit/", "https://dl.fbaipublicfiles.com/mae/"
+RELEASES = {n.split("-")[0]: f"{DEIT_URL}{n}.pth" for n in (
+    "deit_tiny_patch16_224-a1311bcf", "deit_small_patch16_224-cd65a155", "deit_base_patch16_224-b5f2ef4d",
+    "deit_tiny_distilled_patch16_224-b40b3cf7", "deit_small_distilled_patch16_224-649709d9",
+    "deit_base_distilled_patch16_224-df68dfff", "deit_base_patch16_384-8de9b5d1",
+    "deit_base_distilled_patch16_384-d0272ac0", "regnety_160-a5fe301d")}
+MAE_MODELS = {"base": "deit_base_patch16_224", "large": "vit_large_patch16_224", "huge": "vit_huge_patch14_224"}
+for _size in MAE_MODELS:
+    RELEASES[f"mae_pretrain_vit_{_size}"] = f"{MAE_URL}pretrain/mae_pretrain_vit_{_size}.pth"
+    RELEASES[f"mae_finetuned_vit_{_size}"] = f"{MAE_URL}finetune/mae_finetuned_vit_{_size}.pth"
+
+
+def release_model(name):
+    """The model a release's weights fit (a DeiT release: its own name; MAE's: its ViT), else None (a teacher)."""
+    return name if name in MODELS else MAE_MODELS.get(name.rsplit("_", 1)[-1]) if name.startswith("mae_") else None
 
 
 def variant(name):
@@ -64,8 +85,13 @@ def distilled(model):
     return getattr(getattr(model, "cfg", None), "distilled", False)
 
 
-def create_model(name, **overrides):
-    """A variant by name; keyword arguments override any DeiTConfig field (num_classes, img_size, depth=2, ...)."""
+def create_model(name, pretrained=False, **overrides):
+    """A variant by name; keyword arguments override any DeiTConfig field (num_classes, img_size, depth=2, ...).
+    pretrained: with DeiT's released weights of that name (RELEASES), downloaded once."""
+    if pretrained:
+        if name not in RELEASES:
+            raise ValueError(f"no released weights for {name}: releases are {', '.join(n for n in RELEASES if n in MODELS)}")
+        return load_weights(create_model(name, **overrides), name)
     v = variant(name)
     width, depth, heads = SIZES[v.size]
     cfg = dict(embed_dim=width, depth=depth, num_heads=heads, patch_size=v.patch_size, img_size=v.img_size,
@@ -303,19 +329,44 @@ def load_weights(model, path, ema=False):
 
 
 def check_file(path, what):
-    if not os.path.isfile(path):
+    if path not in RELEASES and not os.path.isfile(path):
         raise ValueError(f"{what} {path} " + ("is a directory, not a file" if os.path.isdir(path) else "does not exist"))
 
 
 def read_file(path, what="weights file"):
-    """torch.load onto the CPU with weights_only=True: a weights file never runs pickled code."""
+    """A file's contents on the CPU, never running pickled code: torch.load with weights_only=True, or a .safetensors
+    file (the format holds only tensors; needs the safetensors package). A release name (RELEASES): fetch(path)."""
+    if path in RELEASES:
+        return fetch(path)
     check_file(path, what)
     if os.path.getsize(path) == 0:
         raise ValueError(f"{what} {path} is empty (0 bytes): a copy or a download that did not finish?")
     try:
+        if str(path).endswith(".safetensors"):
+            try:
+                from safetensors.torch import load_file
+            except ImportError:
+                raise ValueError(f"reading {path} needs the safetensors package: pip install safetensors") from None
+            return load_file(path, device="cpu")
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"cannot read {what} {path}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from None
+
+
+def fetch(name):
+    """A release by name, read from torch.hub's cache ($TORCH_HOME/hub/checkpoints), downloaded there once with a
+    progress bar and the sha256 start its file name carries checked: torch.hub.load_state_dict_from_url does it all."""
+    url = RELEASES[name]
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    try:
+        return torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=True, weights_only=True)
+    except Exception as e:  # unreachable, refused, a wrong hash (the part file is removed) or a damaged cached file
+        why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
+        if os.path.isfile(path):
+            raise ValueError(f"cannot read {path} ({why}): delete it to download {name} again") from None
+        if "invalid hash" in why:
+            raise ValueError(f"{url} is not the file its name promises ({why}); nothing was kept") from None
+        raise ValueError(f"cannot download {name} from {url} ({why}); offline? Download it by hand to {path}") from None
 
 
 def state_dict_of(obj, path, ema=False):
@@ -443,11 +494,11 @@ class Backbone(nn.Module):
 
     @classmethod
     def from_file(cls, path, model=None, out_channels=256, ema=False, **overrides):
-        """A backbone from an official DeiT release or a plain state dict (model names the architecture) or a train.py,
+        """A backbone from a release by name, a release file or a plain state dict (model names the architecture) or a train.py,
         finetune.py or mae.py checkpoint (which names its own). Only the ViT's trunk is loaded; .left_out names the rest
         (heads, final norm, MAE decoder). overrides: DeiTConfig fields, e.g. img_size (position embeddings resized at
         load, paper §3, as deit's main.py does) or distilled=False (dist_token dropped)."""
-        obj = read_file(path)
+        obj, model = read_file(path), model or (release_model(path) if path in RELEASES else None)
         state = state_dict_of(obj, path, ema)
         if "patch_embed.proj.weight" not in state:
             raise ValueError(f"{path} is not a ViT/DeiT weights file (no patch_embed.proj.weight); its keys begin: "

@@ -232,7 +232,8 @@ torch.save({"model": m.state_dict()}, "w.pth")
 m2 = M.load_weights(M.create_model("deit_nano_patch4_28", num_classes=10, img_size=64, in_chans=3), "w.pth")
 groups = M.param_groups(m2, 0.05, layer_decay=0.75)
 assert m2(torch.randn(2, 3, 64, 64)).shape == (2, 10) and len(groups) > 2
-torch.save({"model": M.create_model("deit_small_patch16_224").state_dict()}, "deit_small_patch16_224-cd65a155.pth")
+os.makedirs("hub/hub/checkpoints")  # the release where torch.hub's cache keeps it (TORCH_HOME=hub): no download
+torch.save({"model": M.create_model("deit_small_patch16_224").state_dict()}, "hub/hub/checkpoints/deit_small_patch16_224-cd65a155.pth")
 README
 assert backbone.left_out == ["head", "norm"] and len(M.param_groups(backbone, 0.1, layer_decay=0.7)) > 2
 detector.eval().transform.min_size, detector.transform.max_size = (64,), 96  # (800 px by default: slow here)
@@ -271,8 +272,8 @@ two = DT.load_data("fm", classes="2-3", canvas=48)
 assert two.num_classes == 2 and set(two.train[1].tolist()) == {0, 1} and two.train[0].shape == (20, 1, 48, 48)
 """}[files[0]]
     code = code.replace("README", readme_block("deit_augment" if files[0] == "augment.py" else "FasterRCNN(backbone"))
-    env = {k: v for k, v in ENV.items() if k != "PYTHONPATH"}
-    r = subprocess.run([sys.executable, "-c", common + code], cwd=tmp_path, env=env, capture_output=True, text=True,
+    env = {**{k: v for k, v in ENV.items() if k != "PYTHONPATH"}, "TORCH_HOME": str(tmp_path / "hub")}
+    r = subprocess.run([sys.executable, "-c", "import os\n" + common + code], cwd=tmp_path, env=env, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stdout[-1500:] + r.stderr
 
@@ -784,6 +785,10 @@ def test_train_subset_is_stratified():
     keep = DT.stratified_subset(y, 0.1, seed=0)
     assert torch.equal(torch.bincount(y[keep]), torch.full((10,), 10))
     assert len(DT.stratified_subset(y, 50, seed=0)) == 50
+    assert len(DT.stratified_subset(y, 0.999, seed=0)) == 1000 and len(DT.stratified_subset(y, 10, seed=0)) == 10
+    for amount, match in ((1, "leaves no image per class"), (1.0, "leaves no image per class"), (2.5, "a whole count")):
+        with pytest.raises(ValueError, match=match):  # 1 is one image (never "all": that is leaving the flag out)
+            DT.stratified_subset(y, amount, seed=0)
 
 
 def test_cifar_reads_python_batches_and_fails_clearly_offline(tmp_path, monkeypatch):
@@ -1004,6 +1009,13 @@ def test_odd_and_broken_image_files(tmp_path, capsys, decode):
     x, y = next(DT.train_batches(data, sampler, 0, torch.device("cpu")))
     assert x.shape == (5, 3, 224, 224) and x.dtype == torch.uint8 and len(data.skipped) == 3
 
+
+def test_a_one_class_image_folder_is_warned_of(tmp_path, capsys):
+    for split in ("train", "val"):  # it would train to loss 0 and top-1 100, learning nothing
+        (tmp_path / split / "only").mkdir(parents=True)
+        photo("chelsea").save(tmp_path / split / "only" / "1.jpg")
+    data = T.load(parse("--data", str(tmp_path), "--workers", "0"), torch.device("cpu"), 32)
+    assert data.num_classes == 1 and "has one class (only): nothing to tell apart" in capsys.readouterr().out
 
 @pytest.mark.slow
 def test_image_folder_listing_is_imagefolders_and_refuses_what_it_reaches_twice(tmp_path):
@@ -1533,6 +1545,139 @@ def test_convnet_teacher_then_two_process_distilled_student(tmp_path):
     assert r.returncode == 0 and "top1" in r.stdout, r.stderr
 
 
+# ------------------------------------------------------------------- weights by name, hubconf, teacher, safetensors
+
+
+@pytest.fixture
+def served(tmp_path, monkeypatch):
+    """A release server on 127.0.0.1 (http.server in a thread) and an empty torch.hub cache. serve(name, state)
+    writes {"model": state} as NAME-<its sha256 start>.pth (hash=: another start), points model.RELEASES[name]
+    at it and returns the file; .requests counts the GETs."""
+    import hashlib
+    import http.server
+    root, requests = tmp_path / "www", []
+    root.mkdir()
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **k):
+            super().__init__(*a, directory=str(root), **k)
+
+        def do_GET(self):
+            requests.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *a):
+            pass
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    monkeypatch.setattr(M, "RELEASES", dict(M.RELEASES))
+
+    def serve(name, state, hash=None):
+        tmp = root / "tmp.pth"
+        torch.save({"model": state}, tmp)
+        digest = hashlib.sha256(tmp.read_bytes()).hexdigest()[:8]
+        file = root / f"{name}-{hash or digest}.pth"
+        tmp.rename(file)
+        M.RELEASES[name] = f"http://127.0.0.1:{server.server_port}/{file.name}"
+        return file
+    serve.requests, serve.cache = requests, tmp_path / "hub" / "checkpoints"
+    yield serve
+    server.shutdown()
+
+
+def test_a_release_by_name_downloads_once_into_the_hub_cache_with_its_hash_checked(served, capsys):
+    torch.manual_seed(0)
+    src = M.create_model("deit_tiny_patch16_224", depth=1).state_dict()
+    file = served("deit_tiny_patch16_224", src)
+    m = M.create_model("deit_tiny_patch16_224", pretrained=True, depth=1)
+    assert all(torch.equal(v, src[k]) for k, v in m.state_dict().items())
+    assert os.listdir(served.cache) == [file.name] and len(served.requests) == 1
+    M.load_weights(M.create_model("deit_tiny_patch16_224", depth=1), "deit_tiny_patch16_224")  # the cached file
+    assert len(served.requests) == 1 and "Downloading" in capsys.readouterr().out
+    hub = torch.hub.load(HERE, "deit_tiny_patch16_224", source="local", pretrained=True, depth=1)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert type(hub) is M.DeiT and torch.equal(hub.eval()(x), m.eval()(x))
+    assert type(torch.hub.load(HERE, "deit_small_distilled_patch16_224", source="local")) is M.DeiT
+    # a file that is not what its name's hash says: refused in one line, nothing left in the cache
+    served("deit_small_patch16_224", M.create_model("deit_small_patch16_224", depth=1).state_dict(), hash="0badc0de")
+    with pytest.raises(ValueError, match=r"^http://127.0.0.1:\d+/deit_small_patch16_224-0badc0de.pth is not the file its "
+                       r"name promises \(RuntimeError: invalid hash value.*nothing was kept$"):
+        M.create_model("deit_small_patch16_224", pretrained=True, depth=1)
+    assert os.listdir(served.cache) == [file.name]
+    # nothing listening: one line with the URL and where to put the file by hand
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    M.RELEASES["deit_base_patch16_224"] = url = f"http://127.0.0.1:{port}/deit_base_patch16_224-b5f2ef4d.pth"
+    with pytest.raises(ValueError) as e:
+        M.Backbone.from_file("deit_base_patch16_224")
+    assert str(e.value).startswith(f"cannot download deit_base_patch16_224 from {url} (URLError: ") and "\n" not in str(e.value)
+    assert str(e.value).endswith(f"Download it by hand to {served.cache / 'deit_base_patch16_224-b5f2ef4d.pth'}")
+    with pytest.raises(ValueError, match="no released weights for deit_nano_patch7_28"):
+        M.create_model("deit_nano_patch7_28", pretrained=True)
+
+
+@pytest.mark.slow
+def test_finetune_and_detect_take_a_release_by_name(served, tmp_path, capsys):
+    """finetune.py --weights NAME and detect.py --weights NAME, from the served file: the release's architecture
+    by default, the images resized to its size in one line, and DeiT's 384 recipe only when asked."""
+    torch.manual_seed(0)
+    served("deit_tiny_patch16_224", M.create_model("deit_tiny_patch16_224").state_dict())
+    small = ["--train-subset", "64", "--batch-size", "32", "--log-seconds", "1000", "--img-size", "32"]
+    FT.main(["--weights", "deit_tiny_patch16_224", "--data", "bundled", "--epochs", "1", *small, *out_dir(tmp_path / "ft")])
+    out = capsys.readouterr().out
+    assert "model deit_tiny_patch16_224" in out or "deit_tiny_patch16_224:" in out, out
+    assert "images resized 28 -> 32 px, the model's size: 1x the pixels, 4 tokens an image" in out
+    config = torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=True)["config"]
+    assert "loaded 150 tensors" in out and config["lr"] == FT.RECIPES["transfer"]["lr"], out  # the transfer recipe
+    DET.main(["--weights", "deit_tiny_patch16_224", "--scenes", "8", "--val-scenes", "4", "--img-size", "64",
+              "--batch-size", "4", "--epochs", "1", "--log-seconds", "1000", *out_dir(tmp_path / "det")])
+    assert "deit_tiny_patch16_224" in capsys.readouterr().out and len(served.requests) == 1
+
+
+def test_deits_teacher_regnety_160_equals_timms(tmp_path):
+    """--teacher regnety_160 reads DeiT's release format (timm's keys) into torchvision's regnet_y_16gf: its logits
+    equal timm's regnety_160 on the same (random, seeded) weights; a key the map cannot place refuses the file."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    ref = timm.create_model("regnety_160", pretrained=False, num_classes=7).eval()
+    for m in ref.modules():  # BatchNorm statistics that are not the identity, so a wrong map would show
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 2), m.bias.data.normal_(0, 0.1)
+    torch.save({"model": ref.state_dict()}, tmp_path / "regnety_160-00000000.pth")
+    teacher = D.load_teacher("regnety_160", str(tmp_path / "regnety_160-00000000.pth"), 7, 3, 64)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(x), ref(x), rtol=1e-4, atol=1e-5)
+    state = {k: v for k, v in ref.state_dict().items() if not k.startswith("s4.b1.se.")}
+    torch.save({"model": {**state, "s4.b1.attn.fc.weight": torch.zeros(1)}}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match=r"does not fit the model: missing keys: trunk_output.block4.block4-0.f.se.fc1"
+                       r".*unexpected keys: trunk_output.block4.block4-0.attn.fc.weight"):
+        D.load_teacher("regnety_160", str(tmp_path / "other.pth"))
+
+
+def test_safetensors_load_as_the_same_dict_in_a_pth(tmp_path, monkeypatch):
+    st = pytest.importorskip("safetensors.torch")
+    torch.manual_seed(0)
+    src = M.create_model("deit_nano_distilled_patch4_28", num_classes=10).state_dict()
+    st.save_file(src, str(tmp_path / "model.safetensors"))
+    torch.save(src, tmp_path / "model.pth")
+    a, b = M.read_file(str(tmp_path / "model.safetensors")), M.read_file(str(tmp_path / "model.pth"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)  # (safetensors keeps keys sorted)
+    m = M.load_weights(M.create_model("deit_nano_distilled_patch4_28", num_classes=10, img_size=32),
+                       str(tmp_path / "model.safetensors"))  # the same key handling: pos_embed resized to 32 px
+    assert m.pos_embed.shape == (1, 66, 96) and torch.equal(m.blocks[0].attn.qkv.weight, src["blocks.0.attn.qkv.weight"])
+    (tmp_path / "fake.safetensors").write_bytes(open(tmp_path / "model.pth", "rb").read())
+    with pytest.raises(ValueError, match=r"^cannot read weights file .*fake.safetensors: SafetensorError: [^\n]*$"):
+        M.read_file(str(tmp_path / "fake.safetensors"))
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # as if not installed
+    with pytest.raises(ValueError, match="needs the safetensors package: pip install safetensors"):
+        M.read_file(str(tmp_path / "model.safetensors"))
+
+
 # ---------------------------------------------------------------------------------------------- finetune.py
 
 
@@ -1582,6 +1727,52 @@ def test_finetune_is_reproducible_and_freeze_keeps_the_backbone(tmp_path, capsys
         else:
             assert torch.equal(v, ours["ema"][k]), k
 
+
+@pytest.mark.slow
+def test_finetune_defaults_learn_a_new_task_where_deits_384_recipe_does_not(tmp_path):
+    """A train.py checkpoint in the release format ({"model": ...}), pretrained on classes 0-4, given a new head for
+    classes 5-9: finetune.py's default (transfer) recipe ends well above the reference's 384 recipe, same budget."""
+    T.main(["--classes", "0-4", "--train-subset", "1000", "--epochs", "2", "--batch-size", "64", "--log-seconds", "1000",
+            "--eval-interval", "2", *out_dir(tmp_path / "pre")])
+    torch.save({"model": torch.load(tmp_path / "pre" / "ckpt.pt", weights_only=True)["model"]}, tmp_path / "release.pth")
+    top1 = {}
+    for recipe in ("transfer", "384"):
+        FT.main(["--weights", str(tmp_path / "release.pth"), "--model", "deit_nano_patch7_28", "--recipe", recipe,
+                 "--classes", "5-9", "--train-subset", "640", "--epochs", "3", "--batch-size", "64",
+                 "--log-seconds", "1000", "--eval-interval", "3", *out_dir(tmp_path / recipe)])
+        top1[recipe] = read_log(tmp_path / recipe)[-1]["top1"]
+    assert top1["transfer"] > top1["384"] + 5 and top1["384"] < 25, top1  # 5 classes: chance is 20
+
+@pytest.mark.slow
+def test_readme_commands_run_top_to_bottom_in_a_fresh_clone(tmp_path):
+    """Every `python ...` command of the README's bash blocks, in order, in a copy of the tracked files, each with
+    small flags added (fewer images, one epoch): distinct out-dirs, sizes that fit, nothing refused. Left out: torchrun
+    (the DDP tests), /imagenet, downloads by name (the served tests), and fashion-mnist where it is not installed."""
+    clone = tmp_path / "clone"
+    for f in subprocess.run(["git", "ls-files"], cwd=HERE, capture_output=True, text=True, check=True).stdout.split():
+        os.makedirs(clone / os.path.dirname(f), exist_ok=True)
+        shutil.copy(os.path.join(HERE, f), clone / f)
+    cifar = clone / "data" / "cifar-10-batches-py"  # CIFAR-10's python batches, as the download leaves them
+    cifar.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(cifar / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 256, (20, 3072), dtype=np.uint8), "labels": list(range(10)) * 2}, f)
+    text = open(os.path.join(HERE, "README.md")).read()
+    lines = [l.split("  #")[0].strip() for b in re.findall(r"```bash\n(.*?)```", text, re.S)
+             for l in b.replace("\\\n", " ").splitlines()]
+    skip = ["/imagenet", "pytest", *M.RELEASES] + ([] if os.path.isdir(DT.DEBIAN_FMNIST) else ["fashion-mnist"])
+    run = [l for l in lines if l.startswith("python ") and not any(re.search(rf"{s}\b", l) for s in skip)]
+    assert len(run) >= 14, run
+    small = {"detect.py": ["--scenes", "8", "--val-scenes", "4", "--img-size", "64", "--batch-size", "4"]}
+    env = {k: v for k, v in ENV.items() if k != "PYTHONPATH"}
+    for line in run:
+        cmd = shlex.split(line)
+        if "--eval-only" not in cmd:
+            cmd += small.get(cmd[1], ["--train-subset", "100", "--batch-size", "20"]) + [
+                "--epochs", "2" if "--resume" in cmd else "1", "--log-seconds", "1000"]
+        r = subprocess.run([sys.executable, *cmd[1:]], cwd=clone, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and "warning" not in r.stdout, (line, r.stdout[-1000:], r.stderr[-2000:])
 
 @pytest.mark.slow
 def test_finetune_bad_inputs_fail_clearly(tmp_path):
@@ -1745,7 +1936,7 @@ def test_headline_command_distills_with_the_shipped_teacher(tmp_path):
     assert "top1_dist" in read_log(tmp_path)[0]
     args = parse("--distill", "soft")
     assert L.check_model(args, T.DEFAULT_MODEL) == 28 and args.model == "deit_nano_distilled_patch7_28"
-    assert D.default_teacher(None, "cifar10", "x") == "regnet_y_16gf"  # DeiT's, on any other data
+    assert D.default_teacher(None, "cifar10", "x") == "regnety_160"  # DeiT's own file, on any other data
     args = parse()
     assert L.check_model(args, T.DEFAULT_MODEL) == 28 and args.model == "deit_nano_patch7_28"
 
@@ -2138,7 +2329,7 @@ def test_first_run_progress_summary_and_help(tmp_path):
                  *out_dir(tmp_path)])
     assert r.returncode == 0, r.stdout[-1500:] + r.stderr
     assert r.stdout.count("epoch 1 step ") == 9  # steps 1-9 of 10; the 10th is the epoch's line
-    assert "done: 1 epochs" in r.stdout and f"checkpoint {tmp_path / 'ckpt.pt'}" in r.stdout
+    assert "done: 1 epoch in" in r.stdout and f"checkpoint {tmp_path / 'ckpt.pt'}" in r.stdout
     assert f"python train.py --eval-only --out-dir {tmp_path}" in r.stdout
     for parser in (T.get_parser(), FT.get_parser()):
         text = parser.format_help()

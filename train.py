@@ -46,7 +46,8 @@ def get_parser():
     a("--data", default="bundled", help="bundled | fashion-mnist | cifar10 | cifar100 | synthetic | PATH "
       "(a folder of Fashion-MNIST idx files, or an ImageFolder root with train/ and val/)")
     a("--data-dir", default=os.path.join(HERE, "data"), help="where cifar10/cifar100 are kept or downloaded")
-    a("--train-subset", type=float, default=None, help="train on a stratified part: a fraction (0.1) or a count (600); default: all")
+    a("--train-subset", type=float, default=None, help="train on a stratified part: a fraction below 1 (0.1) or a "
+      "count of images (600; 1 is one image); default: all")
     a("--classes", default=None, help="keep only these classes, relabelled 0..k-1: '0-4' or '5,7,9'; default: all")
     a("--canvas", type=int, default=None, help="paste each image at a random scale and place on a CANVAS-px "
       "black canvas (the geometry of detect.py's scenes; data.make_canvases), once, from --seed; default input size: CANVAS")
@@ -75,10 +76,10 @@ def get_parser():
     # distillation (distill.py; paper §4): the student must be a *_distilled_* model
     a("--distill", default="none", choices=["none", "soft", "hard", "labels"], help="distillation through the dist "
       "token; labels: no teacher, the dist token learns the labels too (paper §4's control: two class tokens)")
-    a("--teacher", default=None, help="a torchvision name (DeiT's: regnet_y_16gf, torchvision's ImageNet weights), "
-      "convnet or a DeiT name with --teacher-weights, or a ckpt.pt. Default: on the bundled data its convnet "
-      "(data/teachers/, from prepare_data.py --teacher), elsewhere regnet_y_16gf")
-    a("--teacher-weights", default=None, help="a weights file for --teacher NAME (default: download torchvision's)")
+    a("--teacher", default=None, help="regnety_160 (DeiT's released RegNetY-16GF), a torchvision name (regnet_y_16gf: "
+      "torchvision's weights), convnet or a DeiT name with --teacher-weights, or a ckpt.pt. Default: on the bundled "
+      "data its convnet (data/teachers/, from prepare_data.py --teacher), elsewhere regnety_160")
+    a("--teacher-weights", default=None, help="a weights file for --teacher NAME (default: download the release)")
     a("--distill-alpha", type=float, default=0.5, help="weight of the distillation loss")
     a("--distill-tau", type=float, default=1.0, help="soft distillation temperature (paper's soft runs: 3.0)")
     # optimisation (DeiT's defaults, paper Table 9, except epochs, batch size, lr and warm-up)

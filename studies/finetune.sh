@@ -9,7 +9,7 @@ cell pre --feeds "$(for f in 0.01 0.1 1.0; do for s in 0 1 2; do printf 'probe-%
 for labels in "0.01 50" "0.1 15" "1.0 5"; do
   set -- $labels
   for seed in 0 1 2; do
-    C=(--data fashion-mnist --classes 5-9 --train-subset $1 --epochs $2 --seed $seed)
+    C=(--data fashion-mnist --classes 5-9 $(subset $1) --epochs $2 --seed $seed)
     cell scratch-$1-$seed python train.py "${C[@]}"
     cell probe-$1-$seed python finetune.py --weights "$(weights pre)" "${C[@]}" --freeze --lr 8e-3
     cell ft-$1-$seed python finetune.py --weights "$(weights pre)" "${C[@]}" --lr 2e-3 --weight-decay 0.05 --min-lr 1e-5

@@ -62,3 +62,7 @@ needs_fashion_mnist() {
 report() {  # report <<'EOF' ... EOF: python that prints the study's table (studies/report.py's helpers)
   RUNS="$RUNS" OUT="$LOGS" python -c "import sys; sys.path.insert(0, 'studies'); from report import *; exec(sys.stdin.read())"
 }
+
+subset() {  # a fraction's --train-subset; 1.0 (all) leaves the flag out, since --train-subset 1 means one image
+  [ "$1" = 1.0 ] || echo "--train-subset $1"
+}

@@ -22,7 +22,7 @@ cell sup04 --feeds "$(uses sup04)" python train.py "${D[@]}" --classes 0-4 --epo
 for labels in "0.01 25" "0.1 8" "1.0 2"; do  # (a)
   set -- $labels
   for seed in 0 1 2; do
-    A=("${D[@]}" --train-subset $1 --epochs $2 --seed $seed)
+    A=("${D[@]}" $(subset $1) --epochs $2 --seed $seed)
     cell scratch-$1-$seed python train.py "${A[@]}" --warmup-epochs 1
     cell mae-ft-$1-$seed python finetune.py --weights "$(weights mae)" "${A[@]}" "${FT[@]}"
     if [ $1 != 1.0 ] || [ $seed = 0 ]; then
@@ -42,7 +42,7 @@ cell untrained-probe python mae.py "${D[@]}" --probe "$OUT/untrained.pt" --epoch
 for labels in "0.01 40" "0.1 10"; do  # the fairer test, on classes 5-9
   set -- $labels
   for seed in 0 1 2; do
-    C=("${D[@]}" --classes 5-9 --train-subset $1 --epochs $2 --seed $seed)
+    C=("${D[@]}" --classes 5-9 $(subset $1) --epochs $2 --seed $seed)
     cell c59-scratch-$1-$seed python train.py "${C[@]}" --warmup-epochs 1
     cell c59-mae-$1-$seed python finetune.py --weights "$(weights mae)" "${C[@]}" "${FT[@]}"
     cell c59-sup04-$1-$seed python finetune.py --weights "$(weights sup04)" "${C[@]}" "${FT[@]}"
