@@ -442,7 +442,7 @@ def load_image_folder(root, img_size, device, decode="auto", workers=0, rrc_scal
     return argparse.Namespace(train=train, val=val, num_classes=len(train.classes), in_chans=3,
                               mean=IMAGENET_MEAN, std=IMAGENET_STD, tensors=False, workers=workers,
                               decoder=decoder if decode == "device" else None, decode=where,
-                              skipped=[], rescued=[])  # undecodable files (this epoch's), files PIL decoded instead
+                              skipped=[], rescued=[])  # this epoch's undecodable files, and files PIL decoded instead
 
 
 def epoch_indices(n, batch_size, seed, epoch, rank=0, world=1, repeats=1):
@@ -497,7 +497,7 @@ def train_batches(data, sampler, epoch, device, start=0):
         for b, h in list(zip(idx.to(device).split(sampler.local), idx.split(sampler.local)))[:sampler.steps - start]:
             yield x[b], y[b if y.device == b.device else h]  # labels kept on the host are picked there: no wait
     else:
-        data.skipped.clear()
+        data.skipped.clear(), data.rescued.clear()  # (each epoch's: its log line counts them)
         last = None
         for x, y in _folder_batches(data, data.train, sampler.local, device, data.skipped, sampler=sampler,
                                     drop_last=True, keep_empty=True):
@@ -552,7 +552,7 @@ def _decoded_batches(data, files, device, skipped, keep_empty, training):
                     rescued.append((i, decode_crop(Image.open(io.BytesIO(raw)), size, box, raw)))
                     data.rescued.append(b["paths"][i])
                     print(f"warning: the device decoder rejected {b['paths'][i]} ({why}): decoded by PIL instead "
-                          f"({len(data.rescued)} so far)", flush=True)
+                          f"({len(data.rescued)} this epoch)", flush=True)
                 except Exception as e:
                     bad.append(f"{b['paths'][i]} ({why}; PIL: {type(e).__name__}: {e})")
             if rescued:

@@ -1147,6 +1147,27 @@ def test_device_decode_with_prefetch_is_deterministic_and_sends_labels_from_the_
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and torch.equal(a[0], c[0]) and torch.equal(a[1], c[1])
 
 
+def test_files_the_device_decoder_rejects_are_counted_in_the_log(tmp_path, monkeypatch, capsys):
+    """Like a skipped file, a rescued one (the device decoder refused it, PIL read it) is counted in its epoch's
+    log line, rescued_images, and in the printed line."""
+    from prepare_data import make_jpeg_folder
+    make_jpeg_folder(str(tmp_path / "data"), n_train=12, n_val=4, short=(60, 90))
+    name, real = DT.device_decoder()
+    rejected = DT.list_images(str(tmp_path / "data" / "train"))[0][5][0]
+    raw = open(rejected, "rb").read()
+
+    def picky(jpegs, device):
+        if any(bytes(j.numpy().tobytes()) == raw for j in jpegs):
+            raise RuntimeError("Failed to decode batch: 5")
+        return real(jpegs, device)
+    monkeypatch.setattr(DT, "device_decoder", lambda: (name, picky))
+    T.main(["--data", str(tmp_path / "data"), "--decode", "device", "--workers", "0", "--model", "deit_nano_patch4_28",
+            "--img-size", "32", "--batch-size", "4", "--epochs", "2", "--no-repeated-aug", "--log-seconds", "1000",
+            *out_dir(tmp_path / "run")])
+    assert [r["rescued_images"] for r in read_log(tmp_path / "run")] == [1, 1]  # each epoch's, the train split's file
+    out = capsys.readouterr().out
+    assert out.count(f"the device decoder rejected {rejected}") == 2 and "| 1 images decoded by PIL |" in out
+
 def test_a_file_the_device_decoder_rejects_goes_to_pil_and_a_failing_decoder_is_one_line(tmp_path, monkeypatch, capsys):
     """nvJPEG may reject a JPEG that PIL reads: it is decoded on the CPU, not dropped, and named in a warning. A
     decoder that fails every call (TorchCodec's real message: a bare status number) is one line after the first

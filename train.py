@@ -354,10 +354,12 @@ def end_of_epoch(args, ctx, run, data, epoch, stats, log):
         metrics = evaluate(run.net, data, ctx, batch)
         if run.ema is not None and args.eval_ema:
             metrics["ema_top1"] = evaluate(run.ema, data, ctx, batch)["top1"]
-    train_loss, n_skipped = all_sum([stats["train_loss"], len(data.skipped)], ctx)
+    rescued = getattr(data, "rescued", None)  # an image folder's files the device decoder rejected and PIL read
+    train_loss, n_skipped, n_rescued = all_sum([stats["train_loss"], len(data.skipped), len(rescued or ())], ctx)
     record = {"epoch": epoch + 1, "step": (epoch + 1) * run.spe, "train_loss": train_loss / ctx.world, **metrics,
               "lr": stats["lr"], "img_per_s": stats["img_per_s"], "epoch_time": stats["epoch_time"],
-              "skipped_images": int(n_skipped), "skipped_val_images": metrics.pop("skipped", 0)}
+              "skipped_images": int(n_skipped), "skipped_val_images": metrics.pop("skipped", 0),
+              **({"rescued_images": int(n_rescued)} if rescued is not None else {})}
     if run.compile:  # every recompile or graph break costs time: one graph for training, one for evaluation
         c = torch._dynamo.utils.counters
         record.update(compiled_frames=c["frames"]["total"], graph_breaks=sum(c["graph_break"].values()))
@@ -370,8 +372,8 @@ def end_of_epoch(args, ctx, run, data, epoch, stats, log):
     log(f"epoch {epoch + 1}/{args.epochs} | loss {record['train_loss']:.4f} | lr {stats['lr']:.2e} | "
         f"{record['img_per_s']:.0f} img/s" + ("" if not metrics else " | " + " ".join(
             f"{k} {v:.4f}" if "loss" in k else f"{k} {v:.2f}" for k, v in metrics.items()))
-        + "".join(f" | skipped {n} {what}" for n, what in ((int(n_skipped), "images"),
-                                                             (record["skipped_val_images"], "val images")) if n)
+        + "".join(what.format(n) for n, what in ((int(n_skipped), " | skipped {} images"), (record["skipped_val_images"],
+                  " | skipped {} val images"), (record.get("rescued_images", 0), " | {} images decoded by PIL")) if n)
         + f" | eta {fmt_time(eta)}"
         + (f" | compiled {record['compiled_frames']} frames, {record['graph_breaks']} graph breaks" if run.compile else ""))
 
