@@ -1223,7 +1223,7 @@ def test_a_batch_of_only_bad_files_still_makes_a_step(monkeypatch):
     failed is replaced by the previous one; with no previous one, one line."""
     good = (torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.tensor([1, 2]))
     empty = (None, torch.zeros(0, dtype=torch.long))
-    data = argparse.Namespace(tensors=False, skipped=[], train=None)
+    data = argparse.Namespace(tensors=False, skipped=[], rescued=[], train=None)
     sampler = DT.EpochSampler(8, 2, 0)
     monkeypatch.setattr(DT, "_folder_batches", lambda *a, **k: iter([good, empty, good, good]))
     batches = list(DT.train_batches(data, sampler, 0, torch.device("cpu")))
