@@ -1786,14 +1786,27 @@ def test_readme_commands_run_top_to_bottom_in_a_fresh_clone(tmp_path):
     run = [l for l in lines if l.startswith("python ") and not any(re.search(rf"{s}\b", l) for s in skip)]
     assert len(run) >= 14, run
     small = {"detect.py": ["--scenes", "8", "--val-scenes", "4", "--img-size", "64", "--batch-size", "4"]}
-    env = {k: v for k, v in ENV.items() if k != "PYTHONPATH"}
+    cmds = []
     for line in run:
         cmd = shlex.split(line)
         if "--eval-only" not in cmd:
             cmd += small.get(cmd[1], ["--train-subset", "100", "--batch-size", "20"]) + [
                 "--epochs", "2" if "--resume" in cmd else "1", "--log-seconds", "1000"]
-        r = subprocess.run([sys.executable, *cmd[1:]], cwd=clone, env=env, capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0 and "warning" not in r.stdout, (line, r.stdout[-1000:], r.stderr[-2000:])
+        cmds.append(cmd[1:])
+    # each command as `python SCRIPT ARGS` runs it (runpy, as __main__, its exit code kept), one after another in
+    # one process: torch is imported once, not 17 times
+    driver = ("import json, runpy, sys\nfor argv in json.loads(sys.argv[1]):\n    sys.argv, code = argv, 0\n"
+              "    try:\n        runpy.run_path(argv[0], run_name='__main__')\n    except SystemExit as e:\n"
+              "        code = e.code or 0\n    print(f'\\n=== exit {code}', flush=True)\n    if code:\n        break\n")
+    env = {k: v for k, v in ENV.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-c", driver, json.dumps(cmds)], cwd=clone, env=env, capture_output=True,
+                       text=True, timeout=900)
+    parts = r.stdout.split("\n=== exit ")  # part i + 1 begins with command i's exit code
+    codes = [p.split("\n", 1)[0] for p in parts[1:]]
+    assert codes == ["0"] * len(run), (run[len(codes) - 1] if codes else run[0], r.stdout[-2000:], r.stderr[-2000:])
+    for line, out in zip(run, parts):
+        assert "warning" not in out, (line, out[-1000:])
+
 
 @pytest.mark.slow
 def test_finetune_bad_inputs_fail_clearly(tmp_path):
