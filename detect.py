@@ -404,8 +404,9 @@ def get_parser():
     p.description = ("Train and evaluate a torchvision Faster R-CNN / Mask R-CNN with a DeiT backbone (or a ResNet). "
                      "train.py's optimisation, running and data flags work here; of its augmentation, only --hflip.")
     a = p.add_argument
-    a("--weights", default=None, help="the backbone's: what model.Backbone.from_file reads (a DeiT release, the "
-      "ckpt.pt of train.py, finetune.py or mae.py) or, with --model resnet*, torchvision's; default: from scratch")
+    a("--weights", default=None, help="the backbone's: what model.Backbone.from_file reads (a DeiT release by name or "
+      "file, the ckpt.pt of train.py, finetune.py or mae.py) or, with --model resnet*, torchvision's; default: from "
+      "scratch")
     a("--masks", action="store_true", help="Mask R-CNN: instance masks too (composed scenes only)")
     a("--scenes", type=int, default=2000, help="training scenes composed from the training split's garments")
     a("--val-scenes", type=int, default=500, help="held-out scenes, from the test split's garments")

@@ -2,7 +2,7 @@
 Fine-tune pretrained DeiT weights on a new task: keep the backbone, give it a new head, train.
 
     python finetune.py --weights deit_tiny_patch16_224 --data cifar10             # a release by name: downloaded
-    python finetune.py --weights out/ckpt.pt --data cifar10 --img-size 28 --out-dir out-ft   # our checkpoint
+    python finetune.py --weights out-04/ckpt.pt --classes 5-9 --out-dir out-59   # ours (train.py --classes 0-4)
     python finetune.py --weights deit_base_patch16_224 --model deit_base_patch16_384 --recipe 384 \
         --data /imagenet --batch-size 256            # the paper's 224 -> 384 fine-tune (paper §3, Table 7)
     python finetune.py --weights out/ckpt.pt --freeze ...                         # linear probe
