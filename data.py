@@ -217,14 +217,17 @@ def load_data(name="bundled", device="cpu", img_size=None, data_dir=os.path.join
     if canvas:  # the held-out canvases by a fixed seed: the same whatever the seed
         train, val = (make_canvases(train[0], canvas, seed)[0], train[1]), (make_canvases(val[0], canvas, 1_000_003)[0], val[1])
 
-    def to_device(x, y):  # resize once if the model wants another size (e.g. 28 -> 32 px)
+    def to_device(x, y):  # resize once if the model wants another size (e.g. 28 -> 32 px, CIFAR's 32 -> 224)
         if img_size is not None and x.shape[-1] != img_size:
-            need, free = len(x) * x.shape[1] * img_size ** 2 * 5, free_memory(torch.device("cpu"))  # float + uint8
+            need, free = len(x) * x.shape[1] * img_size ** 2, free_memory(torch.device("cpu"))  # the uint8 result
             if free is not None and need > free:
                 raise ValueError(f"resizing the {len(x)} images of --data {name} to --img-size {img_size} needs "
                                  f"{need / 2**30:.1f} GiB, and {free / 2**30:.1f} GiB is free: lower --img-size")
-            x = F.interpolate(x.float(), size=(img_size, img_size), mode="bicubic", antialias=True)
-            x = x.round().clamp(0, 255).to(torch.uint8)
+            out = torch.empty((len(x), x.shape[1], img_size, img_size), dtype=torch.uint8)
+            for i in range(0, len(x), 1024):  # in chunks: the float copy of a whole set at 224 px would be 5x as big
+                z = F.interpolate(x[i:i + 1024].float(), size=(img_size, img_size), mode="bicubic", antialias=True)
+                out[i:i + 1024] = z.round().clamp(0, 255).to(torch.uint8)
+            x = out
         return x.to(device), y.to(device)
     return argparse.Namespace(train=to_device(*train), val=to_device(*val), num_classes=C, in_chans=train[0].shape[1],
                               mean=stats[0], std=stats[1], tensors=True, skipped=[], source_size=train[0].shape[-1],

@@ -791,6 +791,13 @@ def test_train_subset_is_stratified():
             DT.stratified_subset(y, amount, seed=0)
 
 
+def test_resizing_a_dataset_in_chunks_equals_resizing_it_at_once():
+    """load_data resizes 1,024 images at a time (CIFAR at 224 px would need 5x its uint8 size as floats at once):
+    the same pixels as one bicubic, antialiased F.interpolate over the whole set."""
+    x = DT.load_idx_folder(DT.BUNDLED)[0][0]
+    ref = F.interpolate(x.float(), size=(32, 32), mode="bicubic", antialias=True).round().clamp(0, 255).to(torch.uint8)
+    assert len(x) > 1024 and torch.equal(DT.load_data("bundled", "cpu", 32).train[0], ref)
+
 def test_cifar_reads_python_batches_and_fails_clearly_offline(tmp_path, monkeypatch):
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
