@@ -29,7 +29,7 @@ from launch import cli, start
 from data import (FMNIST_MEAN, FMNIST_STD, IMAGENET_MEAN, IMAGENET_STD, find_folder, load_idx_folder, object_sides,
                   val_batches)
 from distill import create_convnet, ours
-from model import (MODELS, RELEASES, Backbone, DeiT, DeiTConfig, check_file, create_model, fit_in_chans, load_checked,
+from model import (MODELS, Backbone, DeiT, DeiTConfig, check_file, create_model, fit_in_chans, load_checked,
                    read_file, release_model, state_dict_of)
 
 RESNETS = ("resnet18", "resnet34", "resnet50")  # torchvision's, with its FPN (as resnet_fpn_backbone)
@@ -428,7 +428,8 @@ def get_parser():
 
 
 def release(args):  # --weights NAME: the release's architecture, unless --model says otherwise
-    return {"model": release_model(args.weights)} if args.weights in RELEASES and release_model(args.weights) else {}
+    model = release_model(args.weights)
+    return {"model": model} if model else {}
 
 
 def main(argv=None):

@@ -193,13 +193,13 @@ def default_teacher(name, data, bundled):
 
 
 def check_teacher(name, weights=None):
-    """What load_teacher would refuse in its arguments, found without loading anything (train.py: before the data)."""
-    weights = weights or (name if name in RELEASES and name in MODELS else None)  # a DeiT release: its own weights
+    """What load_teacher would refuse in its arguments, found without loading anything (train.py: before the data).
+    Returns the weights to load: weights, or for a release's name (a DeiT, regnety_160) its own."""
+    weights = weights or (name if name in RELEASES else None)
     if is_file_name(name):
         check_file(name, "teacher checkpoint")
     elif name in TIMM_TEACHERS:
-        if weights is not None:
-            check_file(weights, "--teacher-weights")
+        check_file(weights, "--teacher-weights")
     elif name in MODELS or CONVNETS.get(name, "torchvision") != "torchvision":  # ours (resnet18 here: torchvision's)
         if weights is None:
             raise ValueError(f"teacher {name} needs trained weights: train it with train.py --model {name} and "
@@ -210,6 +210,7 @@ def check_teacher(name, weights=None):
         if name not in names:
             raise ValueError(f"unknown teacher {name!r}: give a train.py checkpoint, 'convnet', or a torchvision "
                              f"classification model ({', '.join(n for n in names if n.startswith('regnet_y'))}, ...)")
+    return weights
 
 
 def load_teacher(name, weights=None, num_classes=None, in_chans=None, img_size=None):
@@ -218,8 +219,7 @@ def load_teacher(name, weights=None, num_classes=None, in_chans=None, img_size=N
     a torchvision classification model's name (torchvision's ImageNet weights, or weights=FILE), or regnety_160
     (DeiT's released teacher, or weights=FILE in its format). With num_classes,
     in_chans and img_size, a dry run makes a mismatch with the data one clear error up front."""
-    check_teacher(name, weights)
-    weights = weights or (name if name in RELEASES and name in MODELS else None)
+    weights = check_teacher(name, weights)
     if is_file_name(name):
         ckpt = read_file(name, "teacher checkpoint")
         if not ours(ckpt):
@@ -236,9 +236,9 @@ def load_teacher(name, weights=None, num_classes=None, in_chans=None, img_size=N
         load_checked(teacher, state, f"teacher weights {weights}")
     elif name in TIMM_TEACHERS:  # DeiT's file (downloaded by name, or --teacher-weights), its keys made torchvision's
         import torchvision
-        state = {timm_regnet_key(k): v for k, v in state_dict_of(read_file(weights or name), weights or name).items()}
+        state = {timm_regnet_key(k): v for k, v in state_dict_of(read_file(weights), weights).items()}
         teacher = torchvision.models.get_model(TIMM_TEACHERS[name], weights=None, num_classes=_num_classes(state))
-        load_checked(teacher, state, f"teacher {name} ({weights or RELEASES[name]}, keys mapped from timm's)")
+        load_checked(teacher, state, f"teacher {name} ({weights}, keys mapped from timm's)")
     else:
         teacher = _torchvision(name, weights)
     teacher.eval().requires_grad_(False)

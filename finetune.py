@@ -70,8 +70,9 @@ def weights_defaults(args):
     """Defaults from the weights (launch.start): their model (a checkpoint of ours: its own, with its global pool; a
     release: its architecture) and --recipe's, by default mae for MAE's encoders (mae.py's, MAE's releases)."""
     ckpt = read_file(args.weights) if args.weights and args.weights not in RELEASES else None
-    mae, out = (args.weights or "").startswith("mae_"), {}
+    mae, out = False, {}
     if args.weights in RELEASES:
+        mae = args.weights.startswith("mae_")  # MAE's encoders: its recipe, with global pool
         out = {"model": release_model(args.weights), **({"global_pool": True} if mae else {})}
     elif ours(ckpt):
         config, pool = ckpt["config"], ckpt["model_config"].get("global_pool")

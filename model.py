@@ -70,7 +70,10 @@ for _size in MAE_MODELS:
 
 
 def release_model(name):
-    """The model a release's weights fit (a DeiT release: its own name; MAE's: its ViT), else None (a teacher)."""
+    """The model a release's weights fit (a DeiT release: its own name; MAE's: its ViT), else None (the teacher, or
+    not a release)."""
+    if name not in RELEASES:
+        return None
     return name if name in MODELS else MAE_MODELS.get(name.rsplit("_", 1)[-1]) if name.startswith("mae_") else None
 
 
@@ -498,7 +501,7 @@ class Backbone(nn.Module):
         finetune.py or mae.py checkpoint (which names its own). Only the ViT's trunk is loaded; .left_out names the rest
         (heads, final norm, MAE decoder). overrides: DeiTConfig fields, e.g. img_size (position embeddings resized at
         load, paper §3, as deit's main.py does) or distilled=False (dist_token dropped)."""
-        obj, model = read_file(path), model or (release_model(path) if path in RELEASES else None)
+        obj, model = read_file(path), model or release_model(path)
         state = state_dict_of(obj, path, ema)
         if "patch_embed.proj.weight" not in state:
             raise ValueError(f"{path} is not a ViT/DeiT weights file (no patch_embed.proj.weight); its keys begin: "
