@@ -1,6 +1,6 @@
-"""What the distillation token learns (paper §5, "Distillation token"), after studies/tokens.sh has trained a
-hard-distilled student (hard), the same student whose dist token learns the labels instead (labels: the paper's
-second class token) and their convnet teacher (teacher), each keeping its weights in LOGS/NAME/weights.pt.
+"""What the distillation token learns (paper §5, "Distillation token"), after studies/distillation.sh has trained a
+hard-distilled student (hard-0), the same student whose dist token learns the labels instead (labels-0: the
+paper's second class token) and their convnet teacher (teacher), each keeping its weights in LOGS/NAME/weights.pt.
 
 python studies/tokens.py LOGS measures the mean cosine, over the 10,000 Fashion-MNIST test images, between the
 class token and the distillation token as learned (the embeddings themselves) and after each block, into
@@ -84,11 +84,11 @@ def attention_picture(student, teacher, data, path, n=8):
 
 
 def measure(logs):
-    """From the kept weights of the study's cells (LOGS/hard, labels, teacher): the cosines, one line per depth, in
+    """From the kept weights of the study's cells (LOGS/hard-0, labels-0, teacher): the cosines, one line per depth, in
     LOGS/tokens/log.jsonl, and LOGS/token-attention.png."""
     data = load_data("fashion-mnist", "cpu", 28)
-    rows = {name: token_cosines(load(os.path.join(logs, name, "weights.pt")), data) for name in ("hard", "labels")}
-    attention_picture(load(os.path.join(logs, "hard", "weights.pt")), load(os.path.join(logs, "teacher", "weights.pt")),
+    rows = {name: token_cosines(load(os.path.join(logs, f"{name}-0", "weights.pt")), data) for name in ("hard", "labels")}
+    attention_picture(load(os.path.join(logs, "hard-0", "weights.pt")), load(os.path.join(logs, "teacher", "weights.pt")),
                       data, os.path.join(logs, "token-attention.png"))
     os.makedirs(os.path.join(logs, "tokens"), exist_ok=True)
     with open(os.path.join(logs, "tokens", "log.jsonl"), "w") as f:
