@@ -366,7 +366,8 @@ def main():
         ref = f", {r['images/s'] / e2e[-1]['images/s']:.1f}x the reference's loading" if r is not e2e[-1] else ""
         print(f"DeiT-S full recipe from JPEGs: {r['decode']}, {r['workers']} workers: {r['images/s']:.0f} images/s{alone}{ref}")
     with open(args.json, "w") as f:
-        json.dump({"device": device_name, "torch": torch.__version__, "train": rows, "augmentation": aug,
+        json.dump({"device": device_name, "torch": torch.__version__, "jpeg decoder": DT.device_decoder()[0],
+                   "pillow": Image.__version__, "train": rows, "augmentation": aug,
                    "detect": detect, "image files": files, "train from JPEGs": e2e}, f, indent=1)
     print(f"\nwritten: {args.json}")
 

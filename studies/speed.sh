@@ -17,7 +17,8 @@ import glob
 n = lambda v, f="{:,.0f}": "—" if v is None else f.format(v)
 for path in sorted(glob.glob(f"{OUT}/*.json")):
     b = json.load(open(path))
-    print(f"\n### {b['device']}, torch {b['torch']}\n")
+    print(f"\n### {b['device']}, torch {b['torch']}, JPEG decoder {b.get('jpeg decoder', 'not recorded')}, "
+          f"Pillow {b.get('pillow', 'not recorded')}\n")
     table(["model", "img", "batch", "(a) model alone", "(b) + augmentation", "(c) + hard distillation", "(d) evaluation",
            "(b)/(a)", "MFU (a)", "waits per step (b)", "timm (a)"],
           [[f"`{r['model']}`", r["img"], r["batch"], n(r.get("(a) model alone")), n(r.get("(b) + augmentation")),
@@ -30,9 +31,13 @@ for path in sorted(glob.glob(f"{OUT}/*.json")):
     print()
     table(["per training image, in one worker", "CPU ms", "cheaper than the reference"],
           [[r["path"], f"{r['CPU ms/image']:.2f}", f"{r['vs reference']:.1f}×"] for r in b["image files"]])
+    if b.get("detect"):
+        print()
+        table(["detect.py's training step", "batch", "images/s", "waits per step"],
+              [[r["detector"], r["batch"], n(r["images/s"], "{:,.1f}"), r["waits"]] for r in b["detect"]])
     if b["train from JPEGs"]:
         print()
         table(["DeiT-S from JPEGs, full recipe", "workers", "images/s"],
               [[r["decode"], r["workers"], n(r["images/s"])] for r in b["train from JPEGs"]])
-    provenance([os.path.basename(path)[:-5]])
+    print("\nran " + open(path[:-5] + ".txt").readline()[len("# ran "):].strip())  # lib.sh's head line
 PY
