@@ -21,14 +21,15 @@
 # Evaluation every 30 epochs and at the end: the curves RESULTS.md draws to show each run has converged.
 # Seed 0 for every cell first; then seeds 1 and 2 for each arm whose seed-0 top-1 at a size lies within CLOSE
 # (2) points of another arm's there, where the order needs the seeds' spread. The 60,000-image size of the
-# earlier study (5 epochs) is left out: at 300 epochs it alone would take ~30 hours on 2 cores.
-# Cost on 2 CPU cores (one cell at a time, both threads): a cell at 1,000 images takes 5-15 minutes, at 3,000
-# 15-35, at 10,000 50-110 (the convnet and the distilled student are the slow ones); seed 0 everywhere about
-# 11 hours. Each finished cell's log is kept in studies/logs/data_efficiency/ (committed), and the convnet and
-# MAE cells keep their final weights there for the cells they feed, so a rerun, in this clone or a fresh one,
-# resumes where the last one stopped: run it detached, from a clean clone at a named commit, then copy the
-# finished cells back (`cp -rn CLONE/studies/logs/data_efficiency studies/logs/`). ONLY picks sizes (e.g.
-# ONLY=10000) to run; the report and pictures always use every kept cell.
+# earlier study (5 epochs) is left out: at 300 epochs it alone would take ~30 hours on 2 cores. So is (d) at
+# 10,000 images, the slowest arm (its teacher, then ~12 hours on one core at the 149 images/s it ran at on 3,000).
+# Cost, measured on one core of this project's CPU beside another study: a cell at 1,000 images takes 4-35 minutes,
+# at 3,000 images 35 minutes (the ViT without a teacher) to 3.6 hours ((d): the teacher's forward on every batch);
+# at 10,000 about 3.3x that. Each finished cell's log is kept in studies/logs/data_efficiency/ (committed), and
+# the convnet and MAE cells keep their final weights there for the cells they feed, so a rerun, in this clone or
+# a fresh one, resumes where the last one stopped: run it detached, from a clean clone at a named commit, then
+# copy the finished cells back (`cp -rn CLONE/studies/logs/data_efficiency studies/logs/`). ONLY picks sizes
+# (e.g. ONLY=10000) to run; the report and pictures always use every kept cell.
 source "$(dirname "$0")/lib.sh"
 keep_logs
 needs_fashion_mnist
@@ -36,6 +37,7 @@ EPOCHS=300
 SIZES=(1000 3000 10000)
 CLOSE=${CLOSE:-2}
 ALL=(convnet noaug recipe distill maeft)
+arms_at() { if [ $1 = 10000 ]; then echo convnet noaug recipe maeft; else echo "${ALL[@]}"; fi; }  # (d) cut at 10,000
 EQUAL_AT=(1000 3000)  # the sizes of (c')
 
 run() {  # run N SEED ARM...: those arms' cells on N images (distill trains its convnet teacher, maeft its MAE first)
@@ -69,14 +71,14 @@ wanted() { [ -z "${ONLY:-}" ] || [[ " $ONLY " = *" $1 "* ]]; }
 # seed 0: the sizes in turn, (c') as soon as its size has run (10,000 images alone take ~7 hours)
 for n in "${SIZES[@]}"; do
   wanted $n || continue
-  run $n 0 "${ALL[@]}"
+  run $n 0 $(arms_at $n)
   [[ " ${EQUAL_AT[*]} " = *" $n "* ]] && run $n 0 recipe2x
   [ $n = 1000 ] && run $n 0 maerecipe
 done
 for seed in 1 2; do
   for n in "${SIZES[@]}"; do
     wanted $n || continue
-    arms=("${ALL[@]}"); [[ " ${EQUAL_AT[*]} " = *" $n "* ]] && arms+=(recipe2x)
+    arms=($(arms_at $n)); [[ " ${EQUAL_AT[*]} " = *" $n "* ]] && arms+=(recipe2x)
     close=$(report <<PY
 top = {a: last(f"{a}-$n-0") for a in "${arms[*]}".split()}
 print(" ".join(a for a in top if any(b != a and abs(top[a] - top[b]) < $CLOSE for b in top)))
