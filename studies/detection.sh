@@ -24,8 +24,10 @@
 #   every 2 epochs. DET_EPOCHS (20) is where the scratch ResNet's mAP curve has flattened: the `schedule` cell
 #   trained it for 30 epochs, and from epoch 20 on it moved within 0.7 points (36.03, 36.36, 35.90, 36.41,
 #   36.63 at 20-28); RESULTS.md draws the curve.
-# Three seeds for every detector of the six rows (at this budget the seed moved a detector's mAP by 1-4 points);
-# the frozen-trunk rows seed 0 (FROZEN_SEEDS="0 1 2" for all three: a cut for the budget, ~1.5 hours). Detection on a CPU is
+# Seed 0 for every detector; then seeds 1 and 2 for each of the six rows whose seed-0 mAP lies within CLOSE (4)
+# points of another row's (at this budget the seed moved a detector's mAP by 1-4 points), where the order needs
+# the seeds' spread; the frozen-trunk rows seed 0 only (FROZEN_SEEDS="0 1 2": all three). Cuts for the budget:
+# a detector takes about an hour of one core. Detection on a CPU is
 # bound by torchvision's per-image Python: two detectors side by side, one thread each, run as fast each as one
 # alone on both cores, so the detectors run in two lanes. Each finished cell's log is kept in
 # studies/logs/detection/ (committed), the pretrained weights too (weights.pt), so a rerun resumes, here or in
@@ -78,8 +80,17 @@ lanes() {  # lanes SEED BACKBONE...: those detectors still to run, dealt to two 
   if ((${#b[@]})); then OMP_NUM_THREADS=1 detect $seed "${b[@]}" & pb=$!; fi
   wait $pa; [ -z "$pb" ] || wait $pb
 }
+CLOSE=${CLOSE:-4}
 for seed in ${SEEDS:-0 1 2}; do  # SEEDS=0: a quicker look
-  lanes $seed "${ALL[@]}" $([[ " ${FROZEN_SEEDS:-0} " = *" $seed "* ]] && echo "${FROZEN[@]}")
+  rows=("${ALL[@]}")
+  if [ $seed != 0 ]; then  # the rows within CLOSE of another's seed-0 mAP
+    rows=($(report <<PY
+top = {b: last(f"det-{b}-0", "map") for b in "${ALL[*]}".split()}
+print(" ".join(b for b in top if any(c != b and abs(top[b] - top[c]) < $CLOSE for c in top)))
+PY
+))
+  fi
+  lanes $seed "${rows[@]}" $([[ " ${FROZEN_SEEDS:-0} " = *" $seed "* ]] && echo "${FROZEN[@]}")
 done
 [ "${QUICK:-0}" = 1 ] && E=1 || E=$DET_EPOCHS
 report <<PY
