@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Every speed figure of RESULTS.md "Speed" in one run of bench.py (train and evaluation images/s, the
 # augmentation beside the reference's PIL path, the image-file paths; on CUDA also MFU, waits per step, timm
-# and training from JPEGs). A minute on a 2-core CPU, under 10 minutes on an H100/H200. Each device's run is kept
+# and training from JPEGs). Two minutes on a 2-core CPU, under 10 minutes on an H100/H200. Each device's run is kept
 # as studies/logs/speed/DEVICE.json (bench.py's figures) and DEVICE.txt (its printed output), and skipped when
-# kept (delete the file to measure again); the tables are printed from every kept JSON.
+# kept (delete the file to measure again); the tables are printed from every kept JSON. On a lent machine whose
+# files come back only from $OUT: `bash studies/speed.sh && cp studies/logs/speed/* "$OUT"/`.
 source "$(dirname "$0")/lib.sh"
 keep_logs
 device=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-') if torch.cuda.is_available() else 'cpu')")
