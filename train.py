@@ -31,7 +31,7 @@ import augment as A
 from checkpoint import resume_or_start, save_checkpoint
 from data import BUNDLED_TEACHER, HERE, EpochSampler, load_data, parse_classes, train_batches, val_batches
 from distill import (CONVNETS, DistillationLoss, base_loss, check_teacher, create_convnet, default_teacher,
-                     load_teacher, ours, rebuild)
+                     inference_form, load_teacher, ours, rebuild)
 from launch import HelpFormatter, all_sum, check_model, cli, fmt_time, start, summary
 from model import MODELS, create_model, distilled, fit_pos_embed, load_checked, param_groups, read_file, state_dict_of
 
@@ -242,8 +242,8 @@ class Run:
 
 def start_run(args, ctx, model, data, teacher, log, task=None, layer_decay=1.0):
     """Everything a run holds besides the model and the data: the sampler, AdamW, the EMA, what a step calls (the
-    model compiled and in DDP as asked) and the loss, whose teacher is on the device, frozen, and on CUDA in
-    channels_last and compiled like the student; resumed from out_dir with --resume."""
+    model compiled and in DDP as asked) and the loss, whose teacher is on the device, frozen, its BatchNorms folded
+    (distill.inference_form) and compiled like the student; resumed from out_dir with --resume."""
     n_train = len(data.train[1]) if data.tensors else len(data.train)
     sampler = EpochSampler(n_train, args.batch_size, args.seed, ctx.rank, ctx.world, 3 if args.repeated_aug else 1)
     peak = args.lr * args.batch_size / 512  # DeiT's linear scaling rule (paper §6)
@@ -261,8 +261,7 @@ def start_run(args, ctx, model, data, teacher, log, task=None, layer_decay=1.0):
         net = DDP(net, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
                   find_unused_parameters=distilled(model) and args.distill == "none")
     if teacher is not None:
-        teacher = teacher.to(ctx.device).eval().requires_grad_(False)
-        teacher = teacher.to(memory_format=torch.channels_last) if ctx.device.type == "cuda" else teacher
+        teacher = inference_form(teacher.to(ctx.device).eval().requires_grad_(False))
         teacher = torch.compile(teacher) if compiled else teacher
     criterion = DistillationLoss(functools.partial(base_loss, smoothing=args.smoothing), teacher, args.distill,
                                  args.distill_alpha, args.distill_tau)
