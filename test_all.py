@@ -800,6 +800,7 @@ def test_resizing_a_dataset_in_chunks_equals_resizing_it_at_once():
     ref = F.interpolate(x.float(), size=(32, 32), mode="bicubic", antialias=True).round().clamp(0, 255).to(torch.uint8)
     assert len(x) > 1024 and torch.equal(DT.load_data("bundled", "cpu", 32).train[0], ref)
 
+
 def test_cifar_reads_python_batches_and_fails_clearly_offline(tmp_path, monkeypatch):
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()

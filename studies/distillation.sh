@@ -8,7 +8,8 @@
 source "$(dirname "$0")/lib.sh"
 keep_logs
 needs_fashion_mnist
-[ -f "$LOGS/shipped-teacher.txt" ] || python train.py --eval-only --ckpt data/teachers/convnet-bundled.pt > "$LOGS/shipped-teacher.txt"
+[ -f "$LOGS/shipped-teacher.txt" ] || { ran; python train.py --eval-only --ckpt data/teachers/convnet-bundled.pt; } \
+  > "$LOGS/shipped-teacher.txt"
 cell teacher --feeds "$(printf 'soft-%s hard-%s ' 0 0 1 1 2 2) tokens" python train.py --data fashion-mnist \
   --model convnet --epochs 8 --aa none --reprob 0 --mixup 0 --cutmix 0
 for seed in 0 1 2; do
