@@ -373,7 +373,7 @@ def test_study_cells_keep_their_logs_and_weights_and_remake_what_a_pending_cell_
     """studies/lib.sh, run from a copy: a finished cell's log is kept, headed by when and where it ran, and a cell
     that feeds another keeps its weights (weights.pt: the model and its config, no optimiser), so a fresh clone
     (the runs gone, the kept files there) runs only what is left; a kept cell whose weights are gone is rerun
-    only while a cell it feeds is still to run."""
+    only while a cell it feeds is still to run; REPORT=1 runs no cell."""
     (tmp_path / "studies").mkdir()
     shutil.copy(os.path.join(HERE, "studies", "lib.sh"), tmp_path / "studies")
     (tmp_path / "fake.py").write_text(  # a run: appends to runs.txt, writes log.jsonl and a checkpoint
@@ -396,6 +396,8 @@ def test_study_cells_keep_their_logs_and_weights_and_remake_what_a_pending_cell_
     shutil.rmtree(tmp_path / "studies" / "out")
     shutil.rmtree(kept / "b")
     os.remove(kept / "a" / "weights.pt")  # b to run again, and a's weights gone: a is remade first
+    r = study(REPORT="1")  # but REPORT=1 runs nothing: it only reports what is kept
+    assert r.returncode == 0 and runs() == ["a", "b"] and "b: not run yet" in r.stderr, r.stderr
     assert study().returncode == 0 and runs() == ["a", "b", "a", "b"]
     shutil.rmtree(tmp_path / "studies" / "out")
     r = study()

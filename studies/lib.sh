@@ -7,7 +7,8 @@
 # all). A cell that feeds later ones (a teacher, an MAE encoder) also keeps its final weights there
 # (weights.pt: the model and its config, no optimiser), so a later session can run the cells it feeds without
 # rerunning it. QUICK=1 shrinks every cell (--train-subset 640 --epochs 1) to check that a study runs end to
-# end; its numbers mean nothing, and it keeps nothing.
+# end; its numbers mean nothing, and it keeps nothing. REPORT=1 runs no cell: it prints the table and redraws the
+# pictures from the cells kept so far (a study still running elsewhere, in a clone).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-studies/out}/$(basename "$0" .sh)
@@ -31,6 +32,7 @@ cell() {  # cell NAME [--feeds "LATER..."] python SCRIPT.py FLAGS...: one run, s
   if [ -f "$LOGS/$name/log.jsonl" ] && { [ -z "$pending" ] || [ -f "$(weights $name)" ]; }; then
     echo "$(date +%H:%M:%S) $name: kept in $LOGS/$name" >&2; return
   fi
+  if [ "${REPORT:-0}" = 1 ]; then echo "$(date +%H:%M:%S) $name: not run yet (REPORT=1 runs nothing)" >&2; return; fi
   echo "$(date +%H:%M:%S) $name: $*" >&2
   ran >> "$OUT/$name.txt"
   if ! "$@" "${SHRINK[@]}" --out-dir "$OUT/$name" --resume auto >> "$OUT/$name.txt" 2>&1; then

@@ -30,8 +30,10 @@ def finished(name, epochs):
 
 
 def seeds(names, key="top1"):
-    """'mean (seed 0, seed 1, ...)' over the cells named."""
-    values = [last(n, key) for n in names]
+    """'mean (seed 0, seed 1, ...)' over the cells named that have run ('running' if none has)."""
+    values = [last(n, key) for n in names if os.path.exists(os.path.join(OUT, n, "log.jsonl"))]
+    if not values:
+        return "running"
     return f"{sum(values) / len(values):.2f} (" + ", ".join(f"{v:.2f}" for v in values) + ")"
 
 
