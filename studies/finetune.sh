@@ -11,8 +11,8 @@
 #                          (an MAE checkpoint would default to MAE's own recipe, which lost 8 points to it at
 #                          1,000 images in data_efficiency.sh)
 # and each backbone's reconstruction probe (mae.py --probe: the backbone frozen, a fresh decoder learns to give
-# back the pixels of classes 5-9 from every patch), with an untrained encoder beside them. About 2 hours on one
-# CPU core.
+# back the pixels of classes 5-9 from every patch), with an untrained encoder beside them. About 6 hours of one
+# CPU core beside other work (2026-12-07: the backbones 40-50 minutes each, a 1% cell 2-5, a 10% cell 12-15).
 source "$(dirname "$0")/lib.sh"
 keep_logs
 needs_fashion_mnist
