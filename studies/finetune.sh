@@ -12,7 +12,7 @@
 #                          1,000 images in data_efficiency.sh)
 # and each backbone's reconstruction probe (mae.py --probe: the backbone frozen, a fresh decoder learns to give
 # back the pixels of classes 5-9 from every patch), with an untrained encoder beside them. About 6 hours of one
-# CPU core beside other work (2026-12-07: the backbones 40-50 minutes each, a 1% cell 2-5, a 10% cell 12-15).
+# CPU core beside other work (2026-12-07: the backbones 40-50 minutes each, a 1% cell 2-5, a 10% cell 4-11).
 source "$(dirname "$0")/lib.sh"
 keep_logs
 needs_fashion_mnist
