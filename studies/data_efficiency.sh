@@ -81,7 +81,7 @@ for seed in 1 2; do
     wanted $n || continue
     arms=($(arms_at $n)); [[ " ${EQUAL_AT[*]} " = *" $n "* ]] && arms+=(recipe2x)
     close=$(report <<PY
-top = {a: last(f"{a}-$n-0") for a in "${arms[*]}".split() if os.path.exists(f"{OUT}/{a}-$n-0/log.jsonl")}  # REPORT=1: run or not
+top = {a: last(f"{a}-$n-0") for a in "${arms[*]}".split() if kept(f"{a}-$n-0")}  # REPORT=1: run or not
 print(" ".join(a for a in top if any(b != a and abs(top[a] - top[b]) < $CLOSE for b in top)))
 PY
 )

@@ -90,7 +90,7 @@ for seed in ${SEEDS:-0 1 2}; do  # SEEDS=0: a quicker look
   rows=("${ALL[@]}")
   if [ $seed != 0 ]; then  # the rows within CLOSE of another's seed-0 mAP
     rows=($(report <<PY
-top = {b: last(f"det-{b}-0", "map") for b in "${ALL[*]}".split() if os.path.exists(f"{OUT}/det-{b}-0/log.jsonl")}
+top = {b: last(f"det-{b}-0", "map") for b in "${ALL[*]}".split() if kept(f"det-{b}-0")}
 print(" ".join(b for b in top if any(c != b and abs(top[b] - top[c]) < $CLOSE for c in top)))
 PY
 ))

@@ -22,16 +22,15 @@ for seed in 0 1 2; do
 done
 [ -f "$LOGS/tokens/log.jsonl" ] || [ ! -f "$(weights labels-0)" ] || python studies/tokens.py "$LOGS"
 report <<'PY'
-ran = lambda name: os.path.exists(f"{OUT}/{name}/log.jsonl")
 print(f"shipped teacher (data/teachers/convnet-bundled.pt) on the 2,000 bundled test images: {evaluated('shipped-teacher'):.2f}\n")
 arm = lambda kind, key: seeds([f"{kind}-{s}" for s in range(3)], key)
 table(["student", "class + dist heads (what it predicts)", "class head alone", "dist head alone"],
-      [["teacher: `convnet`", f"{last('teacher'):.2f}" if ran("teacher") else "running", "", ""],
+      [["teacher: `convnet`", f"{last('teacher'):.2f}" if kept("teacher") else "running", "", ""],
        ["no distillation", arm("none", "top1"), arm("none", "top1_cls"), "—"],
        ["soft distillation", arm("soft", "top1"), arm("soft", "top1_cls"), arm("soft", "top1_dist")],
        ["hard distillation", arm("hard", "top1"), arm("hard", "top1_cls"), arm("hard", "top1_dist")],
        ["a second class token (`--distill labels`)", arm("labels", "top1"), arm("labels", "top1_cls"), arm("labels", "top1_dist")]])
-runs = lambda k: [curve(f"{k}-{s}", "epoch_time") for s in range(3) if ran(f"{k}-{s}")]
+runs = lambda k: [curve(f"{k}-{s}", "epoch_time") for s in range(3) if kept(f"{k}-{s}")]
 print("\nseconds per epoch, the mean over the seeds run: " + ", ".join(
     f"{k} {sum(sum(c.values()) / len(c) for c in runs(k)) / len(runs(k)):.0f}" for k in ("none", "soft", "hard", "labels") if runs(k)))
 print()

@@ -47,23 +47,22 @@ R=$LOGS/mae/reconstruction.png
 [ -f "$R" ] || [ ! -d "$RUNS/mae/reconstructions" ] || cp "$(ls "$RUNS"/mae/reconstructions/*.png | tail -1)" "$R"
 [ "${QUICK:-0}" = 1 ] || [ ! -f "$R" ] || cp "$R" assets/mae-fashion-mnist.png
 report <<'PY'
-ran = lambda name: os.path.exists(f"{OUT}/{name}/log.jsonl")
 print(f"backbones (classes 0-4): supervised {last('sup'):.2f}% top-1 on their 5,000 test images; "
-      f"MAE held-out reconstruction loss {last('mae', 'val_loss'):.3f}\n" if ran("sup") and ran("mae") else "")
+      f"MAE held-out reconstruction loss {last('mae', 'val_loss'):.3f}\n" if kept("sup") and kept("mae") else "")
 s = lambda arm, fr: seeds([f"{arm}-{fr}-{k}" for k in range(3)])
 table(["labels of classes 5–9 (30 epochs), top-1, seeds 0/1/2", "from scratch", "linear probe: supervised",
        "linear probe: MAE", "fine-tune: supervised", "fine-tune: MAE"],
       [[label] + [s(arm, fr) for arm in ("scratch", "sup-probe", "mae-probe", "sup-ft", "mae-ft")]
        for fr, label in (("0.01", "1% (300 images)"), ("0.1", "10% (3,000)"))])
 print()
-px = lambda name: f"{last(name, 'val_loss'):.4f}" if ran(name) else "running"
+px = lambda name: f"{last(name, 'val_loss'):.4f}" if kept(name) else "running"
 table(["pixel error of the reconstruction of classes 5–9, held-out (MSE on normalised pixels)", "untrained encoder",
        "supervised backbone", "MAE backbone"],
       [["a fresh decoder, 3 epochs, every patch shown", px("untrained-pixels"), px("sup-pixels"), px("mae-pixels")]])
 median = lambda v: sorted(v)[len(v) // 2]
 print("\nseconds per pretraining epoch, the median (one thread, beside other work): " + ", ".join(
     f"{b} {median(list(c.values())):.0f}" for b, c in (("supervised", curve("sup", "epoch_time")), ("MAE", curve("mae", "epoch_time"))))
-      if ran("sup") and ran("mae") else "")
+      if kept("sup") and kept("mae") else "")
 import glob
 provenance(sorted(os.path.basename(os.path.dirname(p)) for p in glob.glob(f"{OUT}/*/log.jsonl")))
 PY

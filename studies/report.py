@@ -23,15 +23,19 @@ def curve(name, key="top1"):
         return {r["epoch"]: r[key] for r in map(json.loads, f) if key in r}
 
 
+def kept(name):
+    """Whether cell name has run: its log is in $OUT (a study still running elsewhere keeps only those that have)."""
+    return os.path.exists(os.path.join(OUT, name, "log.jsonl"))
+
+
 def finished(name, epochs):
     """Whether $OUT/name ran all its epochs (a cell killed midway has a shorter log)."""
-    path = os.path.join(OUT, name, "log.jsonl")
-    return os.path.exists(path) and last(name, "epoch") == epochs
+    return kept(name) and last(name, "epoch") == epochs
 
 
 def seeds(names, key="top1"):
     """'mean (seed 0, seed 1, ...)' over the cells named that have run ('running' if none has)."""
-    values = [last(n, key) for n in names if os.path.exists(os.path.join(OUT, n, "log.jsonl"))]
+    values = [last(n, key) for n in names if kept(n)]
     if not values:
         return "running"
     return f"{sum(values) / len(values):.2f} (" + ", ".join(f"{v:.2f}" for v in values) + ")"
@@ -58,7 +62,7 @@ def provenance(names):
     """Where and when the cells ran: the '# ran DATE at commit C on MACHINE' lines lib.sh writes at the head of
     each cell's printed output, counted; cells kept from before those lines, by the commits that added their logs."""
     runs, older = {}, []
-    for n in [n for n in names if os.path.exists(os.path.join(OUT, n, "log.jsonl"))]:
+    for n in [n for n in names if kept(n)]:
         path = os.path.join(OUT, n + ".txt")
         heads = [l[len("# ran "):].strip() for l in open(path) if l.startswith("# ran ")] if os.path.exists(path) else []
         for h in heads:
