@@ -1,7 +1,7 @@
 """
-Tests for nanoDeiT, on the CPU: python -m pytest -q -rfE test_all.py (about 16 minutes on 2 cores), or
-python -m pytest -q -m "not slow" test_all.py while editing (the tests marked slow launch processes or train
-for epochs).
+Tests for nanoDeiT, on the CPU: python -m pytest -q -rfE -n auto --dist worksteal test_all.py (a test per core,
+each on one thread: about 11 minutes on 2 cores), or python -m pytest -q -m "not slow" test_all.py while editing
+(the tests marked slow launch processes or train for epochs).
 
 They check against references, not against the code's own output: the official checkpoints' key names,
 shapes and parameter counts (facebookresearch/deit's release files), attention written out by hand, PIL
@@ -49,6 +49,8 @@ import train as T
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N runs N tests at once: one core, one thread each
+    torch.set_num_threads(1)
 # a small, fast run on the bundled data (the default model, 64 images per class, 10 steps an epoch)
 QUICK = ["--train-subset", "640", "--batch-size", "64", "--log-seconds", "1000"]
 TORCHRUN2 = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
