@@ -97,6 +97,21 @@ def run_cli(args, cmd=(sys.executable, "train.py"), timeout=300):
     return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 
+def run_in_one_process(cmds, cwd=HERE, env=ENV, timeout=900):
+    """Each command, an argument list [SCRIPT, ARGS...], run as `python SCRIPT ARGS` runs it (runpy, as
+    __main__, its exit code kept), one after another in one process, stopping at the first that fails: torch is
+    imported once, not once a command. Returns each command's exit code and printed output, and the process."""
+    driver = ("import json, runpy, sys\nfor argv in json.loads(sys.argv[1]):\n    sys.argv, code = argv, 0\n"
+              "    try:\n        runpy.run_path(argv[0], run_name='__main__')\n    except SystemExit as e:\n"
+              "        code = e.code or 0\n    print(f'\\n=== exit {code}', flush=True)\n    if code:\n        break\n")
+    r = subprocess.run([sys.executable, "-c", driver, json.dumps(cmds)], cwd=cwd, env=env, capture_output=True,
+                       text=True, timeout=timeout)
+    parts = r.stdout.split("\n=== exit ")  # part i + 1 begins with command i's exit code, then command i + 1's output
+    codes = [p.split("\n", 1)[0] for p in parts[1:]]
+    outs = [parts[0]] + [p.split("\n", 1)[-1] for p in parts[1:len(codes)]]
+    return codes, outs, r
+
+
 def final_weights(folder):
     return torch.load(os.path.join(folder, "ckpt.pt"), weights_only=True)["model"]
 
@@ -1838,18 +1853,9 @@ def test_readme_commands_run_top_to_bottom_in_a_fresh_clone(tmp_path):
             cmd += small.get(cmd[1], ["--train-subset", "100", "--batch-size", "20"]) + [
                 "--epochs", "2" if "--resume" in cmd else "1", "--log-seconds", "1000"]
         cmds.append(cmd[1:])
-    # each command as `python SCRIPT ARGS` runs it (runpy, as __main__, its exit code kept), one after another in
-    # one process: torch is imported once, not 17 times
-    driver = ("import json, runpy, sys\nfor argv in json.loads(sys.argv[1]):\n    sys.argv, code = argv, 0\n"
-              "    try:\n        runpy.run_path(argv[0], run_name='__main__')\n    except SystemExit as e:\n"
-              "        code = e.code or 0\n    print(f'\\n=== exit {code}', flush=True)\n    if code:\n        break\n")
-    env = {k: v for k, v in ENV.items() if k != "PYTHONPATH"}
-    r = subprocess.run([sys.executable, "-c", driver, json.dumps(cmds)], cwd=clone, env=env, capture_output=True,
-                       text=True, timeout=900)
-    parts = r.stdout.split("\n=== exit ")  # part i + 1 begins with command i's exit code
-    codes = [p.split("\n", 1)[0] for p in parts[1:]]
+    codes, outs, r = run_in_one_process(cmds, cwd=clone, env={k: v for k, v in ENV.items() if k != "PYTHONPATH"})
     assert codes == ["0"] * len(run), (run[len(codes) - 1] if codes else run[0], r.stdout[-2000:], r.stderr[-2000:])
-    for line, out in zip(run, parts):
+    for line, out in zip(run, outs):
         assert "warning" not in out, (line, out[-1000:])
 
 
@@ -2423,35 +2429,31 @@ def printed_steps(stdout):
     return {m[1]: shlex.split(m[2]) for m in re.finditer(r"^  ([a-z -]+?)(?: \([^)]*\))?: (python .+)$", stdout, re.M)}
 
 
-def run_printed(cmd, *extra):
-    assert cmd[0] == "python"
-    r = run_cli([*cmd[2:], *extra], cmd=(sys.executable, cmd[1]))
-    assert r.returncode == 0, (cmd, r.stderr)
-    return r.stdout
-
-
 @pytest.mark.slow
 def test_next_steps_work_as_printed(tmp_path, capsys):
     """Each command a run ends with works as printed: train.py's evaluate and train on (which keeps the run's
     flags); after finetune.py --global-pool, its evaluate (the checkpoint brings its model) and train on; after
-    mae.py, its fine-tune (MAE's recipe, the default for an MAE checkpoint) and train on."""
+    mae.py, its fine-tune (MAE's recipe, the default for an MAE checkpoint) and train on. The six run one after
+    another in one process (run_in_one_process), as `python ...` would run each."""
     T.main([*QUICK, "--epochs", "1", *out_dir(tmp_path / "run")])
-    steps = printed_steps(capsys.readouterr().out)
-    assert set(steps) == {"evaluate", "train on"}
-    assert "top1" in run_printed(steps["evaluate"])
-    assert "10 steps/epoch" in run_printed(steps["train on"])  # the run's own --train-subset and --batch-size
-    assert [r["epoch"] for r in read_log(tmp_path / "run")] == [1, 2]
+    steps = [printed_steps(capsys.readouterr().out)]
+    assert set(steps[0]) == {"evaluate", "train on"}
     FT.main(["--weights", str(tmp_path / "run" / "ckpt.pt"), *QUICK, "--epochs", "1", "--global-pool", "--lr", "1e-3",
              *out_dir(tmp_path / "ft")])
-    steps = printed_steps(capsys.readouterr().out)
-    assert "top1" in run_printed(steps["evaluate"])
-    assert "10 steps/epoch" in run_printed(steps["train on"]) and len(read_log(tmp_path / "ft")) == 2
+    steps.append(printed_steps(capsys.readouterr().out))
     MAE.main([*QUICK, "--epochs", "1", *out_dir(tmp_path / "mae")])
-    steps = printed_steps(capsys.readouterr().out)
-    assert set(steps) == {"fine-tune", "train on"}
-    out = run_printed(steps["fine-tune"], *QUICK, "--epochs", "1")  # on fewer images and epochs, for time
-    assert f"peak lr {1e-3 * 64 / 512:.2e}" in out and "fc_norm.weight" in out  # MAE's lr and global pool
-    assert "10 steps/epoch x 2 epochs" in run_printed(steps["train on"])
+    steps.append(printed_steps(capsys.readouterr().out))
+    assert set(steps[2]) == {"fine-tune", "train on"}
+    steps[2]["fine-tune"] += [*QUICK, "--epochs", "1"]  # on fewer images and epochs, for time
+    cmds = [s[k] for s, keys in zip(steps, [("evaluate", "train on")] * 2 + [("fine-tune", "train on")]) for k in keys]
+    assert all(c[0] == "python" for c in cmds)
+    codes, outs, r = run_in_one_process([c[1:] for c in cmds])
+    assert codes == ["0"] * 6, (cmds[len(codes) - 1], r.stdout[-2000:], r.stderr[-2000:])
+    assert "top1" in outs[0] and "top1" in outs[2]  # the evaluations
+    assert "10 steps/epoch" in outs[1] and "10 steps/epoch" in outs[3]  # the runs' own --train-subset and --batch-size
+    assert [x["epoch"] for x in read_log(tmp_path / "run")] == [1, 2] and len(read_log(tmp_path / "ft")) == 2
+    assert f"peak lr {1e-3 * 64 / 512:.2e}" in outs[4] and "fc_norm.weight" in outs[4]  # MAE's lr and global pool
+    assert "10 steps/epoch x 2 epochs" in outs[5]
 
 
 # ------------------------------------------------------------------------------------------------- mae.py
