@@ -1,6 +1,6 @@
 """
 Tests for nanoDeiT, on the CPU: python -m pytest -q -rfE -n auto --dist worksteal test_all.py (a test per core,
-each on one thread: about 11 minutes on 2 cores), or python -m pytest -q -m "not slow" test_all.py while editing
+each on one thread: about 10 minutes on 2 cores), or python -m pytest -q -m "not slow" test_all.py while editing
 (the tests marked slow launch processes or train for epochs).
 
 They check against references, not against the code's own output: the official checkpoints' key names,
