@@ -2436,16 +2436,16 @@ def test_next_steps_work_as_printed(tmp_path, capsys):
     mae.py, its fine-tune (MAE's recipe, the default for an MAE checkpoint) and train on. The six run one after
     another in one process (run_in_one_process), as `python ...` would run each."""
     T.main([*QUICK, "--epochs", "1", *out_dir(tmp_path / "run")])
-    steps = [printed_steps(capsys.readouterr().out)]
-    assert set(steps[0]) == {"evaluate", "train on"}
+    train = printed_steps(capsys.readouterr().out)
+    assert set(train) == {"evaluate", "train on"}
     FT.main(["--weights", str(tmp_path / "run" / "ckpt.pt"), *QUICK, "--epochs", "1", "--global-pool", "--lr", "1e-3",
              *out_dir(tmp_path / "ft")])
-    steps.append(printed_steps(capsys.readouterr().out))
+    ft = printed_steps(capsys.readouterr().out)
     MAE.main([*QUICK, "--epochs", "1", *out_dir(tmp_path / "mae")])
-    steps.append(printed_steps(capsys.readouterr().out))
-    assert set(steps[2]) == {"fine-tune", "train on"}
-    steps[2]["fine-tune"] += [*QUICK, "--epochs", "1"]  # on fewer images and epochs, for time
-    cmds = [s[k] for s, keys in zip(steps, [("evaluate", "train on")] * 2 + [("fine-tune", "train on")]) for k in keys]
+    mae = printed_steps(capsys.readouterr().out)
+    assert set(mae) == {"fine-tune", "train on"}
+    cmds = [train["evaluate"], train["train on"], ft["evaluate"], ft["train on"],
+            mae["fine-tune"] + [*QUICK, "--epochs", "1"], mae["train on"]]  # that fine-tune on fewer images, for time
     assert all(c[0] == "python" for c in cmds)
     codes, outs, r = run_in_one_process([c[1:] for c in cmds])
     assert codes == ["0"] * 6, (cmds[len(codes) - 1], r.stdout[-2000:], r.stderr[-2000:])
