@@ -251,7 +251,7 @@ class DeiT(nn.Module):
 
     def forward_intermediates(self, x, depth=None):
         """The tokens after each of the first depth blocks, before the final norm: (B, prefix + N, D) tensors, for a
-        detector's backbone (feature_maps) or a look at what the class and distillation tokens become (paper §5)."""
+        detector's backbone (feature_maps) or a look at what the class and distillation tokens become (paper §4)."""
         x, out = self.embed(x), []
         for block in self.blocks[:depth]:
             x = block(x)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Paper Table 3 and §5 "Distillation token" at CPU size (RESULTS.md "Distillation" and "The distillation token"):
+# Paper Table 3 and §4 "Distillation token" at CPU size (RESULTS.md "Distillation" and "The distillation token"):
 # a convnet teacher (8 epochs, flips only), then the distilled nano student (5 epochs of DeiT's recipe) without
 # distillation, with soft (the paper's tau 3, alpha 0.1), with hard distillation, and with a second class token
 # (--distill labels: the dist token learns the labels; the paper's control), seeds 0-2, on the full

@@ -1,4 +1,4 @@
-"""What the distillation token learns (paper §5, "Distillation token"), after studies/distillation.sh has trained a
+"""What the distillation token learns (paper §4, "Distillation token"), after studies/distillation.sh has trained a
 hard-distilled student (hard-0), the same student whose dist token learns the labels instead (labels-0: the
 paper's second class token) and their convnet teacher (teacher), each keeping its weights in LOGS/NAME/weights.pt.
 
