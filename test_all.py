@@ -2448,7 +2448,7 @@ def test_next_steps_work_as_printed(tmp_path, capsys):
             mae["fine-tune"] + [*QUICK, "--epochs", "1"], mae["train on"]]  # that fine-tune on fewer images, for time
     assert all(c[0] == "python" for c in cmds)
     codes, outs, r = run_in_one_process([c[1:] for c in cmds])
-    assert codes == ["0"] * 6, (cmds[len(codes) - 1], r.stdout[-2000:], r.stderr[-2000:])
+    assert codes == ["0"] * 6, (cmds[len(codes) - 1] if codes else cmds[0], r.stdout[-2000:], r.stderr[-2000:])
     assert "top1" in outs[0] and "top1" in outs[2]  # the evaluations
     assert "10 steps/epoch" in outs[1] and "10 steps/epoch" in outs[3]  # the runs' own --train-subset and --batch-size
     assert [x["epoch"] for x in read_log(tmp_path / "run")] == [1, 2] and len(read_log(tmp_path / "ft")) == 2
